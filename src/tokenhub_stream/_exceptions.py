@@ -1,0 +1,138 @@
+"""The one exception tree of tokenhub_stream.
+
+```
+TokenHubError            base for everything we raise on purpose
+├── MissingAPIKeyError   no key for the default token-hub URL (also a ValueError)
+├── StreamConsumed       a stream iterated a second time (also a RuntimeError)
+├── TransportError       connect/read/write failed; __cause__ is the httpx error
+│   └── StreamTimeout    .kind: connect | first_token | idle | total
+├── APIError             the upstream said no: an HTTP status before streaming OR an error
+│   │                    frame inside a 200 stream; .status_code .code .message
+│   │                    .request_id .retryable
+│   ├── BadRequestError (400/422)  AuthenticationError (401/403)  NotFoundError (404)
+│   ├── RateLimitError (429, .retry_after)  ServerError (5xx)
+└── ProtocolError        not text/event-stream, bad frame JSON, event over max_event_bytes
+    └── TruncatedStreamError   EOF with neither [DONE] nor a finish_reason
+```
+
+An HTTP error status and an error frame with the same status or code raise the same
+class, so retry logic reads the same before and after the first byte.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+__all__ = [
+    "APIError",
+    "AuthenticationError",
+    "BadRequestError",
+    "MissingAPIKeyError",
+    "NotFoundError",
+    "ProtocolError",
+    "RateLimitError",
+    "ServerError",
+    "StreamConsumed",
+    "StreamTimeout",
+    "TimeoutKind",
+    "TokenHubError",
+    "TransportError",
+    "TruncatedStreamError",
+]
+
+TimeoutKind = Literal["connect", "first_token", "idle", "total"]
+
+
+class TokenHubError(Exception):
+    """Base class of every error tokenhub_stream raises on purpose."""
+
+
+class MissingAPIKeyError(TokenHubError, ValueError):
+    """Raised before any request when the default token-hub URL is used without a key."""
+
+
+class StreamConsumed(TokenHubError, RuntimeError):
+    """Raised when a stream is iterated a second time (one consumer per stream)."""
+
+
+class TransportError(TokenHubError):
+    """Raised when connecting to, writing to or reading from the upstream failed."""
+
+
+class StreamTimeout(TransportError):
+    """Raised when one of the stream's timeouts expired; `.kind` says which one."""
+
+    def __init__(self, kind: TimeoutKind, seconds: float | None = None) -> None:
+        self.kind: TimeoutKind = kind
+        self.seconds = seconds
+        after = f" after {seconds:g} s" if seconds is not None else ""
+        super().__init__(f"{kind} timeout{after}")
+
+
+class APIError(TokenHubError):
+    """Raised when the upstream answered with an error status or sent an error frame."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+        retryable: bool | None = None,
+    ) -> None:
+        self.message = message
+        self.status_code = status_code
+        self.code = code
+        self.request_id = request_id
+        self.retryable = _is_retryable(status_code) if retryable is None else retryable
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        parts = [str(self.status_code)] if self.status_code is not None else []
+        if self.code:
+            parts.append(self.code)
+        prefix = f"[{' '.join(parts)}] " if parts else ""
+        return f"{prefix}{self.message}"
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.message!r}, status_code={self.status_code!r}, "
+            f"code={self.code!r}, retryable={self.retryable!r})"
+        )
+
+
+class BadRequestError(APIError):
+    """Raised for 400 and 422: the request itself was refused."""
+
+
+class AuthenticationError(APIError):
+    """Raised for 401 and 403: the key is missing, wrong, or not allowed."""
+
+
+class NotFoundError(APIError):
+    """Raised for 404: unknown model or endpoint."""
+
+
+class RateLimitError(APIError):
+    """Raised for 429; `.retry_after` holds the upstream's `Retry-After` in seconds."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+
+
+class ServerError(APIError):
+    """Raised for 5xx: the upstream failed; usually worth a retry."""
+
+
+class ProtocolError(TokenHubError):
+    """Raised when the response is not a valid chat-completion event stream."""
+
+
+class TruncatedStreamError(ProtocolError):
+    """Raised when the stream ended with neither `[DONE]` nor a finish_reason."""
+
+
+def _is_retryable(status_code: int | None) -> bool:
+    return status_code is not None and (status_code in (408, 409, 429) or status_code >= 500)
