@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from enum import Enum
+from typing import Final, Literal, TypeAlias
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -24,6 +26,18 @@ DRAIN_MAX_BYTES = 64 * 1024
 
 ENV_API_KEY = "TOKENHUB_KEY"
 ENV_BASE_URL = "TOKENHUB_BASE_URL"
+
+
+class _Unset(Enum):
+    UNSET = "UNSET"
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+#: "Not given" (None has a meaning of its own: no limit).
+UNSET: Final = _Unset.UNSET
+UnsetType: TypeAlias = Literal[_Unset.UNSET]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,19 +66,19 @@ class Timeout:
 
     def __init__(
         self,
-        default: float | None = ...,  # type: ignore[assignment]
+        default: float | None | UnsetType = UNSET,
         *,
-        connect: float | None = ...,  # type: ignore[assignment]
-        first_token: float | None = ...,  # type: ignore[assignment]
-        idle: float | None = ...,  # type: ignore[assignment]
+        connect: float | None | UnsetType = UNSET,
+        first_token: float | None | UnsetType = UNSET,
+        idle: float | None | UnsetType = UNSET,
         total: float | None = None,
     ) -> None:
         base: dict[str, float | None] = {"connect": 10.0, "first_token": 120.0, "idle": 60.0}
-        if default is not ...:
+        if default is not UNSET:
             base = dict.fromkeys(base, default)
         values = {"connect": connect, "first_token": first_token, "idle": idle}
         for name, value in values.items():
-            if value is not ...:
+            if value is not UNSET:
                 base[name] = value
         base["total"] = total
         for name, value in base.items():

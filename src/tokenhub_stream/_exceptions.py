@@ -56,7 +56,14 @@ class StreamConsumed(TokenHubError, RuntimeError):
 
 
 class TransportError(TokenHubError):
-    """Raised when connecting to, writing to or reading from the upstream failed."""
+    """Raised when connecting to, writing to or reading from the upstream failed.
+
+    `.retryable` is True when no request reached the upstream (connect failures).
+    """
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class StreamTimeout(TransportError):
@@ -66,7 +73,7 @@ class StreamTimeout(TransportError):
         self.kind: TimeoutKind = kind
         self.seconds = seconds
         after = f" after {seconds:g} s" if seconds is not None else ""
-        super().__init__(f"{kind} timeout{after}")
+        super().__init__(f"{kind} timeout{after}", retryable=kind == "connect")
 
 
 class APIError(TokenHubError):
@@ -80,8 +87,10 @@ class APIError(TokenHubError):
         code: str | None = None,
         request_id: str | None = None,
         retryable: bool | None = None,
+        retry_after: float | None = None,
     ) -> None:
         self.message = message
+        self.retry_after = retry_after
         self.status_code = status_code
         self.code = code
         self.request_id = request_id
@@ -116,10 +125,6 @@ class NotFoundError(APIError):
 
 class RateLimitError(APIError):
     """Raised for 429; `.retry_after` holds the upstream's `Retry-After` in seconds."""
-
-    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: object) -> None:
-        super().__init__(message, **kwargs)  # type: ignore[arg-type]
-        self.retry_after = retry_after
 
 
 class ServerError(APIError):

@@ -1,0 +1,89 @@
+"""Generate src/tokenhub_stream/_sync_client.py from _async_client.py.
+
+    python scripts/unasync.py          # write the sync file
+    python scripts/unasync.py --check  # exit 1 if it is out of date (CI)
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "tokenhub_stream"
+PAIRS = [(SRC / "_async_client.py", SRC / "_sync_client.py")]
+
+# Whole-word replacements, applied in order.
+SUBS = [
+    ("AsyncChatStream", "ChatStream"),
+    ("AsyncClient", "Client"),
+    ("AsyncShield", "SyncShield"),
+    ("async_sleep", "sync_sleep"),
+    ("AsyncIterator", "Iterator"),
+    ("__aenter__", "__enter__"),
+    ("__aexit__", "__exit__"),
+    ("__aiter__", "__iter__"),
+    ("aiter_raw", "iter_raw"),
+    ("aiter_bytes", "iter_bytes"),
+    ("aread", "read"),
+    ("aclose", "close"),
+    ("async def", "def"),
+    ("async with", "with"),
+    ("async for", "for"),
+    ("await ", ""),
+    (
+        "The async I/O shell; edit this file, then run scripts/unasync.py.",
+        "GENERATED from _async_client.py by scripts/unasync.py: do not edit.",
+    ),
+    ("an async iterator", "an iterator"),
+    ("an async\n    context manager", "a\n    context manager"),
+    ("async context manager", "context manager"),
+    ("An async client", "A sync client"),
+    ("cancelling the task", "Ctrl-C"),
+]
+
+
+def unasync(text: str) -> str:
+    for old, new in SUBS:
+        if old[0].isalnum() or old[0] == "_":
+            text = re.sub(rf"\b{re.escape(old)}", new, text)
+        else:
+            text = text.replace(old, new)
+    return text
+
+
+def tidy(text: str, path: Path) -> str:
+    """Sort imports and format with the project's ruff settings."""
+    ruff = [sys.executable, "-m", "ruff"]
+    for args in (
+        ["check", "--fix", "--unsafe-fixes", "--select", "I,UP028", "--exit-zero", "-q"],
+        ["format", "-q"],
+    ):
+        text = subprocess.run(
+            [*ruff, *args, "--stdin-filename", str(path), "-"],
+            input=text,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    return text
+
+
+def main() -> int:
+    check = "--check" in sys.argv
+    stale = []
+    for src, dst in PAIRS:
+        out = tidy(unasync(src.read_text()), dst)
+        if check:
+            if not dst.exists() or dst.read_text() != out:
+                stale.append(dst)
+        else:
+            dst.write_text(out)
+    for path in stale:
+        print(f"{path} is out of date: run python scripts/unasync.py")
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

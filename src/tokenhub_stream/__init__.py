@@ -1,0 +1,92 @@
+"""tokenhub_stream: typed streaming for OpenAI-compatible chat completions."""
+
+from __future__ import annotations
+
+from ._api import stream_chat, stream_chat_sync
+from ._async_client import AsyncChatStream, AsyncClient
+from ._base import ChatResult
+from ._chunks import JSON_BACKEND, ChunkParser
+from ._config import DEFAULT_BASE_URL, DEFAULT_MODEL, DEFAULT_TIMEOUT, Timeout
+from ._exceptions import (
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    MissingAPIKeyError,
+    NotFoundError,
+    ProtocolError,
+    RateLimitError,
+    ServerError,
+    StreamConsumed,
+    StreamTimeout,
+    TokenHubError,
+    TransportError,
+    TruncatedStreamError,
+)
+from ._models import (
+    ChatMessage,
+    ContentDelta,
+    FinishEvent,
+    Outcome,
+    ReasoningDelta,
+    StreamEvent,
+    Timings,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+    UsageEvent,
+)
+from ._sse import ServerSentEvent, SSEDecoder
+from ._sync_client import ChatStream, Client
+from .__version__ import __version__
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_MODEL",
+    "DEFAULT_TIMEOUT",
+    "JSON_BACKEND",
+    "APIError",
+    "AsyncChatStream",
+    "AsyncClient",
+    "AuthenticationError",
+    "BadRequestError",
+    "ChatMessage",
+    "ChatResult",
+    "ChatStream",
+    "ChunkParser",
+    "Client",
+    "ContentDelta",
+    "FinishEvent",
+    "MissingAPIKeyError",
+    "NotFoundError",
+    "Outcome",
+    "ProtocolError",
+    "RateLimitError",
+    "ReasoningDelta",
+    "SSEDecoder",
+    "ServerError",
+    "ServerSentEvent",
+    "StreamConsumed",
+    "StreamEvent",
+    "StreamTimeout",
+    "Timeout",
+    "Timings",
+    "TokenHubError",
+    "ToolCall",
+    "ToolCallDelta",
+    "TransportError",
+    "TruncatedStreamError",
+    "Usage",
+    "UsageEvent",
+    "__version__",
+    "stream_chat",
+    "stream_chat_sync",
+]
+
+# Public names report the public module, like httpx does.
+__locals = locals()
+for __name in __all__:
+    if not __name.startswith("__") and hasattr(__locals[__name], "__module__"):
+        try:
+            __locals[__name].__module__ = "tokenhub_stream"
+        except (AttributeError, TypeError):
+            pass

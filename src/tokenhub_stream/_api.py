@@ -1,0 +1,107 @@
+"""Module-level one-shot helpers: `stream_chat` (async) and `stream_chat_sync`."""
+
+from __future__ import annotations
+
+from ._async_client import AsyncChatStream, AsyncClient
+from ._base import HeaderTypes, MessagesTypes, TimeoutTypes
+from ._config import DEFAULT_MODEL, UNSET, UnsetType
+from ._sync_client import ChatStream, Client
+
+__all__ = ["stream_chat", "stream_chat_sync"]
+
+
+def stream_chat(
+    messages: MessagesTypes,
+    *,
+    model: str = DEFAULT_MODEL,
+    api_key: str | None = None,
+    base_url: str | None = None,
+    timeout: TimeoutTypes | UnsetType = UNSET,
+    max_retries: int | UnsetType = UNSET,
+    include_usage: bool = False,
+    extra_headers: HeaderTypes | None = None,
+    **params: object,
+) -> AsyncChatStream:
+    """Stream a chat completion's text deltas (async).
+
+    ```python
+    async with stream_chat([{"role": "user", "content": "Hi"}]) as stream:
+        async for text in stream:
+            print(text, end="", flush=True)
+    ```
+
+    POSTs `{model, messages, stream: true, **params}` to `base_url + "/chat/completions"`.
+    `api_key` defaults to env `TOKENHUB_KEY`, `base_url` to env `TOKENHUB_BASE_URL`, else
+    `https://api.sandboxclaw.com/v1` (read at call time). The returned stream owns a
+    private connection pool, closed when the stream ends.
+
+    Args:
+        messages: the conversation, OpenAI shape.
+        model: the model name; picks the provider on token-hub.
+        api_key, base_url: see above; a key is required only for the default URL.
+        timeout: a `Timeout`, one number, or None (no timeouts).
+        max_retries: retries before the first delta.
+        include_usage: request a usage chunk (`stream_options.include_usage`).
+        extra_headers: extra request headers.
+        **params: other body fields (`temperature`, `max_tokens`, ...); not `stream`.
+
+    Returns:
+        An `AsyncChatStream`: async-iterate it for `str` deltas.
+
+    Raises:
+        MissingAPIKeyError: the default URL and no key (before any request).
+        TypeError: `stream` in params.
+    """
+    client = AsyncClient(api_key=api_key, base_url=base_url)
+    call = client._prepare(
+        messages,
+        model,
+        params,
+        stream=True,
+        timeout=timeout,
+        max_retries=max_retries,
+        include_usage=include_usage,
+        extra_headers=extra_headers,
+    )
+    return AsyncChatStream(client, call, owns_client=True)
+
+
+def stream_chat_sync(
+    messages: MessagesTypes,
+    *,
+    model: str = DEFAULT_MODEL,
+    api_key: str | None = None,
+    base_url: str | None = None,
+    timeout: TimeoutTypes | UnsetType = UNSET,
+    max_retries: int | UnsetType = UNSET,
+    include_usage: bool = False,
+    extra_headers: HeaderTypes | None = None,
+    **params: object,
+) -> ChatStream:
+    """Stream a chat completion's text deltas (sync); the same arguments as `stream_chat`.
+
+    ```python
+    with stream_chat_sync([{"role": "user", "content": "Hi"}]) as stream:
+        for text in stream:
+            print(text, end="", flush=True)
+    ```
+
+    Returns:
+        A `ChatStream`: iterate it for `str` deltas.
+
+    Raises:
+        MissingAPIKeyError: the default URL and no key (before any request).
+        TypeError: `stream` in params.
+    """
+    client = Client(api_key=api_key, base_url=base_url)
+    call = client._prepare(
+        messages,
+        model,
+        params,
+        stream=True,
+        timeout=timeout,
+        max_retries=max_retries,
+        include_usage=include_usage,
+        extra_headers=extra_headers,
+    )
+    return ChatStream(client, call, owns_client=True)

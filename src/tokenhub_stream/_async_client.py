@@ -1,0 +1,362 @@
+"""The async I/O shell; edit this file, then run scripts/unasync.py."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from ._base import (
+    ERROR_BODY_LIMIT,
+    AsyncShield,
+    BaseClient,
+    Call,
+    ChatResult,
+    HeaderTypes,
+    MessagesTypes,
+    StreamState,
+    TimeoutTypes,
+    async_sleep,
+    is_event_stream,
+    parse_completion,
+    wants_raw,
+)
+from ._config import (
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_MAX_EVENT_BYTES,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_MAX_RETRY_WAIT,
+    DEFAULT_MODEL,
+    DEFAULT_TIMEOUT,
+    DRAIN_MAX_BYTES,
+    UNSET,
+    UnsetType,
+)
+from ._exceptions import TokenHubError
+from ._models import StreamEvent
+
+__all__ = ["AsyncChatStream", "AsyncClient"]
+
+
+class AsyncChatStream(StreamState):
+    """One streamed chat completion: an async iterator of text deltas and an async
+    context manager. The request is sent on enter, or on first iteration.
+
+    ```python
+    async with client.stream_chat(messages) as stream:
+        async for text in stream:
+            print(text, end="", flush=True)
+    print(stream.message.finish_reason, stream.usage, stream.timings)
+    ```
+
+    Iterate it once, either directly (text deltas) or through `events()` (typed
+    events); `message`, `usage`, `timings` and `outcome` are filled either way.
+    Leaving the `async with` block, `aclose()`, or cancelling the task closes the
+    upstream connection at once.
+    """
+
+    def __init__(self, client: AsyncClient, call: Call, *, owns_client: bool = False) -> None:
+        super().__init__(client, call)
+        self._client = client
+        self._owns_client = owns_client
+        self._response: httpx.Response | None = None
+        self._chunks: AsyncIterator[bytes] | None = None
+
+    async def __aenter__(self) -> Self:
+        try:
+            if self._response is None:
+                await self._open()
+        except BaseException as exc:
+            self._record_exit(exc)
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            self._record_exit(exc)
+        await self.aclose()
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._consume(text=True)
+
+    def events(self) -> AsyncIterator[StreamEvent]:
+        """Iterate typed events: content, reasoning and tool-call deltas, finish, usage."""
+        return self._consume(text=False)
+
+    async def aclose(self) -> None:
+        """Close the upstream connection (at once if the body was not read to its end)."""
+        self._record_exit(None)
+        await self._release()
+
+    async def _open(self) -> None:
+        while True:
+            self._before_send()
+            try:
+                response = await self._client._send(self._call)
+            except httpx.HTTPError as exc:
+                error = self._base._send_error(exc, self._call)
+            else:
+                if response.status_code < 300 and is_event_stream(response):
+                    self._response = response
+                    self._start(response)
+                    raw = wants_raw(response)
+                    self._chunks = response.aiter_raw() if raw else response.aiter_bytes()
+                    return
+                error = await self._client._error_of(response)
+            delay = self._base._retry_delay(self._attempt, self._call.max_retries, error)
+            if delay is None:
+                self._fail(error)
+                raise error
+            self._attempt += 1
+            await async_sleep(delay)
+
+    async def _consume(self, text: bool) -> AsyncIterator[Any]:
+        self._claim()
+        try:
+            while True:
+                if self._response is None:
+                    await self._open()
+                parser = self._parser
+                feed = parser.feed_text if text else parser.feed_events
+                assert self._chunks is not None
+                try:
+                    async for chunk in self._chunks:
+                        for item in feed(chunk):
+                            yield item
+                        if parser.stopped:
+                            break
+                    else:
+                        parser.feed_eof()
+                except httpx.HTTPError as exc:
+                    parser.error = self._read_error(exc)
+                if parser.done and self._start_drain():
+                    await self._drain()
+                error = self._settle()
+                if error is None:
+                    return
+                delay = self._retry_after_failure(error)
+                if delay is None:
+                    raise error
+                await self._release_response()
+                await async_sleep(delay)
+        except BaseException as exc:
+            self._record_exit(exc)
+            raise
+        finally:
+            await self._release()
+
+    async def _drain(self) -> None:
+        # Read what follows [DONE] (the chunked terminator, a proxy heartbeat) so the
+        # connection can go back to the pool; the watchdog bounds the time it takes.
+        received = 0
+        assert self._chunks is not None
+        try:
+            async for chunk in self._chunks:
+                received += len(chunk)
+                if received > DRAIN_MAX_BYTES:
+                    break
+        except httpx.HTTPError:
+            pass
+
+    async def _release_response(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+        response, self._response, self._chunks = self._response, None, None
+        if response is not None:
+            with AsyncShield():
+                await response.aclose()
+
+    async def _release(self) -> None:
+        await self._release_response()
+        if self._owns_client and not self._closed:
+            self._closed = True
+            with AsyncShield():
+                await self._client.aclose()
+        self._closed = True
+
+
+class AsyncClient(BaseClient):
+    """An async client for OpenAI-compatible chat completions, reusing one connection pool.
+
+    ```python
+    async with tokenhub_stream.AsyncClient() as client:
+        async with client.stream_chat([{"role": "user", "content": "Hi"}]) as stream:
+            async for text in stream:
+                print(text, end="")
+    ```
+
+    Args:
+        api_key: the bearer key; default env `TOKENHUB_KEY`. Needed only for the
+            default token-hub URL.
+        base_url: default env `TOKENHUB_BASE_URL`, else `https://api.sandboxclaw.com/v1`.
+        model: the model used when a call names none.
+        timeout: a `Timeout`, one number for connect/first-token/idle, or None.
+        max_retries: retries before the first delta (connect errors, 408, 429, 5xx,
+            retryable error frames).
+        max_retry_wait: the longest `Retry-After` honoured; beyond it the error is raised.
+        max_event_bytes: the largest SSE event accepted (`ProtocolError` beyond).
+        strict_utf8: raise `ProtocolError` on invalid UTF-8 instead of U+FFFD.
+        drain_timeout: how long to read on after `[DONE]` to keep the connection.
+        headers: extra headers sent with every request.
+        http_client: an `httpx.AsyncClient` to use instead of our own (not closed by us).
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        model: str = DEFAULT_MODEL,
+        timeout: TimeoutTypes = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        strict_utf8: bool = False,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        headers: HeaderTypes | None = None,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        super().__init__(
+            api_key=api_key,
+            base_url=base_url,
+            model=model,
+            timeout=timeout,
+            max_retries=max_retries,
+            max_retry_wait=max_retry_wait,
+            max_event_bytes=max_event_bytes,
+            strict_utf8=strict_utf8,
+            drain_timeout=drain_timeout,
+            headers=headers,
+        )
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else httpx.AsyncClient()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool (not an `http_client` that was passed in)."""
+        if self._owns_http:
+            await self._http.aclose()
+
+    def stream_chat(
+        self,
+        messages: MessagesTypes,
+        *,
+        model: str | UnsetType = UNSET,
+        timeout: TimeoutTypes | UnsetType = UNSET,
+        max_retries: int | UnsetType = UNSET,
+        include_usage: bool = False,
+        extra_headers: HeaderTypes | None = None,
+        **params: object,
+    ) -> AsyncChatStream:
+        """Start a streamed chat completion (sent on enter or first iteration).
+
+        Args:
+            messages: the conversation, OpenAI shape.
+            model: the model; default the client's.
+            timeout, max_retries: override the client's for this call.
+            include_usage: ask for a final usage chunk (`stream_options.include_usage`).
+            extra_headers: headers for this request only.
+            **params: other body fields (`temperature`, `max_tokens`, `tools`, ...).
+
+        Returns:
+            An `AsyncChatStream`.
+
+        Raises:
+            TypeError: `stream` given in `params`, or messages not a list.
+            MissingAPIKeyError: no key for the default token-hub URL.
+        """
+        call = self._prepare(
+            messages,
+            model,
+            params,
+            stream=True,
+            timeout=timeout,
+            max_retries=max_retries,
+            include_usage=include_usage,
+            extra_headers=extra_headers,
+        )
+        return AsyncChatStream(self, call)
+
+    async def chat(
+        self,
+        messages: MessagesTypes,
+        *,
+        model: str | UnsetType = UNSET,
+        timeout: TimeoutTypes | UnsetType = UNSET,
+        max_retries: int | UnsetType = UNSET,
+        extra_headers: HeaderTypes | None = None,
+        **params: object,
+    ) -> ChatResult:
+        """A non-streaming completion (`stream: false`): the assembled message and usage.
+
+        Raises:
+            APIError: the upstream refused (subclass by status).
+            TransportError: the upstream could not be reached.
+            ProtocolError: the response was not a chat completion.
+        """
+        call = self._prepare(
+            messages,
+            model,
+            params,
+            stream=False,
+            timeout=timeout,
+            max_retries=max_retries,
+            include_usage=False,
+            extra_headers=extra_headers,
+        )
+        attempt = 0
+        while True:
+            error: TokenHubError
+            try:
+                response = await self._send(call)
+            except httpx.HTTPError as exc:
+                error = self._send_error(exc, call)
+            else:
+                if response.status_code < 300:
+                    body = await response.aread()
+                    await response.aclose()
+                    return parse_completion(body, self._redact)
+                error = await self._error_of(response)
+            delay = self._retry_delay(attempt, call.max_retries, error)
+            if delay is None:
+                raise error
+            attempt += 1
+            await async_sleep(delay)
+
+    async def _send(self, call: Call) -> httpx.Response:
+        request = self._http.build_request(
+            "POST", call.url, content=call.body, headers=call.headers, timeout=call.httpx_timeout()
+        )
+        return await self._http.send(request, stream=True)
+
+    async def _error_of(self, response: httpx.Response) -> TokenHubError:
+        body = b""
+        try:
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) >= ERROR_BODY_LIMIT:
+                    break
+        except httpx.HTTPError:
+            pass
+        finally:
+            with AsyncShield():
+                await response.aclose()
+        return self._status_error(response, body)

@@ -1,0 +1,513 @@
+"""The pure half of the clients: request building, error mapping, retry policy and
+stream bookkeeping. No I/O here; `_async_client.py` and its generated sync twin
+`_sync_client.py` are the thin shells that send and read."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+import anyio
+import httpx
+
+from ._chunks import (
+    ChunkParser,
+    Redact,
+    error_from_frame,
+    error_from_status,
+    loads,
+    request_id_of,
+)
+from ._config import (
+    DEFAULT_BASE_URL,
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_MAX_EVENT_BYTES,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_MAX_RETRY_WAIT,
+    DEFAULT_MODEL,
+    DEFAULT_TIMEOUT,
+    UNSET,
+    Timeout,
+    UnsetType,
+    env_api_key,
+    env_base_url,
+)
+from ._exceptions import (
+    MissingAPIKeyError,
+    ProtocolError,
+    StreamConsumed,
+    StreamTimeout,
+    TokenHubError,
+    TransportError,
+    TruncatedStreamError,
+)
+from ._models import ChatMessage, Outcome, Timings, ToolCall, Usage
+from ._watchdog import StreamTimer, watchdog
+
+MessagesTypes: TypeAlias = Sequence[Mapping[str, object]]
+HeaderTypes: TypeAlias = Mapping[str, str]
+TimeoutTypes: TypeAlias = Timeout | float | None
+
+
+ERROR_BODY_LIMIT = 64 * 1024
+
+
+def AsyncShield() -> anyio.CancelScope:
+    """Cleanup must run even inside a cancelled scope (anyio cancellation is level-triggered)."""
+    return anyio.CancelScope(shield=True)
+
+
+def SyncShield() -> contextlib.nullcontext[None]:
+    return contextlib.nullcontext()
+
+
+async def async_sleep(seconds: float) -> None:
+    await anyio.sleep(seconds)
+
+
+def sync_sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+@dataclass(slots=True)
+class Call:
+    """One prepared request: everything the shells need to send it, and its policies."""
+
+    url: str
+    headers: dict[str, str]
+    body: bytes
+    timeout: Timeout
+    max_retries: int
+    model: str
+    messages: list[Mapping[str, object]] = field(default_factory=list)
+
+    def httpx_timeout(self) -> httpx.Timeout:
+        t = self.timeout
+        # Until the response headers arrive, a socket read timeout is exact for the
+        # first-token deadline (nothing else comes before the headers).
+        header_wait = _min(t.first_token, t.total)
+        return httpx.Timeout(connect=t.connect, read=header_wait, write=t.connect, pool=t.connect)
+
+
+def _min(*values: float | None) -> float | None:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None
+
+
+def _max(*values: float | None) -> float | None:
+    if any(v is None for v in values):
+        return None
+    return max(v for v in values if v is not None)
+
+
+def redactor(secret: str | None) -> Redact:
+    def redact(text: str) -> str:
+        if secret and secret in text:
+            text = text.replace(secret, "***")
+        return text
+
+    return redact
+
+
+class BaseClient:
+    """Configuration shared by `Client` and `AsyncClient` (no I/O)."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        model: str = DEFAULT_MODEL,
+        timeout: TimeoutTypes = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        strict_utf8: bool = False,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        headers: HeaderTypes | None = None,
+    ) -> None:
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        if max_event_bytes <= 0:
+            raise ValueError("max_event_bytes must be positive")
+        self._api_key = api_key if api_key is not None else env_api_key()
+        self.base_url = (base_url or env_base_url() or DEFAULT_BASE_URL).rstrip("/")
+        self.model = model
+        self.timeout = Timeout.coerce(timeout)
+        self.max_retries = max_retries
+        self.max_retry_wait = max_retry_wait
+        self.max_event_bytes = max_event_bytes
+        self.strict_utf8 = strict_utf8
+        self.drain_timeout = drain_timeout
+        self.headers = dict(headers or {})
+        self._redact = redactor(self._api_key)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} base_url={self.base_url!r}>"
+
+    def _prepare(
+        self,
+        messages: MessagesTypes,
+        model: str | UnsetType,
+        params: Mapping[str, object],
+        *,
+        stream: bool,
+        timeout: TimeoutTypes | UnsetType,
+        max_retries: int | UnsetType,
+        include_usage: bool,
+        extra_headers: HeaderTypes | None,
+    ) -> Call:
+        if "stream" in params:
+            raise TypeError(
+                "'stream' is set by the client: use stream_chat() to stream, chat() not to"
+            )
+        if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
+            raise TypeError("messages must be a list of {'role': ..., 'content': ...} mappings")
+        if self._api_key is None and self.base_url == DEFAULT_BASE_URL:
+            raise MissingAPIKeyError(
+                "no API key for the token-hub gateway: pass api_key=... or set TOKENHUB_KEY "
+                "(local OpenAI-compatible servers need none: set base_url or TOKENHUB_BASE_URL)"
+            )
+        model_name = self.model if model is UNSET else model
+        body: dict[str, object] = {"model": model_name, "messages": list(messages)}
+        body["stream"] = stream
+        body.update(params)
+        if stream and include_usage:
+            options = params.get("stream_options")
+            merged = dict(options) if isinstance(options, Mapping) else {}
+            merged["include_usage"] = True
+            body["stream_options"] = merged
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream" if stream else "application/json",
+        }
+        if stream:
+            headers["Accept-Encoding"] = "identity"
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        headers.update(self.headers)
+        if extra_headers:
+            headers.update(extra_headers)
+        return Call(
+            url=self.base_url + "/chat/completions",
+            headers=headers,
+            body=json.dumps(body, separators=(",", ":")).encode(),
+            timeout=self.timeout if timeout is UNSET else Timeout.coerce(timeout),
+            max_retries=self.max_retries if max_retries is UNSET else max_retries,
+            model=model_name,
+            messages=list(messages),
+        )
+
+    def _send_error(self, exc: Exception, call: Call) -> TokenHubError:
+        """Translate an httpx error raised before the response headers arrived."""
+        t = call.timeout
+        if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+            error: TokenHubError = StreamTimeout("connect", t.connect)
+        elif isinstance(exc, httpx.TimeoutException):
+            is_total = t.total is not None and t.total == call.httpx_timeout().read
+            error = StreamTimeout(
+                *(("total", t.total) if is_total else ("first_token", t.first_token))
+            )
+        elif isinstance(exc, httpx.ConnectError):
+            error = TransportError(f"could not connect to the upstream: {exc}", retryable=True)
+        else:
+            error = TransportError(f"{type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
+
+    def _status_error(self, response: httpx.Response, body: bytes) -> TokenHubError:
+        """The error for an HTTP error status, or for a 2xx that is not an event stream."""
+        headers = response.headers
+        if response.status_code >= 300:
+            return error_from_status(
+                response.status_code,
+                body,
+                headers,
+                reason=response.reason_phrase,
+                redact=self._redact,
+            )
+        try:
+            obj = loads(body)
+        except (ValueError, RecursionError):
+            obj = None
+        if isinstance(obj, dict) and ("error" in obj or obj.get("object") == "error"):
+            return error_from_frame(obj, request_id=request_id_of(headers), redact=self._redact)
+        ctype = headers.get("content-type", "(none)")
+        return ProtocolError(f"expected a text/event-stream response, got {ctype}")
+
+    def _retry_delay(self, attempt: int, max_retries: int, error: TokenHubError) -> float | None:
+        """Seconds to wait before retry number `attempt + 1`, or None to give up."""
+        if attempt >= max_retries or not getattr(error, "retryable", False):
+            return None
+        retry_after = getattr(error, "retry_after", None)
+        if isinstance(retry_after, int | float):
+            return float(retry_after) if retry_after <= self.max_retry_wait else None
+        return min(8.0, 0.5 * 2.0**attempt) * (0.5 + random.random() / 2)
+
+
+def is_event_stream(response: httpx.Response) -> bool:
+    ctype = response.headers.get("content-type")
+    return ctype is None or "event-stream" in ctype
+
+
+def wants_raw(response: httpx.Response) -> bool:
+    """Read raw bytes unless the upstream compressed the body despite `identity`
+    (or a mock transport has already read it)."""
+    if response.is_stream_consumed:
+        return False
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    return encoding in ("", "identity")
+
+
+class StreamState:
+    """Bookkeeping of one stream shared by `ChatStream` and `AsyncChatStream`."""
+
+    def __init__(self, client: BaseClient, call: Call) -> None:
+        self._base = client
+        self._call = call
+        self._sent_at: float | None = None
+        self._parser = self._new_parser()
+        self._timer: StreamTimer | None = None
+        self._watched = False
+        self._total_deadline: float | None = None
+        self._attempt = 0
+        self._claimed = False
+        self._closed = False
+        self._outcome: Outcome | None = None
+        self._had_response = False
+
+    def _new_parser(self, request_id: str | None = None) -> ChunkParser:
+        return ChunkParser(
+            max_event_bytes=self._base.max_event_bytes,
+            strict=self._base.strict_utf8,
+            started_at=self._sent_at,
+            request_id=request_id,
+            redact=self._base._redact,
+        )
+
+    def _claim(self) -> None:
+        if self._claimed:
+            raise StreamConsumed("this stream has already been iterated (one consumer each)")
+        self._claimed = True
+
+    def _before_send(self) -> None:
+        self._sent_at = time.monotonic()
+        if self._total_deadline is None and self._call.timeout.total is not None:
+            self._total_deadline = self._sent_at + self._call.timeout.total
+
+    def _start(self, response: httpx.Response) -> None:
+        """The upstream answered 2xx with an event stream: set up parsing and deadlines."""
+        self._had_response = True
+        t = self._call.timeout
+        self._parser = self._new_parser(request_id_of(response.headers))
+        timeouts = response.request.extensions.get("timeout")
+        if isinstance(timeouts, dict):
+            # httpcore reads the body's read timeout when the body starts: loosen it to a
+            # backstop; the watchdog enforces the exact first-token/idle/total deadlines.
+            timeouts["read"] = _max(t.first_token, t.idle, t.total)
+        self._timer = timer = StreamTimer(self._parser, first_token=t.first_token, idle=t.idle)
+        stream = response.extensions.get("network_stream")
+        get_info = getattr(stream, "get_extra_info", None)
+        sock = get_info("socket") if get_info is not None else None
+        self._watched = sock is not None and watchdog.watch(timer, sock, self._total_deadline)
+
+    def _read_error(self, exc: Exception) -> TokenHubError:
+        """Translate an httpx error raised while reading the body."""
+        if isinstance(exc, httpx.TimeoutException):
+            t = self._call.timeout
+            started = self._parser.first_token_at is not None
+            error: TokenHubError = StreamTimeout(
+                *(("idle", t.idle) if started else ("first_token", t.first_token))
+            )
+        elif isinstance(exc, httpx.RemoteProtocolError):
+            error = TruncatedStreamError(f"the upstream closed the stream mid-way: {exc}")
+        else:
+            error = TransportError(f"reading the stream failed: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
+
+    def _start_drain(self) -> bool:
+        """After [DONE]: drain only if a watchdog can bound the time it takes."""
+        if not self._watched or self._timer is None:
+            return False
+        self._timer.drain_deadline = time.monotonic() + self._base.drain_timeout
+        watchdog.reschedule(self._timer, self._total_deadline)
+        return True
+
+    def _settle(self) -> TokenHubError | None:
+        """Decide the stream's result once the body loop ended; returns the error to raise."""
+        parser = self._parser
+        timer = self._timer
+        if timer is not None:
+            timer.stop()
+        error = parser.error
+        fired = timer.fired if timer is not None else None
+        if fired and fired != "drain" and not parser.done:
+            if error is None or isinstance(error, TruncatedStreamError | TransportError):
+                seconds = {
+                    "first_token": self._call.timeout.first_token,
+                    "idle": self._call.timeout.idle,
+                    "total": self._call.timeout.total,
+                }[fired]
+                error = StreamTimeout(fired, seconds)  # type: ignore[arg-type]
+        if isinstance(error, StreamTimeout) and error.kind == "idle" and parser.finish_reason:
+            error = None  # finished, then the upstream kept the connection open: a normal end
+        parser.error = error
+        if parser.ended_at is None:
+            parser.ended_at = time.monotonic()
+        if error is None:
+            self._outcome = Outcome("completed", "done" if parser.done else "finish_reason")
+        else:
+            self._outcome = outcome_for(error, self._had_response)
+        return error
+
+    def _retry_after_failure(self, error: TokenHubError) -> float | None:
+        if self._parser.delivered:
+            return None  # never retry once a delta has been handed out
+        delay = self._base._retry_delay(self._attempt, self._call.max_retries, error)
+        if delay is not None:
+            self._attempt += 1
+            self._outcome = None
+        return delay
+
+    def _fail(self, error: TokenHubError) -> None:
+        self._outcome = outcome_for(error, self._had_response)
+
+    def _record_exit(self, exc: BaseException | None) -> None:
+        if self._outcome is not None:
+            return
+        if isinstance(exc, TokenHubError):
+            self._outcome = outcome_for(exc, self._had_response)
+        else:  # consumer left early, task cancelled, KeyboardInterrupt, consumer's own error
+            self._outcome = Outcome("cancelled", type(exc).__name__ if exc else None)
+        if self._parser.ended_at is None:
+            self._parser.ended_at = time.monotonic()
+
+    # --- results -----------------------------------------------------------------
+
+    @property
+    def message(self) -> ChatMessage:
+        """The assistant message assembled so far (content, reasoning, tool calls)."""
+        return self._parser.message()
+
+    @property
+    def usage(self) -> Usage | None:
+        """The last usage the upstream reported, normalised; None if it sent none."""
+        return self._parser.usage
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._parser.finish_reason
+
+    @property
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        return self._parser.message().tool_calls
+
+    @property
+    def outcome(self) -> Outcome | None:
+        """How the stream ended; None while it is still open."""
+        return self._outcome
+
+    @property
+    def request_id(self) -> str | None:
+        return self._parser.request_id
+
+    @property
+    def timings(self) -> Timings:
+        """Time to first token, total time and rate (tokens/s from usage, else deltas/s)."""
+        p = self._parser
+        if self._sent_at is None:
+            return Timings()
+        start = p.started_at
+        end = p.ended_at if p.ended_at is not None else time.monotonic()
+        ttft = None if p.first_token_at is None else p.first_token_at - start
+        rate = unit = None
+        if p.first_token_at is not None:
+            span = end - p.first_token_at
+            usage = p.usage
+            if usage is not None and usage.completion_tokens is not None:
+                count, unit = usage.completion_tokens, "tokens/s"
+            else:
+                count, unit = len(p._content), "deltas/s"
+            rate = count / span if span > 0 else None
+            if rate is None:
+                unit = None
+        return Timings(ttft, end - start, rate, unit)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        state = self._outcome.kind if self._outcome else ("open" if self._claimed else "new")
+        return f"<{type(self).__name__} model={self._call.model!r} {state}>"
+
+
+def outcome_for(error: TokenHubError, had_response: bool) -> Outcome:
+    if isinstance(error, StreamTimeout):
+        return Outcome("timeout", error.kind, error)
+    if isinstance(error, TruncatedStreamError):
+        return Outcome("truncated", None, error)
+    if isinstance(error, TransportError):
+        return Outcome("truncated" if had_response else "upstream_error", None, error)
+    return Outcome("upstream_error", None, error)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    """The answer of a non-streaming `chat()` call."""
+
+    message: ChatMessage
+    usage: Usage | None
+    model: str | None = None
+    id: str | None = None
+
+
+def parse_completion(body: bytes, redact: Redact | None = None) -> ChatResult:
+    """Parse a non-streaming `chat.completion` JSON body."""
+    try:
+        obj = loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"invalid JSON in the response: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("the response is not a JSON object")
+    if "error" in obj or obj.get("object") == "error":
+        raise error_from_frame(obj, redact=redact)
+    choices = obj.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise ProtocolError("the response has no choices")
+    choice = choices[0]
+    raw = choice.get("message")
+    if not isinstance(raw, dict):
+        raise ProtocolError("the response's choice has no message")
+    calls = []
+    for item in raw.get("tool_calls") or ():
+        if not isinstance(item, dict) or not isinstance(item.get("function"), dict):
+            raise ProtocolError("malformed tool call in the response")
+        function = item["function"]
+        extra = {k: v for k, v in item.items() if k not in ("id", "type", "function", "index")}
+        calls.append(
+            ToolCall(
+                str(item.get("id") or ""),
+                str(function.get("name") or ""),
+                str(function.get("arguments") or ""),
+                str(item.get("type") or "function"),
+                extra,
+            )
+        )
+    reasoning = raw.get("reasoning_content") or raw.get("reasoning")
+    message = ChatMessage(
+        role=str(raw.get("role") or "assistant"),
+        content=str(raw.get("content") or ""),
+        reasoning=reasoning if isinstance(reasoning, str) else None,
+        tool_calls=tuple(calls),
+        finish_reason=choice.get("finish_reason"),
+    )
+    usage = obj.get("usage")
+    return ChatResult(
+        message,
+        Usage.from_dict(usage) if isinstance(usage, dict) else None,
+        obj.get("model") if isinstance(obj.get("model"), str) else None,
+        obj.get("id") if isinstance(obj.get("id"), str) else None,
+    )

@@ -1,0 +1,527 @@
+"""Sans-I/O chat-completion stream parser: bytes in, text deltas or typed events out.
+
+`ChunkParser` owns an `SSEDecoder` and assembles the assistant message whichever way
+the stream is read. It never raises from `feed_*`: an error (bad frame, error frame,
+oversized event) is stored in `.error` and processing stops, so the I/O shell can first
+hand out the deltas decoded before it, then raise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ._config import DEFAULT_MAX_EVENT_BYTES
+from ._exceptions import (
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    NotFoundError,
+    ProtocolError,
+    RateLimitError,
+    ServerError,
+    TokenHubError,
+    TruncatedStreamError,
+)
+from ._models import (
+    ChatMessage,
+    ContentDelta,
+    FinishEvent,
+    ReasoningDelta,
+    StreamEvent,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+    UsageEvent,
+)
+from ._sse import SSEDecoder
+
+__all__ = ["JSON_BACKEND", "ChunkParser", "error_from_frame", "error_from_status", "loads"]
+
+
+def _pick_loads() -> tuple[str, Callable[[str | bytes], Any]]:
+    choice = os.environ.get("TOKENHUB_STREAM_JSON", "auto").lower()
+    if choice != "stdlib":
+        try:
+            import orjson
+        except ImportError:
+            if choice == "orjson":
+                raise
+        else:
+            return "orjson", orjson.loads
+    return "stdlib", json.loads
+
+
+#: "orjson" when the optional `fast` extra is installed, else "stdlib"
+#: (`TOKENHUB_STREAM_JSON=stdlib|orjson` forces one).
+JSON_BACKEND, loads = _pick_loads()
+
+Redact = Callable[[str], str]
+
+
+class _ToolCallBuilder:
+    __slots__ = ("arguments", "extra", "id", "name", "type")
+
+    def __init__(self) -> None:
+        self.id = ""
+        self.name = ""
+        self.type = "function"
+        self.arguments: list[str] = []
+        self.extra: dict[str, object] = {}
+
+    def build(self) -> ToolCall:
+        return ToolCall(self.id, self.name, "".join(self.arguments), self.type, dict(self.extra))
+
+
+class ChunkParser:
+    """Parses one chat-completion event stream.
+
+    ```python
+    parser = ChunkParser()
+    for chunk in network_chunks:
+        for text in parser.feed_text(chunk):
+            print(text, end="")
+        if parser.stopped:
+            break
+    parser.feed_eof()
+    if parser.error:
+        raise parser.error
+    message = parser.message()
+    ```
+    """
+
+    __slots__ = (
+        "_content",
+        "_decoder",
+        "_last_tc",
+        "_reasoning",
+        "_redact",
+        "_tc_by_index",
+        "_tool_calls",
+        "_usage_raw",
+        "clock",
+        "delivered",
+        "done",
+        "ended_at",
+        "error",
+        "finish_reason",
+        "first_token_at",
+        "last_event_at",
+        "request_id",
+        "role",
+        "started_at",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        strict: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        started_at: float | None = None,
+        request_id: str | None = None,
+        redact: Redact | None = None,
+    ) -> None:
+        self._decoder = SSEDecoder(max_event_bytes=max_event_bytes, strict=strict)
+        self.clock = clock
+        self.started_at = clock() if started_at is None else started_at
+        self.request_id = request_id
+        self._redact = redact
+        self._content: list[str] = []
+        self._reasoning: list[str] = []
+        self._tool_calls: list[_ToolCallBuilder] = []
+        self._tc_by_index: dict[int, _ToolCallBuilder] = {}
+        self._last_tc: _ToolCallBuilder | None = None
+        self._usage_raw: Mapping[str, object] | None = None
+        self.usage: Usage | None = None
+        self.role = "assistant"
+        self.finish_reason: str | None = None
+        self.done = False
+        self.error: TokenHubError | None = None
+        self.delivered = 0  # items handed out by feed_*: no retry once this is non-zero
+        self.first_token_at: float | None = None
+        self.last_event_at: float | None = None
+        self.ended_at: float | None = None
+
+    @property
+    def stopped(self) -> bool:
+        """True after `[DONE]` or an error: nothing more will be decoded."""
+        return self.done or self.error is not None
+
+    @property
+    def finished(self) -> bool:
+        """True when the stream ended properly: `[DONE]` or a finish_reason was seen."""
+        return self.done or self.finish_reason is not None
+
+    def feed_text(self, chunk: bytes) -> list[str]:
+        """Decode `chunk`; return the content deltas it completed."""
+        out: list[str] = []
+        if self.done or self.error is not None:
+            return out
+        try:
+            events = self._decoder.feed(chunk)
+        except ProtocolError as exc:
+            self.error = exc
+            return out
+        if not events:
+            return out
+        self.last_event_at = self.clock()
+        for event in events:
+            data = event.data
+            if data == "[DONE]":
+                self.done = True
+                break
+            try:
+                text = self._apply(loads(data), None)
+            except TokenHubError as exc:
+                self.error = exc
+                break
+            except (ValueError, RecursionError) as exc:
+                self.error = ProtocolError(f"invalid JSON in data frame: {exc}")
+                break
+            if text:
+                out.append(text)
+        self.delivered += len(out)
+        return out
+
+    def feed_events(self, chunk: bytes) -> list[StreamEvent]:
+        """Decode `chunk`; return the typed events it completed."""
+        out: list[StreamEvent] = []
+        if self.done or self.error is not None:
+            return out
+        try:
+            events = self._decoder.feed(chunk)
+        except ProtocolError as exc:
+            self.error = exc
+            return out
+        if not events:
+            return out
+        self.last_event_at = self.clock()
+        for event in events:
+            data = event.data
+            if data == "[DONE]":
+                self.done = True
+                break
+            try:
+                self._apply(loads(data), out)
+            except TokenHubError as exc:
+                self.error = exc
+                break
+            except (ValueError, RecursionError) as exc:
+                self.error = ProtocolError(f"invalid JSON in data frame: {exc}")
+                break
+        self.delivered += len(out)
+        return out
+
+    def feed_eof(self) -> None:
+        """Signal that the body ended; records `TruncatedStreamError` if it ended early."""
+        self._decoder.flush()
+        if self.ended_at is None:
+            self.ended_at = self.clock()
+        if self.error is None and not self.finished:
+            self.error = TruncatedStreamError(
+                "the stream ended with neither [DONE] nor a finish_reason"
+            )
+
+    def _apply(self, obj: object, events: list[StreamEvent] | None) -> str | None:
+        if type(obj) is not dict:
+            raise ProtocolError("data frame is not a JSON object")
+        if "error" in obj or obj.get("object") == "error":
+            raise error_from_frame(obj, request_id=self.request_id, redact=self._redact)
+        text = None
+        choices = obj.get("choices")
+        if choices:
+            if type(choices) is not list:
+                raise ProtocolError("'choices' is not a list")
+            for choice in choices:
+                if type(choice) is not dict:
+                    raise ProtocolError("a choice is not an object")
+                if choice.get("index"):
+                    continue  # only choice 0 is streamed
+                delta = choice.get("delta")
+                if delta:
+                    if type(delta) is not dict:
+                        raise ProtocolError("'delta' is not an object")
+                    content = delta.get("content")
+                    if content:
+                        if type(content) is not str:
+                            raise ProtocolError("'delta.content' is not a string")
+                        self._content.append(content)
+                        text = content
+                        if self.first_token_at is None:
+                            self.first_token_at = self.last_event_at
+                        if events is not None:
+                            events.append(ContentDelta(content))
+                    if len(delta) > 1 or content is None:
+                        self._apply_rare(delta, events)
+                reason = choice.get("finish_reason")
+                if reason:
+                    self.finish_reason = str(reason)
+                    if self.first_token_at is None:
+                        self.first_token_at = self.last_event_at
+                    if events is not None:
+                        events.append(FinishEvent(self.finish_reason))
+        usage = obj.get("usage")
+        if usage is None:
+            x_groq = obj.get("x_groq")
+            if type(x_groq) is dict:
+                usage = x_groq.get("usage")
+        if usage and type(usage) is dict and usage != self._usage_raw:
+            self._usage_raw = usage
+            self.usage = Usage.from_dict(usage)
+            if events is not None:
+                events.append(UsageEvent(self.usage))
+        return text
+
+    def _apply_rare(self, delta: dict[str, object], events: list[StreamEvent] | None) -> None:
+        # Everything but plain content: role, reasoning, tool calls. Off the hot path.
+        role = delta.get("role")
+        if isinstance(role, str) and role:
+            self.role = role
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if reasoning:
+            if type(reasoning) is not str:
+                raise ProtocolError("reasoning delta is not a string")
+            self._reasoning.append(reasoning)
+            if self.first_token_at is None:
+                self.first_token_at = self.last_event_at
+            if events is not None:
+                events.append(ReasoningDelta(reasoning))
+        tool_calls = delta.get("tool_calls")
+        if tool_calls:
+            if type(tool_calls) is not list:
+                raise ProtocolError("'tool_calls' is not a list")
+            if self.first_token_at is None:
+                self.first_token_at = self.last_event_at
+            for fragment in tool_calls:
+                self._merge_tool_call(fragment, events)
+
+    def _merge_tool_call(self, fragment: object, events: list[StreamEvent] | None) -> None:
+        if type(fragment) is not dict:
+            raise ProtocolError("a tool call fragment is not an object")
+        function = fragment.get("function") or {}
+        if type(function) is not dict:
+            raise ProtocolError("'function' of a tool call is not an object")
+        name = function.get("name") or None
+        arguments = function.get("arguments") or ""
+        call_id = fragment.get("id") or None
+        if not isinstance(arguments, str) or not isinstance(name, str | None):
+            raise ProtocolError("tool call name/arguments are not strings")
+        if not isinstance(call_id, str | None):
+            raise ProtocolError("tool call id is not a string")
+        index = fragment.get("index")
+        if isinstance(index, int) and not isinstance(index, bool):
+            builder = self._tc_by_index.get(index)
+            if builder is None:
+                builder = self._new_tool_call()
+                self._tc_by_index[index] = builder
+        else:
+            # Gemini and Ollama omit `index`: a new non-empty id or a name starts a
+            # new call; any other fragment continues the last one.
+            last = self._last_tc
+            if last is None or name or (call_id and call_id != last.id):
+                builder = self._new_tool_call()
+            else:
+                builder = last
+        self._last_tc = builder
+        if call_id:
+            builder.id = call_id
+        if name and not builder.name:
+            builder.name = name
+        kind = fragment.get("type")
+        if isinstance(kind, str) and kind:
+            builder.type = kind
+        if arguments:
+            builder.arguments.append(arguments)
+        for key, value in fragment.items():
+            if key not in ("index", "id", "type", "function"):
+                builder.extra[key] = value
+        if events is not None:
+            events.append(ToolCallDelta(self._tool_calls.index(builder), call_id, name, arguments))
+
+    def _new_tool_call(self) -> _ToolCallBuilder:
+        builder = _ToolCallBuilder()
+        self._tool_calls.append(builder)
+        return builder
+
+    def message(self) -> ChatMessage:
+        """The assistant message assembled so far."""
+        return ChatMessage(
+            role=self.role,
+            content="".join(self._content),
+            reasoning="".join(self._reasoning) if self._reasoning else None,
+            tool_calls=tuple(b.build() for b in self._tool_calls),
+            finish_reason=self.finish_reason,
+        )
+
+
+# --- error mapping: one place for HTTP statuses and in-band error frames -------------
+
+_CODE_STATUS = {
+    "invalid_request_error": 400,
+    "badrequesterror": 400,
+    "bad_request": 400,
+    "tool_use_failed": 400,
+    "context_length_exceeded": 400,
+    "authentication_error": 401,
+    "invalid_api_key": 401,
+    "unauthorized": 401,
+    "permission_error": 403,
+    "permission_denied": 403,
+    "not_found_error": 404,
+    "notfounderror": 404,
+    "model_not_found": 404,
+    "rate_limit_error": 429,
+    "rate_limit_exceeded": 429,
+    "too_many_requests": 429,
+    "server_error": 500,
+    "internal_error": 500,
+    "internal_server_error": 500,
+    "internalservererror": 500,
+    "api_error": 500,
+    "service_unavailable": 503,
+    "overloaded_error": 529,
+    "overloaded": 529,
+}
+
+
+def error_class(status_code: int | None) -> type[APIError]:
+    """The `APIError` subclass for an HTTP status (or status carried in an error frame)."""
+    if status_code is None:
+        return APIError
+    if status_code in (400, 422):
+        return BadRequestError
+    if status_code in (401, 403):
+        return AuthenticationError
+    if status_code == 404:
+        return NotFoundError
+    if status_code == 429:
+        return RateLimitError
+    if status_code >= 500:
+        return ServerError
+    return APIError
+
+
+def _make_error(
+    message: str,
+    status_code: int | None,
+    code: str | None,
+    request_id: str | None,
+    retry_after: float | None,
+    redact: Redact | None,
+) -> APIError:
+    if redact is not None:
+        message = redact(message)
+        code = redact(code) if code else code
+    retryable = False if code == "insufficient_quota" else None
+    return error_class(status_code)(
+        message,
+        status_code=status_code,
+        code=code,
+        request_id=request_id,
+        retryable=retryable,
+        retry_after=retry_after,
+    )
+
+
+def _status_of(err: Mapping[str, object]) -> int | None:
+    for key in ("status_code", "status", "code"):
+        value = err.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and 100 <= value < 600:
+            return value
+        if isinstance(value, str) and value.isdigit() and 100 <= int(value) < 600:
+            return int(value)
+    for key in ("code", "type"):
+        value = err.get(key)
+        if isinstance(value, str) and value.lower() in _CODE_STATUS:
+            return _CODE_STATUS[value.lower()]
+    return None
+
+
+def _code_of(err: Mapping[str, object]) -> str | None:
+    for key in ("code", "type"):
+        value = err.get(key)
+        if isinstance(value, str) and value and not value.isdigit():
+            return value
+    return None
+
+
+def error_from_frame(
+    obj: Mapping[str, object], *, request_id: str | None = None, redact: Redact | None = None
+) -> APIError:
+    """The `APIError` for an in-band error frame: `{"error": {...}}` (OpenAI, Groq,
+    OpenRouter) or vLLM's `{"object": "error", "message": ...}`."""
+    err = obj.get("error")
+    if isinstance(err, str):
+        err = {"message": err}
+    if not isinstance(err, Mapping):
+        err = obj
+    message = err.get("message")
+    if not isinstance(message, str) or not message:
+        message = "the upstream sent an error frame"
+    return _make_error(message, _status_of(err), _code_of(err), request_id, None, redact)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Parse `Retry-After`: delta-seconds or an HTTP date; None when absent or invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def error_from_status(
+    status_code: int,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    reason: str = "",
+    redact: Redact | None = None,
+) -> APIError:
+    """The `APIError` for an HTTP error status, with the upstream's message if it sent one."""
+    request_id = request_id_of(headers)
+    message: str | None = None
+    err: Mapping[str, object] = {}
+    try:
+        obj = loads(body) if body else None
+    except (ValueError, RecursionError):
+        obj = None
+    if isinstance(obj, dict):
+        inner = obj.get("error")
+        if isinstance(inner, dict):
+            err = inner
+        elif isinstance(inner, str):
+            err = {"message": inner}
+        else:
+            err = obj
+        found = err.get("message") or obj.get("detail")
+        if isinstance(found, str):
+            message = found
+    if message is None:
+        text = body[:500].decode("utf-8", "replace").strip()
+        message = text or reason or f"HTTP {status_code}"
+    code = _code_of(err) if err else None
+    retry_after = retry_after_seconds(headers.get("retry-after"))
+    return _make_error(message, status_code, code, request_id, retry_after, redact)
+
+
+def request_id_of(headers: Mapping[str, str]) -> str | None:
+    for name in ("x-request-id", "request-id", "x-generation-id", "cf-ray"):
+        value = headers.get(name)
+        if value:
+            return value
+    return None
