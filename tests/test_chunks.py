@@ -1,0 +1,422 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenhub_stream import (
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    ChunkParser,
+    ContentDelta,
+    FinishEvent,
+    NotFoundError,
+    ProtocolError,
+    RateLimitError,
+    ReasoningDelta,
+    ServerError,
+    ToolCallDelta,
+    TruncatedStreamError,
+    Usage,
+    UsageEvent,
+)
+from tokenhub_stream._chunks import error_from_status, retry_after_seconds
+
+
+def frame(obj: object) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def chunk(
+    delta: dict[str, object] | None = None, finish: str | None = None, **extra: object
+) -> bytes:
+    choice: dict[str, object] = {"index": 0, "delta": delta or {}, "finish_reason": finish}
+    return frame({"object": "chat.completion.chunk", "choices": [choice], **extra})
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def texts(*chunks: bytes) -> tuple[list[str], ChunkParser]:
+    parser = ChunkParser()
+    out: list[str] = []
+    for c in chunks:
+        out.extend(parser.feed_text(c))
+    parser.feed_eof()
+    return out, parser
+
+
+def test_chunks_text_and_message() -> None:
+    out, p = texts(
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": "Hel"}),
+        chunk({"content": "lo"}),
+        chunk({}, "stop"),
+        DONE,
+    )
+    assert out == ["Hel", "lo"]
+    assert p.error is None and p.done
+    m = p.message()
+    assert (m.role, m.content, m.finish_reason, m.tool_calls) == ("assistant", "Hello", "stop", ())
+
+
+def test_chunks_done_stops_at_once() -> None:
+    out, p = texts(chunk({"content": "a"}) + DONE + chunk({"content": "never"}))
+    assert out == ["a"] and p.done and p.error is None
+
+
+def test_chunks_quirks_never_break_text() -> None:
+    azure_first = frame(
+        {"id": "", "object": "", "model": "", "choices": [], "prompt_filter_results": []}
+    )
+    azure_filter = frame(
+        {"choices": [{"index": 0, "content_filter_results": {}, "content_filter_offsets": {}}]}
+    )
+    out, p = texts(
+        azure_first,
+        chunk({"role": "assistant"}),
+        chunk({"content": None}),
+        chunk({"content": "x"}),
+        azure_filter,
+        chunk(
+            {"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "f", "arguments": ""}}]}
+        ),
+        chunk({"content": "y"}),
+        chunk({}, "stop"),
+        frame(
+            {
+                "choices": [],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+            }
+        ),
+        DONE,
+    )
+    assert out == ["x", "y"]
+    assert p.error is None
+    assert p.usage == Usage(3, 2, 5)
+
+
+def test_chunks_other_choices_skipped() -> None:
+    body = frame(
+        {
+            "choices": [
+                {"index": 1, "delta": {"content": "B"}},
+                {"index": 0, "delta": {"content": "A"}},
+            ]
+        }
+    )
+    out, _ = texts(body, chunk({}, "stop"))
+    assert out == ["A"]
+
+
+def test_chunks_close_after_finish_reason_is_normal_end() -> None:
+    out, p = texts(chunk({"content": "a"}), chunk({}, "length"))
+    assert out == ["a"] and p.error is None and p.finished and not p.done
+
+
+def test_chunks_close_without_done_or_finish_is_truncated() -> None:
+    out, p = texts(chunk({"content": "a"}), b'data: {"choi')
+    assert out == ["a"]
+    assert isinstance(p.error, TruncatedStreamError)
+
+
+def test_chunks_invalid_json_after_deltas() -> None:
+    parser = ChunkParser()
+    out = parser.feed_text(
+        chunk({"content": "a"}) + b"data: {not json\n\n" + chunk({"content": "b"})
+    )
+    assert out == ["a"]
+    assert isinstance(parser.error, ProtocolError)
+    assert parser.feed_text(chunk({"content": "c"})) == []  # stopped
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"data: [1, 2]\n\n",
+        b'data: {"choices": {"a": 1}}\n\n',
+        b'data: {"choices": [1]}\n\n',
+        b'data: {"choices": [{"delta": [1]}]}\n\n',
+        b'data: {"choices": [{"delta": {"content": 5}}]}\n\n',
+        b'data: {"choices": [{"delta": {"tool_calls": {"a": 1}}}]}\n\n',
+        b'data: {"choices": [{"delta": {"tool_calls": [3]}}]}\n\n',
+        b'data: {"choices": [{"delta": {"tool_calls": [{"function": 3}]}}]}\n\n',
+        b'data: {"choices": [{"delta": {"tool_calls": [{"function": {"name": 3}}]}}]}\n\n',
+        b'data: {"choices": [{"delta": {"tool_calls": [{"id": 3}]}}]}\n\n',
+        b'data: {"choices": [{"delta": {"reasoning_content": 3}}]}\n\n',
+        b"data: " + b"[" * 100_000 + b"\n\n",
+    ],
+)
+def test_chunks_bad_shapes_are_protocol_errors(bad: bytes) -> None:
+    for mode in ("text", "events"):
+        parser = ChunkParser()
+        (parser.feed_text if mode == "text" else parser.feed_events)(bad)
+        assert isinstance(parser.error, ProtocolError), (mode, parser.error)
+
+
+def test_chunks_oversized_event_is_protocol_error() -> None:
+    parser = ChunkParser(max_event_bytes=100)
+    assert parser.feed_text(chunk({"content": "x" * 200})) == []
+    assert isinstance(parser.error, ProtocolError)
+    parser = ChunkParser(max_event_bytes=100)
+    assert parser.feed_events(chunk({"content": "x" * 200})) == []
+    assert isinstance(parser.error, ProtocolError)
+
+
+@pytest.mark.parametrize(
+    ("frame_obj", "cls", "status", "code"),
+    [
+        (
+            {"error": {"message": "slow down", "type": "rate_limit_error"}},
+            RateLimitError,
+            429,
+            "rate_limit_error",
+        ),
+        (
+            {"object": "error", "message": "bad", "type": "BadRequestError", "code": 400},
+            BadRequestError,
+            400,
+            "BadRequestError",
+        ),
+        (
+            {
+                "error": {
+                    "message": "tool",
+                    "type": "invalid_request_error",
+                    "code": "tool_use_failed",
+                    "status_code": 400,
+                }
+            },
+            BadRequestError,
+            400,
+            "tool_use_failed",
+        ),
+        (
+            {
+                "error": {"code": 502, "message": "provider down"},
+                "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
+            },
+            ServerError,
+            502,
+            None,
+        ),
+        (
+            {"error": {"message": "who?", "code": "invalid_api_key"}},
+            AuthenticationError,
+            401,
+            "invalid_api_key",
+        ),
+        (
+            {"error": {"message": "no model", "code": "model_not_found"}},
+            NotFoundError,
+            404,
+            "model_not_found",
+        ),
+        ({"error": "plain string"}, APIError, None, None),
+        (
+            {"error": {"message": "overloaded", "type": "overloaded_error"}},
+            ServerError,
+            529,
+            "overloaded_error",
+        ),
+    ],
+)
+def test_chunks_error_frames(
+    frame_obj: dict[str, object], cls: type[APIError], status: int | None, code: str | None
+) -> None:
+    parser = ChunkParser()
+    out = parser.feed_text(chunk({"content": "before"}) + frame(frame_obj))
+    assert out == ["before"]
+    assert type(parser.error) is cls
+    assert isinstance(parser.error, APIError)
+    assert (parser.error.status_code, parser.error.code) == (status, code)
+
+
+def test_chunks_error_frame_and_http_status_raise_the_same_class() -> None:
+    for status in (400, 401, 403, 404, 422, 429, 500, 503):
+        body = json.dumps({"error": {"message": "m", "status_code": status}}).encode()
+        from_status = error_from_status(status, body, {})
+        parser = ChunkParser()
+        parser.feed_text(b"data: " + body + b"\n\n")
+        assert type(parser.error) is type(from_status), status
+        assert isinstance(parser.error, APIError)
+        assert parser.error.retryable == from_status.retryable == (status in (429, 500, 503))
+
+
+def test_chunks_error_status_parsing() -> None:
+    e = error_from_status(
+        429,
+        b'{"error":{"message":"quota","code":"insufficient_quota"}}',
+        {"retry-after": "3", "x-request-id": "req_1"},
+    )
+    assert isinstance(e, RateLimitError)
+    assert (e.message, e.code, e.retry_after, e.request_id, e.retryable) == (
+        "quota",
+        "insufficient_quota",
+        3.0,
+        "req_1",
+        False,
+    )
+    e = error_from_status(500, b"<html>oops</html>", {})
+    assert isinstance(e, ServerError) and e.message == "<html>oops</html>" and e.retryable
+    e = error_from_status(418, b"", {}, reason="I'm a teapot")
+    assert type(e) is APIError and e.message == "I'm a teapot" and not e.retryable
+    e = error_from_status(422, b'{"detail": "field required"}', {})
+    assert isinstance(e, BadRequestError) and e.message == "field required"
+    e = error_from_status(
+        401,
+        b'{"error":{"message":"Incorrect API key provided: sk-th_secret"}}',
+        {},
+        redact=lambda t: t.replace("sk-th_secret", "***"),
+    )
+    assert "sk-th_secret" not in str(e) and "***" in str(e)
+
+
+def test_chunks_retry_after_forms() -> None:
+    assert retry_after_seconds(None) is None
+    assert retry_after_seconds("2.5") == 2.5
+    assert retry_after_seconds("garbage") is None
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+
+
+def test_chunks_usage_normalised() -> None:
+    # usage on every chunk (Gemini, continuous_usage_stats): keep the last, never sum
+    _, p = texts(
+        chunk(
+            {"content": "a"}, usage={"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+        ),
+        chunk(
+            {"content": "b"}, usage={"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+        ),
+        chunk({}, "stop", usage=None),
+    )
+    assert p.usage == Usage(5, 2, 7)
+    # Groq's x_groq.usage
+    _, p = texts(
+        chunk({}, "stop", x_groq={"id": "x", "usage": {"prompt_tokens": 1, "completion_tokens": 4}})
+    )
+    assert p.usage == Usage(1, 4, 5)
+    # absent usage is None, never zeros
+    _, p = texts(chunk({"content": "a"}), chunk({}, "stop"))
+    assert p.usage is None
+    # details
+    u = Usage.from_dict(
+        {
+            "input_tokens": 2,
+            "output_tokens": 3,
+            "completion_tokens_details": {"reasoning_tokens": 1},
+            "prompt_tokens_details": {"cached_tokens": 2},
+        }
+    )
+    assert u == Usage(2, 3, 5, 1, 2)
+
+
+def test_chunks_events_mode() -> None:
+    parser = ChunkParser()
+    events = parser.feed_events(
+        chunk({"role": "assistant", "reasoning_content": "think"})
+        + chunk({"reasoning": "ing"})
+        + chunk({"content": "hi"})
+        + chunk(
+            {
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "f", "arguments": "{}"},
+                    }
+                ]
+            }
+        )
+        + chunk({}, "tool_calls")
+        + frame(
+            {
+                "choices": [],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+            }
+        )
+        + DONE
+    )
+    assert events == [
+        ReasoningDelta("think"),
+        ReasoningDelta("ing"),
+        ContentDelta("hi"),
+        ToolCallDelta(0, "c1", "f", "{}"),
+        FinishEvent("tool_calls"),
+        UsageEvent(Usage(1, 2, 3)),
+    ]
+    assert parser.message().reasoning == "thinking"
+    assert parser.delivered == 6
+
+
+def test_chunks_parallel_tool_calls_interleaved_by_index() -> None:
+    def tc(index: int, **kw: object) -> bytes:
+        fn = {k: v for k, v in kw.items() if k in ("name", "arguments")}
+        item: dict[str, object] = {"index": index, "function": fn}
+        if "id" in kw:
+            item["id"] = kw["id"]
+        return chunk({"tool_calls": [item]})
+
+    _, p = texts(
+        tc(0, id="a", name="get_weather", arguments=""),
+        tc(1, id="b", name="get_time", arguments=""),
+        tc(0, arguments='{"city":'),
+        tc(1, arguments='{"tz":'),
+        tc(0, arguments='"Paris"}'),
+        tc(1, arguments='"UTC"}'),
+        chunk({}, "tool_calls"),
+    )
+    calls = p.message().tool_calls
+    assert [(c.id, c.name, c.arguments) for c in calls] == [
+        ("a", "get_weather", '{"city":"Paris"}'),
+        ("b", "get_time", '{"tz":"UTC"}'),
+    ]
+
+
+def test_chunks_tool_calls_without_index_gemini_style() -> None:
+    sig = {"google": {"thought_signature": "SIG"}}
+    _, p = texts(
+        chunk(
+            {
+                "tool_calls": [
+                    {
+                        "id": "",
+                        "type": "function",
+                        "function": {"name": "a", "arguments": '{"x":'},
+                        "extra_content": sig,
+                    }
+                ]
+            }
+        ),
+        chunk({"tool_calls": [{"index": None, "function": {"arguments": "1}"}}]}),
+        chunk({"tool_calls": [{"id": "", "function": {"name": "b", "arguments": "{}"}}]}),
+        chunk({"tool_calls": [{"id": "call_c", "function": {"arguments": "{"}}]}),
+        chunk({"tool_calls": [{"id": "call_c", "function": {"arguments": "}"}}]}),
+        chunk({}, "stop"),
+    )
+    calls = p.message().tool_calls
+    assert [(c.id, c.name, c.arguments) for c in calls] == [
+        ("", "a", '{"x":1}'),
+        ("", "b", "{}"),
+        ("call_c", "", "{}"),
+    ]
+    assert calls[0].extra == {"extra_content": sig}
+    assert calls[0].to_dict()["extra_content"] == sig
+    assert p.message().finish_reason == "stop"
+    assert p.message().to_dict()["content"] is None
+
+
+def test_chunks_first_token_includes_reasoning_and_finish() -> None:
+    clock = iter([0.0, 1.0, 2.0, 3.0]).__next__
+    p = ChunkParser(clock=clock)
+    p.feed_text(b": keep-alive\n\n")
+    assert p.first_token_at is None and p.last_event_at is None
+    p.feed_text(chunk({"role": "assistant"}))
+    assert p.first_token_at is None and p.last_event_at == 1.0
+    p.feed_text(chunk({"reasoning_content": "r"}))
+    assert p.first_token_at == 2.0
+    p2 = ChunkParser(clock=iter([0.0, 5.0]).__next__)
+    p2.feed_text(chunk({}, "stop"))
+    assert p2.first_token_at == 5.0
