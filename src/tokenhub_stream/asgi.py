@@ -1,0 +1,946 @@
+"""A key-hiding streaming proxy for OpenAI-compatible chat completions, as a pure ASGI app.
+
+```python
+from starlette.applications import Starlette
+from tokenhub_stream.asgi import ChatProxy
+
+proxy = ChatProxy(api_key=os.environ["TOKENHUB_KEY"], base_url="https://api.sandboxclaw.com/v1")
+app = Starlette(routes=proxy.routes("/api/chat"))
+```
+
+Deliberate divergences from the usual Starlette streaming endpoint, with reasons:
+
+- Pure ASGI, not a `StreamingResponse`: the relay races the upstream against
+  `http.disconnect` itself, also while waiting for the first token, because recent servers no
+  longer make `StreamingResponse` notice a gone client before a write fails (the billing
+  gotcha: tokens streamed to nobody).
+- The upstream's SSE bytes are forwarded unchanged, cut only at event boundaries; the JSON is
+  decoded (from a copy) only when `on_complete` is set.
+- The HTTP status is sent only once the upstream's 2xx headers arrive. After that the status
+  is fixed, so a failure ends the stream with an OpenAI-shaped error frame and no `[DONE]`
+  instead of a truncated answer that looks complete.
+- `ChatProxy.routes(path)` instead of a bare `Mount`: Starlette's `Mount` answers an exact
+  `POST /api/chat` with a 307 to `/api/chat/`, which `fetch` follows as a GET.
+- No CORS headers at all; cross-site requests are refused (403) instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+import anyio
+import anyio.abc
+import httpx
+
+from .__version__ import __version__
+from ._models import ChatMessage, Usage
+from ._proxy_core import (
+    DEFAULT_ALLOWED_FIELDS,
+    EventSplitter,
+    ProxyRejection,
+    TokenBucket,
+    check_origin,
+    client_address,
+    error_body,
+    error_frame,
+    first_forwarded,
+    is_trusted,
+    outgoing_body,
+    parse_body,
+    parse_content_type,
+    parse_networks,
+    validate_body,
+)
+
+try:
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.routing import BaseRoute, Mount, Route
+except ImportError as exc:  # pragma: no cover
+    raise ImportError(
+        "tokenhub_stream.asgi needs Starlette: pip install 'tokenhub_stream[asgi]'"
+    ) from exc
+
+if TYPE_CHECKING:
+    from ._proxy_record import TurnCollector
+
+__all__ = [
+    "DEFAULT_ALLOWED_FIELDS",
+    "ChatProxy",
+    "CompletionRecord",
+    "InMemoryRateLimiter",
+    "Outcome",
+    "RateLimiter",
+]
+
+logger = logging.getLogger("tokenhub_stream.asgi")
+
+Scope = MutableMapping[str, object]
+Message = MutableMapping[str, object]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+Outcome = Literal["completed", "upstream_error", "client_disconnect", "timeout"]
+
+DEFAULT_MAX_BODY_BYTES = 256 * 1024
+DEFAULT_KEEPALIVE_INTERVAL = 15.0
+DEFAULT_MAX_CONNECTIONS = 1000
+DEFAULT_PROXY_TIMEOUT = httpx.Timeout(connect=10.0, read=120.0, write=30.0, pool=10.0)
+DEFAULT_FINISH_TIMEOUT = 120.0
+_CLOSE_TIMEOUT = 1.0
+_MAX_ERROR_BODY = 64 * 1024
+_KEEPALIVE = b": keep-alive\n\n"
+_REDACTED = b"[redacted]"
+
+
+@runtime_checkable
+class RateLimiter(Protocol):
+    """Check and record one request for `key` (a principal or a client address).
+
+    Return `None` to let the request through (and count it), or the number of seconds after
+    which the caller may retry; the proxy then answers 429 with that `Retry-After`.
+    """
+
+    async def acquire(self, key: str) -> float | None: ...
+
+
+class InMemoryRateLimiter:
+    """A token bucket per key, in this process's memory.
+
+    ```python
+    limiter = InMemoryRateLimiter(rate=1 / 6, burst=10)  # 10 at once, then 10 a minute
+    proxy = ChatProxy(api_key=key, base_url=url, rate_limiter=limiter)
+    ```
+
+    Args:
+        rate: tokens added per second.
+        burst: bucket size, the requests allowed at once.
+        max_keys: buckets kept; the least recently used is forgotten first.
+
+    Raises:
+        ValueError: a non-positive rate, burst or max_keys.
+    """
+
+    def __init__(self, rate: float = 1.0, burst: int = 10, *, max_keys: int = 100_000) -> None:
+        self._bucket = TokenBucket(rate, burst, max_keys)
+
+    def __repr__(self) -> str:
+        return f"InMemoryRateLimiter(rate={self._bucket.rate!r}, burst={self._bucket.burst!r})"
+
+    async def acquire(self, key: str) -> float | None:
+        return self._bucket.take(key)
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRecord:
+    """One turn through the proxy, handed to `on_complete`.
+
+    `message` (content, tool calls), `finish_reason` and `usage` are assembled from a copy of
+    the stream (or the JSON body when `stream` was false); empty/`None` when nothing arrived.
+    `started_at` is wall-clock (`time.time()`); `ttfb` (request to first byte sent to the
+    client) and `duration` are seconds.
+    """
+
+    request_id: str
+    principal: object
+    model: str
+    messages: list[object]
+    message: ChatMessage
+    finish_reason: str | None
+    usage: Usage | None
+    outcome: Outcome
+    status: int
+    error: str | None
+    started_at: float
+    ttfb: float | None
+    duration: float
+    bytes_sent: int
+
+    def __repr__(self) -> str:
+        return (
+            f"CompletionRecord(request_id={self.request_id!r}, model={self.model!r}, "
+            f"outcome={self.outcome!r}, finish_reason={self.finish_reason!r})"
+        )
+
+
+AuthorizeHook = Callable[[Request], Awaitable[object | None] | object | None]
+OnRequestHook = Callable[
+    [Request, dict[str, object]], Awaitable[Mapping[str, object]] | Mapping[str, object]
+]
+OnCompleteHook = Callable[[CompletionRecord], Awaitable[None] | None]
+
+
+async def _maybe_await(value: object) -> object:
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+class _Turn:
+    """Mutable state of one request, shared by the relay, the watcher and the ticker."""
+
+    __slots__ = (
+        "request_id",
+        "started",
+        "wall",
+        "principal",
+        "model",
+        "messages",
+        "status",
+        "outcome",
+        "error",
+        "ttfb",
+        "bytes_sent",
+        "client_gone",
+        "last_write",
+        "writing",
+        "ticker_writing",
+        "collector",
+    )
+
+    def __init__(self) -> None:
+        self.request_id = secrets.token_hex(8)
+        self.started = time.perf_counter()
+        self.wall = time.time()
+        self.principal: object = None
+        self.model = "-"
+        self.messages: list[object] = []
+        self.status = 0
+        self.outcome: Outcome | Literal["rejected"] = "completed"
+        self.error: str | None = None
+        self.ttfb: float | None = None
+        self.bytes_sent = 0
+        self.client_gone = False
+        self.last_write = 0.0
+        self.writing = False
+        self.ticker_writing: anyio.Event | None = None
+        self.collector: TurnCollector | None = None
+
+
+class ChatProxy:
+    """An ASGI app that streams chat completions from an upstream, keeping the key server-side.
+
+    ```python
+    proxy = ChatProxy(api_key=os.environ["TOKENHUB_KEY"], base_url=BASE_URL,
+                      allowed_models=["gpt-4o-mini"], max_tokens_cap=2048)
+    app = Starlette(routes=proxy.routes("/api/chat"))      # POST /api/chat, GET /api/chat/models
+    app = FastAPI(routes=proxy.routes("/v1/chat/completions"))  # for the openai SDK
+    ```
+
+    Args:
+        api_key: the upstream key; sent only to `base_url`, never shown anywhere.
+        base_url: the upstream API root; requests go to `base_url + "/chat/completions"`.
+        default_model: used when the body has no `model` (default: the client's default).
+        allowed_models: models the browser may ask for (`None`: any); also `GET <mount>/models`.
+        allowed_fields: body fields forwarded upstream (default: OpenAI's chat parameters).
+        max_tokens_cap: `max_tokens` / `max_completion_tokens` above it are clamped to it.
+        max_body_bytes: larger request bodies get 413.
+        allowed_origins: origins allowed to POST (default: the request's own host; `"*"`: any).
+        trusted_proxies: addresses/networks whose `X-Forwarded-*` headers are believed.
+        authorize: `request -> principal | None` (sync or async); `None` answers 401. It may
+            raise `starlette.exceptions.HTTPException` with a status of its choice.
+        rate_limiter: a `RateLimiter`, keyed by principal (if any) or client address.
+        on_request: `(request, body) -> body`, may rewrite the outgoing body.
+        on_complete: `(CompletionRecord) -> None`, once per forwarded turn.
+        on_disconnect: `"cancel"` closes the upstream when the client goes; `"finish"` reads
+            it to its end (within `finish_timeout`) for `on_complete`, sending it nowhere.
+        keepalive_interval: seconds of upstream silence before a `: keep-alive` comment;
+            `None` disables them.
+        timeout: the upstream timeouts (`read` is also the idle limit of a stream).
+        max_connections: size of the outbound connection pool.
+        transport: an `httpx.AsyncBaseTransport` for the upstream (default: httpx's).
+
+    Raises:
+        ValueError: an invalid option.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        base_url: str | None = None,
+        default_model: str | None = None,
+        allowed_models: Collection[str] | None = None,
+        allowed_fields: Collection[str] = DEFAULT_ALLOWED_FIELDS,
+        max_tokens_cap: int | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        allowed_origins: Collection[str] | None = None,
+        trusted_proxies: Collection[str] = (),
+        authorize: AuthorizeHook | None = None,
+        rate_limiter: RateLimiter | None = None,
+        on_request: OnRequestHook | None = None,
+        on_complete: OnCompleteHook | None = None,
+        on_disconnect: Literal["cancel", "finish"] = "cancel",
+        finish_timeout: float = DEFAULT_FINISH_TIMEOUT,
+        keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
+        timeout: httpx.Timeout | float = DEFAULT_PROXY_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        from . import _config
+
+        if not isinstance(api_key, str) or not api_key:
+            raise ValueError("api_key must be a non-empty string")
+        if on_disconnect not in ("cancel", "finish"):
+            raise ValueError("on_disconnect must be 'cancel' or 'finish'")
+        if max_tokens_cap is not None and max_tokens_cap < 1:
+            raise ValueError("max_tokens_cap must be a positive integer or None")
+        if max_body_bytes < 1:
+            raise ValueError("max_body_bytes must be positive")
+        if keepalive_interval is not None and keepalive_interval <= 0:
+            raise ValueError("keepalive_interval must be positive or None")
+        if max_connections < 1:
+            raise ValueError("max_connections must be positive")
+        base = (base_url or _config.DEFAULT_BASE_URL).rstrip("/")
+        if not base.startswith(("http://", "https://")):
+            raise ValueError("base_url must be an http:// or https:// URL")
+        self._api_key = api_key
+        self._key_bytes = api_key.encode()
+        self._url = base + "/chat/completions"
+        self.base_url = base
+        self.default_model = default_model or _config.DEFAULT_MODEL
+        self.allowed_models = None if allowed_models is None else frozenset(allowed_models)
+        self.allowed_fields = frozenset(allowed_fields)
+        self.max_tokens_cap = max_tokens_cap
+        self.max_body_bytes = max_body_bytes
+        self.allowed_origins = (
+            None
+            if allowed_origins is None
+            else frozenset(o if o == "*" else o.rstrip("/").lower() for o in allowed_origins)
+        )
+        self._trusted = parse_networks(trusted_proxies)
+        self.authorize = authorize
+        self.rate_limiter = rate_limiter
+        self.on_request = on_request
+        self.on_complete = on_complete
+        self.on_disconnect = on_disconnect
+        self.finish_timeout = finish_timeout
+        self.keepalive_interval = keepalive_interval
+        self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        self._max_connections = max_connections
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._headers = {
+            "authorization": f"Bearer {api_key}",
+            "content-type": "application/json",
+            "accept-encoding": "identity",
+            "user-agent": f"tokenhub_stream/{__version__}",
+        }
+
+    def __repr__(self) -> str:
+        return f"ChatProxy(base_url={self.base_url!r}, default_model={self.default_model!r})"
+
+    # --- mounting ---------------------------------------------------------------------------
+
+    def routes(self, path: str) -> list[BaseRoute]:
+        """Starlette routes serving the proxy at exactly `path` and `GET path + "/models"`.
+
+        ```python
+        app = Starlette(routes=[*proxy.routes("/api/chat"), ...])
+        app = FastAPI(routes=proxy.routes("/api/chat"))   # or app.router.routes.extend(...)
+        ```
+
+        A bare `Mount(path, app=proxy)` also works, but Starlette answers `POST path` (no
+        trailing slash) with a 307 that `fetch` follows as a GET; these routes do not.
+        """
+        path = "/" + path.strip("/")
+        return [
+            Route(path, endpoint=_AtMountRoot(self), name="tokenhub_chat"),
+            Mount(path, app=self, name="tokenhub_chat_mount"),
+        ]
+
+    async def aclose(self) -> None:
+        """Close the outbound connection pool."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def __aenter__(self) -> ChatProxy:
+        return self
+
+    async def __aexit__(self, *args: object) -> None:
+        await self.aclose()
+
+    def _get_client(self) -> httpx.AsyncClient:
+        client = self._client
+        if client is None:
+            limits = httpx.Limits(
+                max_connections=self._max_connections,
+                max_keepalive_connections=self._max_connections,
+            )
+            client = httpx.AsyncClient(
+                timeout=self._timeout,
+                limits=limits,
+                transport=self._transport,
+                follow_redirects=False,
+                trust_env=False,
+            )
+            self._client = client
+        return client
+
+    # --- ASGI -------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path = _route_path(scope)
+            if path in ("", "/"):
+                await self._chat(scope, receive, send)
+            elif path.rstrip("/") == "/models":
+                await self._models(scope, send)
+            else:
+                await _send_error(send, ProxyRejection(404, "Not found.", code="not_found"))
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "websocket":
+            # Refused up front (starlette middleware/gzip.py does the same for non-http).
+            await send({"type": "websocket.close", "code": 1008})
+        else:
+            raise RuntimeError(f"ChatProxy cannot serve {kind!r} scopes")
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _models(self, scope: Scope, send: Send) -> None:
+        try:
+            if scope["method"] not in ("GET", "HEAD"):
+                raise _method_not_allowed("GET")
+            await self._authorize(Request(scope))
+        except ProxyRejection as rejection:
+            await _send_error(send, rejection)
+            return
+        models = sorted(self.allowed_models) if self.allowed_models else [self.default_model]
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "tokenhub"} for m in models]
+        body = _json({"object": "list", "data": data})
+        await _send_simple(send, 200, body, [(b"content-type", b"application/json")])
+
+    async def _authorize(self, request: Request) -> object:
+        if self.authorize is None:
+            return None
+        try:
+            principal = await _maybe_await(self.authorize(request))
+        except HTTPException as exc:
+            headers = dict(exc.headers or {})
+            raise ProxyRejection(exc.status_code, str(exc.detail), headers=headers) from None
+        if principal is None:
+            raise ProxyRejection(401, "Not authorized.", code="unauthorized")
+        return principal
+
+    # --- POST <mount> -----------------------------------------------------------------------
+
+    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        turn = _Turn()
+        try:
+            prepared = await self._prepare(scope, receive, turn)
+        except ProxyRejection as rejection:
+            turn.status = rejection.status
+            turn.outcome = "rejected"
+            await _send_error(send, rejection, turn.request_id)
+            self._log(turn)
+            return
+        except Exception:
+            # A failing hook (authorize, rate_limiter, on_request): a key-free 500.
+            logger.exception("request failed before forwarding request_id=%s", turn.request_id)
+            turn.status = 500
+            turn.outcome = "rejected"
+            failure = ProxyRejection(
+                500, "The proxy failed.", code="internal_error", error_type="api_error"
+            )
+            await _send_error(send, failure, turn.request_id)
+            self._log(turn)
+            return
+        request_body, stream = prepared
+        if self.on_complete is not None:
+            from ._proxy_record import TurnCollector
+
+            turn.collector = TurnCollector(stream=stream)
+        try:
+            await self._forward(request_body, stream, receive, send, turn)
+        finally:
+            self._log(turn)
+        await self._complete(turn)
+
+    async def _prepare(self, scope: Scope, receive: Receive, turn: _Turn) -> tuple[bytes, bool]:
+        if scope["method"] != "POST":
+            raise _method_not_allowed("POST")
+        headers = _headers(scope)
+        client = scope.get("client")
+        peer = client[0] if isinstance(client, list | tuple) and client else None
+        trusted = is_trusted(peer, self._trusted)
+        own_host = headers.get("host")
+        if trusted:
+            own_host = first_forwarded(headers.get("x-forwarded-host")) or own_host
+        check_origin(headers, own_host=own_host, allowed_origins=self.allowed_origins)
+        charset = parse_content_type(headers.get("content-type"))
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            raise _too_large(self.max_body_bytes)
+        request = Request(scope)
+        turn.principal = await self._authorize(request)
+        if self.rate_limiter is not None:
+            if turn.principal is not None:
+                key = f"principal:{turn.principal}"
+            else:
+                address = client_address(peer, headers.get("x-forwarded-for"), self._trusted)
+                key = f"address:{address or 'unknown'}"
+            retry_after = await self.rate_limiter.acquire(key)
+            if retry_after is not None:
+                seconds = str(max(1, int(retry_after + 0.999)))
+                raise ProxyRejection(
+                    429,
+                    "Too many requests: slow down.",
+                    code="rate_limit_exceeded",
+                    headers={"retry-after": seconds},
+                )
+        raw = await self._read_body(receive)
+        body, stream = validate_body(
+            parse_body(raw, charset),
+            default_model=self.default_model,
+            allowed_models=self.allowed_models,
+            max_tokens_cap=self.max_tokens_cap,
+        )
+        if self.on_request is not None:
+            rewritten = await _maybe_await(self.on_request(request, body))
+            if not isinstance(rewritten, Mapping):
+                raise TypeError("on_request must return the body mapping")
+            body = dict(rewritten)
+        model = body.get("model")
+        turn.model = model if isinstance(model, str) else "-"
+        messages = body.get("messages")
+        turn.messages = list(messages) if isinstance(messages, list) else []
+        return outgoing_body(body, self.allowed_fields, stream), stream
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ProxyRejection(400, "The client went away.", code="client_disconnect")
+            chunk = message.get("body", b"")
+            if isinstance(chunk, bytes) and chunk:
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise _too_large(self.max_body_bytes)
+                parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+    # --- forwarding -------------------------------------------------------------------------
+
+    async def _forward(
+        self, content: bytes, stream: bool, receive: Receive, send: Send, turn: _Turn
+    ) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope, turn)
+            try:
+                await self._exchange(content, stream, send, turn, tg)
+            finally:
+                tg.cancel_scope.cancel()
+        if turn.client_gone and turn.outcome == "completed":
+            turn.outcome = "client_disconnect"
+
+    async def _watch_disconnect(
+        self, receive: Receive, scope: anyio.CancelScope, turn: _Turn
+    ) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        turn.client_gone = True
+        if turn.outcome == "completed":
+            turn.outcome = "client_disconnect"
+        if self.on_disconnect == "cancel" or turn.collector is None:
+            scope.cancel()
+            return
+        # "finish": keep reading so on_complete sees the whole turn, within a time limit.
+        await anyio.sleep(self.finish_timeout)
+        turn.outcome = "timeout"
+        scope.cancel()
+
+    async def _exchange(
+        self,
+        content: bytes,
+        stream: bool,
+        send: Send,
+        turn: _Turn,
+        tg: anyio.abc.TaskGroup,
+    ) -> None:
+        client = self._get_client()
+        headers = dict(self._headers)
+        headers["accept"] = "text/event-stream" if stream else "application/json"
+        request = client.build_request("POST", self._url, headers=headers, content=content)
+        try:
+            response = await client.send(request, stream=True)
+        except httpx.TimeoutException:
+            await self._fail_before(send, turn, 504, "The upstream timed out.", "upstream_timeout")
+            return
+        except httpx.HTTPError as exc:
+            message = f"Could not reach the upstream ({type(exc).__name__})."
+            await self._fail_before(send, turn, 502, message, "upstream_unreachable")
+            return
+        try:
+            if not 200 <= response.status_code < 300:
+                await self._upstream_status(response, send, turn)
+            elif not stream:
+                await self._relay_json(response, send, turn)
+            else:
+                ctype = response.headers.get("content-type", "")
+                if not ctype.lower().startswith("text/event-stream"):
+                    message = "The upstream answered a streaming request without an event stream."
+                    await self._fail_before(send, turn, 502, message, "upstream_protocol_error")
+                    return
+                await self._relay_stream(response, send, turn, tg)
+        finally:
+            # Closing an unfinished response closes its connection: the upstream stops
+            # generating. Shielded, because this runs when the watcher cancelled us.
+            with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+                await response.aclose()
+
+    async def _fail_before(
+        self, send: Send, turn: _Turn, status: int, message: str, code: str
+    ) -> None:
+        turn.status = status
+        turn.outcome = "timeout" if status == 504 else "upstream_error"
+        turn.error = message
+        rejection = ProxyRejection(status, message, code=code, error_type="api_error")
+        await self._send_start_error(send, turn, rejection)
+
+    async def _send_start_error(self, send: Send, turn: _Turn, rejection: ProxyRejection) -> None:
+        if turn.client_gone:
+            return
+        body = self._redact(
+            error_body(
+                rejection.message,
+                error_type=rejection.error_type,
+                code=rejection.code,
+                param=rejection.param,
+            )
+        )
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"x-request-id", turn.request_id.encode()),
+        ]
+        headers += [(k.encode(), v.encode()) for k, v in rejection.headers.items()]
+        await _send_simple(send, rejection.status, body, headers)
+        turn.bytes_sent += len(body)
+        turn.ttfb = time.perf_counter() - turn.started
+
+    async def _upstream_status(self, response: httpx.Response, send: Send, turn: _Turn) -> None:
+        status = response.status_code
+        raw = await _read_capped(response, _MAX_ERROR_BODY)
+        upstream_message, upstream_type, upstream_code = _upstream_error(raw)
+        turn.outcome = "upstream_error"
+        if status in (400, 404, 413, 422, 429):
+            message = upstream_message or f"The upstream answered {status}."
+            headers = {}
+            retry_after = response.headers.get("retry-after")
+            if retry_after is not None and retry_after.strip().replace(".", "", 1).isdigit():
+                headers["retry-after"] = retry_after.strip()
+            rejection = ProxyRejection(
+                status,
+                message,
+                code=upstream_code,
+                error_type=upstream_type or None,
+                headers=headers,
+            )
+        else:
+            # An upstream 401/403 means the server's key is wrong, not the browser's session.
+            rejection = ProxyRejection(
+                502,
+                f"The upstream answered {status}.",
+                code="upstream_error",
+                error_type="api_error",
+            )
+        turn.status = rejection.status
+        turn.error = rejection.message
+        await self._send_start_error(send, turn, rejection)
+
+    async def _relay_json(self, response: httpx.Response, send: Send, turn: _Turn) -> None:
+        try:
+            raw = await response.aread()
+        except httpx.TimeoutException:
+            await self._fail_before(send, turn, 504, "The upstream timed out.", "upstream_timeout")
+            return
+        except httpx.HTTPError:
+            await self._fail_before(
+                send, turn, 502, "The upstream response broke off.", "upstream_error"
+            )
+            return
+        body = self._redact(raw)
+        if turn.collector is not None:
+            turn.collector.feed_json(raw)
+        turn.status = response.status_code
+        ctype = response.headers.get("content-type", "application/json").encode()
+        headers = [(b"content-type", ctype), (b"x-request-id", turn.request_id.encode())]
+        if not turn.client_gone:
+            await _send_simple(send, turn.status, body, headers)
+            turn.ttfb = time.perf_counter() - turn.started
+            turn.bytes_sent += len(body)
+
+    async def _relay_stream(
+        self, response: httpx.Response, send: Send, turn: _Turn, tg: anyio.abc.TaskGroup
+    ) -> None:
+        turn.status = 200
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream"),
+                    (b"cache-control", b"no-cache, no-transform"),
+                    (b"x-accel-buffering", b"no"),
+                    (b"x-request-id", turn.request_id.encode()),
+                ],
+            }
+        )
+        turn.last_write = time.monotonic()
+        if self.keepalive_interval is not None:
+            tg.start_soon(self._keepalive, send, turn, self.keepalive_interval)
+        splitter = EventSplitter()
+        key = self._key_bytes
+        collector = turn.collector
+        # From here on the status is fixed: a failure ends the stream with an error frame.
+        try:
+            async for chunk in response.aiter_raw():
+                out = splitter.feed(chunk)
+                if not out:
+                    continue
+                if key in out:
+                    out = out.replace(key, _REDACTED)
+                if collector is not None:
+                    collector.feed(out)
+                if not turn.client_gone:
+                    await self._write(send, turn, out)
+            rest = splitter.flush()
+            if rest:
+                if collector is not None:
+                    collector.feed(rest)
+                if not turn.client_gone:
+                    await self._write(send, turn, self._redact(rest))
+        except httpx.TimeoutException:
+            await self._fail_after(
+                send, turn, "timeout", "The upstream went silent.", "upstream_timeout"
+            )
+        except httpx.HTTPError as exc:
+            message = f"The upstream stream broke off ({type(exc).__name__})."
+            await self._fail_after(send, turn, "upstream_error", message, "upstream_error")
+        if not turn.client_gone:
+            ticker = turn.ticker_writing
+            if ticker is not None:
+                await ticker.wait()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _fail_after(
+        self, send: Send, turn: _Turn, outcome: Outcome, message: str, code: str
+    ) -> None:
+        if turn.outcome == "completed":
+            turn.outcome = outcome
+        turn.error = message
+        if not turn.client_gone:
+            await self._write(send, turn, error_frame(message, code=code))
+
+    async def _write(self, send: Send, turn: _Turn, data: bytes) -> None:
+        ticker = turn.ticker_writing
+        if ticker is not None:
+            await ticker.wait()
+        turn.writing = True
+        try:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+        finally:
+            turn.writing = False
+        if turn.ttfb is None:
+            turn.ttfb = time.perf_counter() - turn.started
+        turn.bytes_sent += len(data)
+        turn.last_write = time.monotonic()
+
+    async def _keepalive(self, send: Send, turn: _Turn, interval: float) -> None:
+        # Load balancers cut idle connections (often after 60 s); a comment between two
+        # events keeps them open and probes for a gone client. The relay never holds a
+        # partial event on the wire, so this always lands at an event boundary.
+        while not turn.client_gone:
+            wait = turn.last_write + interval - time.monotonic()
+            if turn.writing:
+                wait = 0.001
+            if wait > 0:
+                await anyio.sleep(wait)
+                continue
+            done = turn.ticker_writing = anyio.Event()
+            try:
+                await send({"type": "http.response.body", "body": _KEEPALIVE, "more_body": True})
+            finally:
+                turn.ticker_writing = None
+                done.set()
+            turn.bytes_sent += len(_KEEPALIVE)
+            turn.last_write = time.monotonic()
+
+    def _redact(self, data: bytes) -> bytes:
+        if self._key_bytes in data:
+            return data.replace(self._key_bytes, _REDACTED)
+        return data
+
+    # --- after the turn ---------------------------------------------------------------------
+
+    def _log(self, turn: _Turn) -> None:
+        duration = time.perf_counter() - turn.started
+        ttfb = "-" if turn.ttfb is None else f"{turn.ttfb * 1000:.1f}"
+        logger.info(
+            "chat request_id=%s principal=%s model=%s status=%s ttfb_ms=%s duration_ms=%.1f "
+            "bytes=%d outcome=%s",
+            turn.request_id,
+            "-" if turn.principal is None else turn.principal,
+            turn.model,
+            turn.status,
+            ttfb,
+            duration * 1000,
+            turn.bytes_sent,
+            turn.outcome,
+        )
+
+    async def _complete(self, turn: _Turn) -> None:
+        hook = self.on_complete
+        if hook is None or turn.collector is None or turn.outcome == "rejected":
+            return
+        try:
+            record = turn.collector.record(
+                request_id=turn.request_id,
+                principal=turn.principal,
+                model=turn.model,
+                messages=turn.messages,
+                outcome=turn.outcome,
+                status=turn.status,
+                error=turn.error,
+                started_at=turn.wall,
+                ttfb=turn.ttfb,
+                duration=time.perf_counter() - turn.started,
+                bytes_sent=turn.bytes_sent,
+            )
+            await _maybe_await(hook(record))
+        except Exception:
+            # A failing hook is the owner's bug; it must not break the (finished) response.
+            logger.exception("on_complete failed request_id=%s", turn.request_id)
+
+
+class _AtMountRoot:
+    """Serve the proxy's root from a Starlette `Route` at an exact path (no 307)."""
+
+    def __init__(self, proxy: ChatProxy) -> None:
+        self._proxy = proxy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        child = dict(scope)
+        child["root_path"] = scope["path"]
+        await self._proxy(child, receive, send)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _route_path(scope: Scope) -> str:
+    path = str(scope["path"])
+    root = str(scope.get("root_path", ""))
+    if root and path.startswith(root):
+        return path[len(root) :]
+    return path
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    out: dict[str, str] = {}
+    raw = scope.get("headers", ())
+    assert isinstance(raw, Iterable)
+    for name, value in raw:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        out[key] = f"{out[key]}, {text}" if key in out and key != "host" else text
+    return out
+
+
+def _json(obj: object) -> bytes:
+    import json
+
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _method_not_allowed(allowed: str) -> ProxyRejection:
+    return ProxyRejection(
+        405, "Method not allowed.", code="method_not_allowed", headers={"allow": allowed}
+    )
+
+
+def _too_large(limit: int) -> ProxyRejection:
+    return ProxyRejection(
+        413, f"The request body is larger than {limit} bytes.", code="request_too_large"
+    )
+
+
+async def _send_simple(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _send_error(send: Send, rejection: ProxyRejection, request_id: str | None = None) -> None:
+    body = error_body(
+        rejection.message,
+        error_type=rejection.error_type,
+        code=rejection.code,
+        param=rejection.param,
+    )
+    headers = [(b"content-type", b"application/json")]
+    if request_id is not None:
+        headers.append((b"x-request-id", request_id.encode()))
+    headers += [(k.encode(), v.encode()) for k, v in rejection.headers.items()]
+    await _send_simple(send, rejection.status, body, headers)
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    if response.is_stream_consumed:  # a response built in memory (httpx.MockTransport)
+        return response.content[:limit]
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.aiter_raw():
+            parts.append(chunk)
+            size += len(chunk)
+            if size >= limit:
+                break
+    except httpx.HTTPError:
+        pass
+    return b"".join(parts)[:limit]
+
+
+def _upstream_error(raw: bytes) -> tuple[str | None, str | None, str | None]:
+    import json
+
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None, None, None
+    if not isinstance(data, dict):
+        return None, None, None
+    err = data.get("error", data)
+    if isinstance(err, str):
+        return err[:1000], None, None
+    if not isinstance(err, dict):
+        return None, None, None
+    message = err.get("message")
+    etype = err.get("type")
+    code = err.get("code")
+    return (
+        message[:1000] if isinstance(message, str) else None,
+        etype if isinstance(etype, str) else None,
+        str(code) if isinstance(code, str | int) and not isinstance(code, bool) else None,
+    )
