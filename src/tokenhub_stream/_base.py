@@ -79,8 +79,8 @@ class Call:
     """One prepared request: everything the shells need to send it, and its policies."""
 
     url: str
-    headers: dict[str, str]
-    body: bytes
+    headers: dict[str, str] = field(repr=False)  # holds the Authorization header
+    body: bytes = field(repr=False)
     timeout: Timeout
     max_retries: int
     model: str
