@@ -63,6 +63,7 @@ class AsyncChatStream(StreamState):
         self._owns_client = owns_client
         self._response: httpx.Response | None = None
         self._chunks: AsyncIterator[bytes] | None = None
+        self._consumer: AsyncIterator[Any] | None = None
 
     async def __aenter__(self) -> Self:
         try:
@@ -85,15 +86,21 @@ class AsyncChatStream(StreamState):
         await self.aclose()
 
     def __aiter__(self) -> AsyncIterator[str]:
-        return self._consume(text=True)
+        self._consumer = self._consume(text=True)
+        return self._consumer
 
     def events(self) -> AsyncIterator[StreamEvent]:
         """Iterate typed events: content, reasoning and tool-call deltas, finish, usage."""
-        return self._consume(text=False)
+        self._consumer = self._consume(text=False)
+        return self._consumer
 
     async def aclose(self) -> None:
         """Close the upstream connection (at once if the body was not read to its end)."""
         self._record_exit(None)
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            with AsyncShield():
+                await _close_generator(consumer)
         await self._release()
 
     async def _open(self) -> None:
@@ -169,9 +176,12 @@ class AsyncChatStream(StreamState):
     async def _release_response(self) -> None:
         if self._timer is not None:
             self._timer.stop()
-        response, self._response, self._chunks = self._response, None, None
-        if response is not None:
-            with AsyncShield():
+        response, self._response = self._response, None
+        chunks, self._chunks = self._chunks, None
+        with AsyncShield():
+            if chunks is not None:
+                await _close_generator(chunks)
+            if response is not None:
                 await response.aclose()
 
     async def _release(self) -> None:
@@ -181,6 +191,15 @@ class AsyncChatStream(StreamState):
             with AsyncShield():
                 await self._client.aclose()
         self._closed = True
+
+
+async def _close_generator(generator: AsyncIterator[Any]) -> None:
+    close = getattr(generator, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except (RuntimeError, ValueError):  # already running: it is closing itself
+            pass
 
 
 class AsyncClient(BaseClient):

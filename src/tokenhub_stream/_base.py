@@ -280,6 +280,8 @@ class StreamState:
         self._closed = False
         self._outcome: Outcome | None = None
         self._had_response = False
+        #: The `httpx.Response` of the stream once its headers arrived (closed after).
+        self.response: httpx.Response | None = None
 
     def _new_parser(self, request_id: str | None = None) -> ChunkParser:
         return ChunkParser(
@@ -303,6 +305,7 @@ class StreamState:
     def _start(self, response: httpx.Response) -> None:
         """The upstream answered 2xx with an event stream: set up parsing and deadlines."""
         self._had_response = True
+        self.response = response
         t = self._call.timeout
         self._parser = self._new_parser(request_id_of(response.headers))
         timeouts = response.request.extensions.get("timeout")

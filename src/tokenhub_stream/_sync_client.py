@@ -63,6 +63,7 @@ class ChatStream(StreamState):
         self._owns_client = owns_client
         self._response: httpx.Response | None = None
         self._chunks: Iterator[bytes] | None = None
+        self._consumer: Iterator[Any] | None = None
 
     def __enter__(self) -> Self:
         try:
@@ -85,15 +86,21 @@ class ChatStream(StreamState):
         self.close()
 
     def __iter__(self) -> Iterator[str]:
-        return self._consume(text=True)
+        self._consumer = self._consume(text=True)
+        return self._consumer
 
     def events(self) -> Iterator[StreamEvent]:
         """Iterate typed events: content, reasoning and tool-call deltas, finish, usage."""
-        return self._consume(text=False)
+        self._consumer = self._consume(text=False)
+        return self._consumer
 
     def close(self) -> None:
         """Close the upstream connection (at once if the body was not read to its end)."""
         self._record_exit(None)
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            with SyncShield():
+                _close_generator(consumer)
         self._release()
 
     def _open(self) -> None:
@@ -168,9 +175,12 @@ class ChatStream(StreamState):
     def _release_response(self) -> None:
         if self._timer is not None:
             self._timer.stop()
-        response, self._response, self._chunks = self._response, None, None
-        if response is not None:
-            with SyncShield():
+        response, self._response = self._response, None
+        chunks, self._chunks = self._chunks, None
+        with SyncShield():
+            if chunks is not None:
+                _close_generator(chunks)
+            if response is not None:
                 response.close()
 
     def _release(self) -> None:
@@ -180,6 +190,15 @@ class ChatStream(StreamState):
             with SyncShield():
                 self._client.close()
         self._closed = True
+
+
+def _close_generator(generator: Iterator[Any]) -> None:
+    close = getattr(generator, "close", None)
+    if close is not None:
+        try:
+            close()
+        except (RuntimeError, ValueError):  # already running: it is closing itself
+            pass
 
 
 class Client(BaseClient):

@@ -58,6 +58,17 @@ class StreamTimer:
             best = (total_deadline, "total")
         return best
 
+    def next_check(self, total_deadline: float | None, now: float) -> float | None:
+        """When to look again. Before the first token the idle deadline does not exist
+        yet, but once a token arrives it can fall before the first-token deadline: never
+        sleep longer than `idle` in that phase."""
+        nxt = self.next_deadline(total_deadline)
+        when = None if nxt is None else nxt[0]
+        if self.parser.first_token_at is None and self.idle is not None:
+            soon = now + self.idle
+            when = soon if when is None else min(when, soon)
+        return when
+
     def stop(self) -> None:
         with watchdog.lock:
             self._stopped = True
@@ -92,11 +103,11 @@ class _Watchdog:
                 self._push(timer, total_deadline)
 
     def _push(self, timer: StreamTimer, total_deadline: float | None) -> None:
-        nxt = timer.next_deadline(total_deadline)
-        if nxt is None:
+        when = timer.next_check(total_deadline, time.monotonic())
+        if when is None:
             return
-        first = not self._heap or nxt[0] < self._heap[0][0]
-        heapq.heappush(self._heap, (nxt[0], next(self._counter), timer, total_deadline))
+        first = not self._heap or when < self._heap[0][0]
+        heapq.heappush(self._heap, (when, next(self._counter), timer, total_deadline))
         if first:
             self._wake.notify()
 
@@ -120,10 +131,10 @@ class _Watchdog:
                     continue
                 heapq.heappop(heap)
                 nxt = timer.next_deadline(total)
-                if nxt is None:
-                    continue
-                if nxt[0] > now:  # progress moved it: look again then
-                    heapq.heappush(heap, (nxt[0], next(self._counter), timer, total))
+                if nxt is None or nxt[0] > now:  # progress moved it: look again later
+                    again = timer.next_check(total, now)
+                    if again is not None:
+                        heapq.heappush(heap, (again, next(self._counter), timer, total))
                     continue
                 timer.fired = nxt[1]
                 sock, timer._sock = timer._sock, None
