@@ -26,13 +26,23 @@ Deliberate divergences from the usual Starlette streaming endpoint, with reasons
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, MutableMapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    MutableMapping,
+)
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, cast, runtime_checkable
 
 import anyio
 import anyio.abc
@@ -360,6 +370,21 @@ class ChatProxy:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: object) -> AsyncIterator[None]:
+        """A Starlette/FastAPI `lifespan` that closes the pool at shutdown.
+
+        ```python
+        app = Starlette(routes=proxy.routes("/api/chat"), lifespan=proxy.lifespan)
+        ```
+
+        Mounted apps get no lifespan events of their own, so the host app runs this one.
+        """
+        try:
+            yield
+        finally:
+            await self.aclose()
 
     async def __aenter__(self) -> ChatProxy:
         return self
@@ -713,16 +738,17 @@ class ChatProxy:
         collector = turn.collector
         # From here on the status is fixed: a failure ends the stream with an error frame.
         try:
-            async for chunk in response.aiter_raw():
-                out = splitter.feed(chunk)
-                if not out:
-                    continue
-                if key in out:
-                    out = out.replace(key, _REDACTED)
-                if collector is not None:
-                    collector.feed(out)
-                if not turn.client_gone:
-                    await self._write(send, turn, out)
+            async with contextlib.aclosing(_raw_chunks(response)) as chunks:
+                async for chunk in chunks:
+                    out = splitter.feed(chunk)
+                    if not out:
+                        continue
+                    if key in out:
+                        out = out.replace(key, _REDACTED)
+                    if collector is not None:
+                        collector.feed(out)
+                    if not turn.client_gone:
+                        await self._write(send, turn, out)
             rest = splitter.flush()
             if rest:
                 if collector is not None:
@@ -847,6 +873,12 @@ class _AtMountRoot:
 # --- helpers --------------------------------------------------------------------------------
 
 
+def _raw_chunks(response: httpx.Response) -> AsyncGenerator[bytes, None]:
+    # aiter_raw() is an async generator typed as an iterator; closing it explicitly frees
+    # the connection at once instead of when the garbage collector gets to it.
+    return cast("AsyncGenerator[bytes, None]", response.aiter_raw())
+
+
 def _route_path(scope: Scope) -> str:
     path = str(scope["path"])
     root = str(scope.get("root_path", ""))
@@ -912,11 +944,12 @@ async def _read_capped(response: httpx.Response, limit: int) -> bytes:
     parts: list[bytes] = []
     size = 0
     try:
-        async for chunk in response.aiter_raw():
-            parts.append(chunk)
-            size += len(chunk)
-            if size >= limit:
-                break
+        async with contextlib.aclosing(_raw_chunks(response)) as chunks:
+            async for chunk in chunks:
+                parts.append(chunk)
+                size += len(chunk)
+                if size >= limit:
+                    break
     except httpx.HTTPError:
         pass
     return b"".join(parts)[:limit]

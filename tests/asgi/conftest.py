@@ -45,7 +45,7 @@ def serve(app: ASGIApp) -> Iterator[str]:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, log_level="warning", lifespan="off", http="h11", loop="asyncio", access_log=False
+        app, log_level="warning", lifespan="auto", http="h11", loop="asyncio", access_log=False
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
