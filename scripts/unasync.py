@@ -21,6 +21,8 @@ SUBS = [
     ("AsyncShield", "SyncShield"),
     ("async_sleep", "sync_sleep"),
     ("AsyncIterator", "Iterator"),
+    ("AsyncIterable", "Iterable"),
+    ("aiter(", "iter("),
     ("__aenter__", "__enter__"),
     ("__aexit__", "__exit__"),
     ("__aiter__", "__iter__"),

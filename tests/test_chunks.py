@@ -420,3 +420,17 @@ def test_chunks_first_token_includes_reasoning_and_finish() -> None:
     p2 = ChunkParser(clock=iter([0.0, 5.0]).__next__)
     p2.feed_text(chunk({}, "stop"))
     assert p2.first_token_at == 5.0
+
+
+def test_chunks_usage_on_a_content_chunk_is_kept() -> None:
+    # llama.cpp attached usage to a content chunk; Groq puts it under x_groq
+    _, p = texts(
+        chunk({"content": "a"}, usage={"prompt_tokens": 1, "completion_tokens": 1}),
+        chunk({}, "stop"),
+    )
+    assert p.usage == Usage(1, 1, 2)
+    _, p = texts(
+        chunk({"content": "a"}, x_groq={"usage": {"prompt_tokens": 2, "completion_tokens": 1}}),
+        chunk({}, "stop"),
+    )
+    assert p.usage == Usage(2, 1, 3)

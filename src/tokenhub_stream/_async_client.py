@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from types import TracebackType
 from typing import Any, Self
 
@@ -21,7 +21,7 @@ from ._base import (
     async_sleep,
     is_event_stream,
     parse_completion,
-    wants_raw,
+    raw_chunks,
 )
 from ._config import (
     DEFAULT_DRAIN_TIMEOUT,
@@ -114,8 +114,7 @@ class AsyncChatStream(StreamState):
                 if response.status_code < 300 and is_event_stream(response):
                     self._response = response
                     self._start(response)
-                    raw = wants_raw(response)
-                    self._chunks = response.aiter_raw() if raw else response.aiter_bytes()
+                    self._chunks = _body(response)
                     return
                 error = await self._client._error_of(response)
             delay = self._base._retry_delay(self._attempt, self._call.max_retries, error)
@@ -191,6 +190,13 @@ class AsyncChatStream(StreamState):
             with AsyncShield():
                 await self._client.aclose()
         self._closed = True
+
+
+def _body(response: httpx.Response) -> AsyncIterator[bytes]:
+    raw = raw_chunks(response)
+    if isinstance(raw, AsyncIterable):
+        return aiter(raw)
+    return response.aiter_bytes()
 
 
 async def _close_generator(generator: AsyncIterator[Any]) -> None:

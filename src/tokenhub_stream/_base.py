@@ -8,7 +8,7 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -253,6 +253,19 @@ class BaseClient:
 def is_event_stream(response: httpx.Response) -> bool:
     ctype = response.headers.get("content-type")
     return ctype is None or "event-stream" in ctype
+
+
+def raw_chunks(response: httpx.Response) -> AsyncIterable[bytes] | Iterable[bytes] | None:
+    """The body's chunks as they come off the connection, or None when httpx must decode
+    them (the upstream compressed despite `identity`, or a mock has already read them).
+
+    `response.stream` is the transport's byte stream (public in httpx's transport API);
+    reading it directly skips `aiter_raw()`'s extra generator layer per chunk. The shells
+    close the response themselves, as `aiter_raw()` would.
+    """
+    if not wants_raw(response):
+        return None
+    return response.stream
 
 
 def wants_raw(response: httpx.Response) -> bool:

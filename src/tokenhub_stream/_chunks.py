@@ -103,7 +103,7 @@ class ChunkParser:
         "_tool_calls",
         "_usage_raw",
         "clock",
-        "delivered",
+        "_events_out",
         "done",
         "ended_at",
         "error",
@@ -113,6 +113,7 @@ class ChunkParser:
         "request_id",
         "role",
         "started_at",
+        "stopped",
         "usage",
     )
 
@@ -142,15 +143,17 @@ class ChunkParser:
         self.finish_reason: str | None = None
         self.done = False
         self.error: TokenHubError | None = None
-        self.delivered = 0  # items handed out by feed_*: no retry once this is non-zero
+        #: True after `[DONE]` or an error: nothing more will be decoded.
+        self.stopped = False
+        self._events_out = 0
         self.first_token_at: float | None = None
         self.last_event_at: float | None = None
         self.ended_at: float | None = None
 
     @property
-    def stopped(self) -> bool:
-        """True after `[DONE]` or an error: nothing more will be decoded."""
-        return self.done or self.error is not None
+    def delivered(self) -> int:
+        """Non-zero once `feed_*` handed out anything: from then on, no retry."""
+        return self._events_out or len(self._content)
 
     @property
     def finished(self) -> bool:
@@ -160,61 +163,81 @@ class ChunkParser:
     def feed_text(self, chunk: bytes) -> list[str]:
         """Decode `chunk`; return the content deltas it completed."""
         out: list[str] = []
-        if self.done or self.error is not None:
+        if self.stopped:
             return out
         try:
-            events = self._decoder.feed(chunk)
+            datas = self._decoder.feed_data(chunk)
         except ProtocolError as exc:
-            self.error = exc
+            self.error, self.stopped = exc, True
             return out
-        if not events:
+        if not datas:
             return out
         self.last_event_at = self.clock()
-        for event in events:
-            data = event.data
+        for data in datas:
             if data == "[DONE]":
-                self.done = True
+                self.done = self.stopped = True
                 break
             try:
-                text = self._apply(loads(data), None)
+                obj = loads(data)
+                # Hot path: one plain content delta for choice 0 and nothing else. Any
+                # other shape (or a wrong type: TypeError) goes to the validating path.
+                try:
+                    (choice,) = obj["choices"]
+                    delta = choice["delta"]
+                    if (
+                        len(delta) == 1
+                        and type(content := delta["content"]) is str
+                        and not choice.get("finish_reason")
+                        and not choice.get("index")
+                        and obj.get("usage") is None
+                        and "error" not in obj
+                        and "x_groq" not in obj
+                    ):
+                        if content:
+                            self._content.append(content)
+                            out.append(content)
+                            if self.first_token_at is None:
+                                self.first_token_at = self.last_event_at
+                        continue
+                except (KeyError, TypeError, ValueError):
+                    pass
+                text = self._apply(obj, None)
             except TokenHubError as exc:
-                self.error = exc
+                self.error, self.stopped = exc, True
                 break
             except (ValueError, RecursionError) as exc:
-                self.error = ProtocolError(f"invalid JSON in data frame: {exc}")
+                self.error, self.stopped = ProtocolError(f"invalid JSON in data frame: {exc}"), True
                 break
             if text:
                 out.append(text)
-        self.delivered += len(out)
         return out
 
     def feed_events(self, chunk: bytes) -> list[StreamEvent]:
         """Decode `chunk`; return the typed events it completed."""
         out: list[StreamEvent] = []
-        if self.done or self.error is not None:
+        if self.stopped:
             return out
         try:
-            events = self._decoder.feed(chunk)
+            datas = self._decoder.feed_data(chunk)
         except ProtocolError as exc:
-            self.error = exc
+            self.error, self.stopped = exc, True
             return out
-        if not events:
+        if not datas:
             return out
         self.last_event_at = self.clock()
-        for event in events:
-            data = event.data
+        for data in datas:
             if data == "[DONE]":
-                self.done = True
+                self.done = self.stopped = True
                 break
             try:
                 self._apply(loads(data), out)
             except TokenHubError as exc:
-                self.error = exc
+                self.error, self.stopped = exc, True
                 break
             except (ValueError, RecursionError) as exc:
-                self.error = ProtocolError(f"invalid JSON in data frame: {exc}")
+                self.error, self.stopped = ProtocolError(f"invalid JSON in data frame: {exc}"), True
                 break
-        self.delivered += len(out)
+        self._events_out += len(out)
         return out
 
     def feed_eof(self) -> None:

@@ -82,6 +82,7 @@ class SSEDecoder:
 
     __slots__ = (
         "_bom_head",
+        "_clean",
         "_data",
         "_data_bytes",
         "_errors",
@@ -108,14 +109,46 @@ class SSEDecoder:
         self._event = ""
         self._last_id = ""
         self._retry: int | None = None
+        self._clean = False  # no partial line/event/BOM/CR state: the fast path may run
 
     @property
     def has_pending(self) -> bool:
         """True while an event (or a line of one) has started but not been dispatched."""
         return bool(self._pending or self._data or self._event or self._bom_head)
 
+    def feed_data(self, chunk: bytes) -> list[str]:
+        """Like `feed()`, but return only each event's `data` (the chat parser's hot path).
+
+        Real upstreams write one whole `data: ...\n\n` event per network chunk; that
+        shape, with no partial state pending, is decoded without the line machinery.
+        """
+        if (
+            self._clean
+            and chunk.startswith(b"data: ")
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk[-1] == 10  # "\n"
+            and b"\r" not in chunk
+            and len(chunk) - 8 <= self._max
+        ):
+            try:
+                return [chunk[6:-2].decode("utf-8", self._errors)]
+            except UnicodeDecodeError as exc:
+                raise ProtocolError(f"invalid UTF-8 in event data: {exc.reason}") from None
+        return [event.data for event in self.feed(chunk)]
+
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
         """Decode `chunk` and return the events it completed (often none, one, or a few)."""
+        events = self._feed(chunk)
+        self._clean = not (
+            self._pending
+            or self._data
+            or self._event
+            or self._skip_lf
+            or self._bom_head is not None
+        )
+        return events
+
+    def _feed(self, chunk: bytes) -> list[ServerSentEvent]:
         if self._bom_head is not None:
             head = self._bom_head + chunk
             if len(head) < 3 and _BOM.startswith(head):
@@ -163,6 +196,7 @@ class SSEDecoder:
         self._data_bytes = 0
         self._event = ""
         self._bom_head = None
+        self._clean = not self._skip_lf
         return []
 
     def _lines(self, block: bytes) -> list[ServerSentEvent]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import Any, Self
 
@@ -20,8 +20,8 @@ from ._base import (
     TimeoutTypes,
     is_event_stream,
     parse_completion,
+    raw_chunks,
     sync_sleep,
-    wants_raw,
 )
 from ._config import (
     DEFAULT_DRAIN_TIMEOUT,
@@ -114,8 +114,7 @@ class ChatStream(StreamState):
                 if response.status_code < 300 and is_event_stream(response):
                     self._response = response
                     self._start(response)
-                    raw = wants_raw(response)
-                    self._chunks = response.iter_raw() if raw else response.iter_bytes()
+                    self._chunks = _body(response)
                     return
                 error = self._client._error_of(response)
             delay = self._base._retry_delay(self._attempt, self._call.max_retries, error)
@@ -190,6 +189,13 @@ class ChatStream(StreamState):
             with SyncShield():
                 self._client.close()
         self._closed = True
+
+
+def _body(response: httpx.Response) -> Iterator[bytes]:
+    raw = raw_chunks(response)
+    if isinstance(raw, Iterable):
+        return iter(raw)
+    return response.iter_bytes()
 
 
 def _close_generator(generator: Iterator[Any]) -> None:
