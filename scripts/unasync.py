@@ -1,7 +1,7 @@
 """Generate src/tokenhub_stream/_sync_client.py from _async_client.py.
 
-    python scripts/unasync.py          # write the sync file
-    python scripts/unasync.py --check  # exit 1 if it is out of date (CI)
+python scripts/unasync.py          # write the sync file
+python scripts/unasync.py --check  # exit 1 if it is out of date (CI)
 """
 
 from __future__ import annotations

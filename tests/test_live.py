@@ -69,7 +69,8 @@ async def test_live_default_reply_with_usage(upstream: RunningUpstream) -> None:
     assert stream.message.content == text
     assert stream.usage is not None and stream.usage.completion_tokens
     assert stream.timings.rate_unit == "tokens/s"
-    assert upstream.app.requests[-1].json["stream_options"] == {"include_usage": True}
+    body = upstream.app.requests[-1].json
+    assert body is not None and body["stream_options"] == {"include_usage": True}
 
 
 # --- cancellation reaches the server -------------------------------------------------

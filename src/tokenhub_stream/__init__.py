@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .__version__ import __version__
 from ._api import stream_chat, stream_chat_sync
 from ._async_client import AsyncChatStream, AsyncClient
 from ._base import ChatResult
@@ -37,13 +38,8 @@ from ._models import (
 )
 from ._sse import ServerSentEvent, SSEDecoder
 from ._sync_client import ChatStream, Client
-from .__version__ import __version__
 
 __all__ = [
-    "DEFAULT_BASE_URL",
-    "DEFAULT_MODEL",
-    "DEFAULT_TIMEOUT",
-    "JSON_BACKEND",
     "APIError",
     "AsyncChatStream",
     "AsyncClient",
@@ -55,7 +51,11 @@ __all__ = [
     "ChunkParser",
     "Client",
     "ContentDelta",
+    "DEFAULT_BASE_URL",
+    "DEFAULT_MODEL",
+    "DEFAULT_TIMEOUT",
     "FinishEvent",
+    "JSON_BACKEND",
     "MissingAPIKeyError",
     "NotFoundError",
     "Outcome",
