@@ -26,6 +26,8 @@ SUBS = [
     ("__aenter__", "__enter__"),
     ("__aexit__", "__exit__"),
     ("__aiter__", "__iter__"),
+    ("__anext__", "__next__"),
+    ("anext()", "next()"),
     ("aiter_raw", "iter_raw"),
     ("aiter_bytes", "iter_bytes"),
     ("aread", "read"),

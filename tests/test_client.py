@@ -457,3 +457,23 @@ def test_client_uses_given_http_client(mock: respx.MockRouter) -> None:
         assert list(stream) == ["a"]
     assert not http.is_closed  # not ours to close
     http.close()
+
+
+def test_client_stream_is_an_iterator_too(mock: respx.MockRouter) -> None:
+    from collections.abc import AsyncIterator, Iterator
+
+    mock.post(URL + "/chat/completions").mock(return_value=ok(sse("a", "b", "c")))
+    with ts.Client(base_url=URL) as client, client.stream_chat(MESSAGES) as stream:
+        assert isinstance(stream, Iterator)
+        assert next(stream) == "a"
+        assert list(stream) == ["b", "c"]  # a for loop goes on where next() stopped
+
+    async def main() -> None:
+        async with ts.AsyncClient(base_url=URL) as client, client.stream_chat(MESSAGES) as stream:
+            assert isinstance(stream, AsyncIterator)
+            assert await anext(stream) == "a"
+            assert [t async for t in stream] == ["b", "c"]
+            with pytest.raises(StopAsyncIteration):
+                await anext(stream)
+
+    anyio.run(main)

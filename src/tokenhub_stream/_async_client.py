@@ -64,6 +64,7 @@ class AsyncChatStream(StreamState):
         self._response: httpx.Response | None = None
         self._chunks: AsyncIterator[bytes] | None = None
         self._consumer: AsyncIterator[Any] | None = None
+        self._next_consumer: AsyncIterator[str] | None = None
 
     async def __aenter__(self) -> Self:
         try:
@@ -86,8 +87,15 @@ class AsyncChatStream(StreamState):
         await self.aclose()
 
     def __aiter__(self) -> AsyncIterator[str]:
+        if self._next_consumer is not None:  # reading already began with anext()
+            return self._next_consumer
         self._consumer = self._consume(text=True)
         return self._consumer
+
+    async def __anext__(self) -> str:
+        if self._next_consumer is None:
+            self._next_consumer = self._consumer = self._consume(text=True)
+        return await self._next_consumer.__anext__()
 
     def events(self) -> AsyncIterator[StreamEvent]:
         """Iterate typed events: content, reasoning and tool-call deltas, finish, usage."""

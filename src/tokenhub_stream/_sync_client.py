@@ -64,6 +64,7 @@ class ChatStream(StreamState):
         self._response: httpx.Response | None = None
         self._chunks: Iterator[bytes] | None = None
         self._consumer: Iterator[Any] | None = None
+        self._next_consumer: Iterator[str] | None = None
 
     def __enter__(self) -> Self:
         try:
@@ -86,8 +87,15 @@ class ChatStream(StreamState):
         self.close()
 
     def __iter__(self) -> Iterator[str]:
+        if self._next_consumer is not None:  # reading already began with next()
+            return self._next_consumer
         self._consumer = self._consume(text=True)
         return self._consumer
+
+    def __next__(self) -> str:
+        if self._next_consumer is None:
+            self._next_consumer = self._consumer = self._consume(text=True)
+        return self._next_consumer.__next__()
 
     def events(self) -> Iterator[StreamEvent]:
         """Iterate typed events: content, reasoning and tool-call deltas, finish, usage."""
