@@ -23,15 +23,18 @@ from pathlib import Path
 import pytest
 
 import tokenhub_stream
-import tokenhub_stream.testing
+from tokenhub_stream import testing
 from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, run_upstream
+
+# Also the project default; a hung block fails alone instead of stalling the run.
+pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
 
 #: The only accepted reasons for `<!-- no-run: <reason> -->`.
 SKIP_REASONS: dict[str, str] = {
-    "needs-real-upstream": "talks to a real provider or a key the local upstream cannot stand in for",
+    "needs-real-upstream": "needs a real provider or key the local upstream cannot stand in for",
     "server": "starts a server that runs until stopped",
     "signature": "a call signature shown for reference, not a statement",
 }
@@ -159,11 +162,11 @@ def test_docs_blocks_found() -> None:
 
 
 def _public_names() -> list[str]:
-    import tokenhub_stream.asgi
+    from tokenhub_stream import asgi
 
     names = [n for n in tokenhub_stream.__all__ if n != "__version__"]
-    names += [f"testing.{n}" for n in tokenhub_stream.testing.__all__]
-    names += [f"asgi.{n}" for n in tokenhub_stream.asgi.__all__]
+    names += [f"testing.{n}" for n in testing.__all__]
+    names += [f"asgi.{n}" for n in asgi.__all__]
     return names + ["__version__"]
 
 
