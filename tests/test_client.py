@@ -477,3 +477,29 @@ def test_client_stream_is_an_iterator_too(mock: respx.MockRouter) -> None:
                 await anext(stream)
 
     anyio.run(main)
+
+
+def test_client_missing_key_builds_no_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tokenhub_stream._api as api
+
+    def no_client(**kwargs: object) -> None:
+        raise AssertionError("a client (and its pool) was built before validation")
+
+    monkeypatch.setattr(api, "AsyncClient", no_client)
+    monkeypatch.setattr(api, "Client", no_client)
+    with pytest.raises(MissingAPIKeyError):
+        ts.stream_chat(MESSAGES)
+    with pytest.raises(MissingAPIKeyError):
+        ts.stream_chat_sync(MESSAGES)
+    with pytest.raises(TypeError):
+        ts.stream_chat(MESSAGES, base_url=URL, stream=True)
+
+
+@both
+def test_client_409_is_not_retried(mock: respx.MockRouter, sync: bool) -> None:
+    route = mock.post(URL + "/chat/completions").mock(
+        return_value=httpx.Response(409, json={"error": {"message": "conflict"}})
+    )
+    with pytest.raises(APIError) as info:
+        collect(sync, max_retries=3)
+    assert not info.value.retryable and route.call_count == 1

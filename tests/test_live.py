@@ -395,3 +395,51 @@ async def test_live_events_tool_calls_reasoning(upstream: RunningUpstream) -> No
         ("get_weather", '{"city": "Paris"}')
     ]
     assert message.finish_reason == "tool_calls"
+
+
+# --- chat(): the non-streaming call has deadlines too --------------------------------
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
+def test_live_chat_stall_hits_first_token_deadline(upstream: RunningUpstream, sync: bool) -> None:
+    # DeepSeek sends blank-line keep-alives on non-streaming requests: they reset nothing.
+    enqueue(upstream, Script(text="never", end="stall", keepalive=0.05))
+    start = time.monotonic()
+    with pytest.raises(ts.StreamTimeout) as info:
+        if sync:
+            with ts.Client(base_url=upstream.base_url) as client:
+                client.chat(MESSAGES, timeout=ts.Timeout(first_token=0.5))
+        else:
+
+            async def main() -> None:
+                async with ts.AsyncClient(base_url=upstream.base_url) as client:
+                    await client.chat(MESSAGES, timeout=ts.Timeout(first_token=0.5))
+
+            anyio.run(main)
+    elapsed = time.monotonic() - start
+    assert info.value.kind == "first_token"
+    assert 0.5 <= elapsed < 0.5 + SLACK, elapsed
+
+
+def test_live_chat_total_deadline_and_cut_body(upstream: RunningUpstream) -> None:
+    enqueue(upstream, Script(text="never", end="stall", keepalive=0.05))
+    enqueue(upstream, Script(text="half", end="cut"))
+    with ts.Client(base_url=upstream.base_url) as client:
+        with pytest.raises(ts.StreamTimeout) as info:
+            client.chat(MESSAGES, timeout=ts.Timeout(total=0.4))
+        assert info.value.kind == "total"
+        with pytest.raises((ts.TransportError, ts.ProtocolError)):
+            client.chat(MESSAGES, max_retries=0)
+        result = client.chat(MESSAGES)  # the default reply: the client is still usable
+    assert "hello there" in result.message.content
+
+
+@pytest.mark.anyio
+async def test_live_rate_counts_reasoning_deltas(upstream: RunningUpstream) -> None:
+    enqueue(upstream, Script(reasoning="one two three four", deltas=[], delay=0.01))
+    async with ts.AsyncClient(base_url=upstream.base_url) as client:
+        async with client.stream_chat(MESSAGES) as stream:
+            assert [t async for t in stream] == []
+    timings = stream.timings
+    assert timings.rate_unit == "deltas/s" and timings.rate is not None and timings.rate > 0
+    assert stream.message.reasoning == "one two three four"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._async_client import AsyncChatStream, AsyncClient
-from ._base import HeaderTypes, MessagesTypes, TimeoutTypes
+from ._base import BaseClient, HeaderTypes, MessagesTypes, TimeoutTypes
 from ._config import DEFAULT_MODEL, UNSET, UnsetType
 from ._sync_client import ChatStream, Client
 
@@ -52,8 +52,8 @@ def stream_chat(
         MissingAPIKeyError: the default URL and no key (before any request).
         TypeError: `stream` in params.
     """
-    client = AsyncClient(api_key=api_key, base_url=base_url)
-    call = client._prepare(
+    # Validate (missing key, `stream` in params) before any connection pool exists.
+    call = BaseClient(api_key=api_key, base_url=base_url)._prepare(
         messages,
         model,
         params,
@@ -63,7 +63,7 @@ def stream_chat(
         include_usage=include_usage,
         extra_headers=extra_headers,
     )
-    return AsyncChatStream(client, call, owns_client=True)
+    return AsyncChatStream(AsyncClient(api_key=api_key, base_url=base_url), call, owns_client=True)
 
 
 def stream_chat_sync(
@@ -93,8 +93,8 @@ def stream_chat_sync(
         MissingAPIKeyError: the default URL and no key (before any request).
         TypeError: `stream` in params.
     """
-    client = Client(api_key=api_key, base_url=base_url)
-    call = client._prepare(
+    # Validate (missing key, `stream` in params) before any connection pool exists.
+    call = BaseClient(api_key=api_key, base_url=base_url)._prepare(
         messages,
         model,
         params,
@@ -104,4 +104,4 @@ def stream_chat_sync(
         include_usage=include_usage,
         extra_headers=extra_headers,
     )
-    return ChatStream(client, call, owns_client=True)
+    return ChatStream(Client(api_key=api_key, base_url=base_url), call, owns_client=True)

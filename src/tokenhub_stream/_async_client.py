@@ -14,6 +14,7 @@ from ._base import (
     BaseClient,
     Call,
     ChatResult,
+    CompletionDeadline,
     HeaderTypes,
     MessagesTypes,
     StreamState,
@@ -358,14 +359,22 @@ class AsyncClient(BaseClient):
         attempt = 0
         while True:
             error: TokenHubError
+            deadline = CompletionDeadline(call)
             try:
                 response = await self._send(call)
             except httpx.HTTPError as exc:
                 error = self._send_error(exc, call)
             else:
                 if response.status_code < 300:
-                    body = await response.aread()
-                    await response.aclose()
+                    deadline.watch(response)
+                    try:
+                        body = await response.aread()
+                    except httpx.HTTPError as exc:
+                        raise deadline.error(exc) from exc
+                    finally:
+                        deadline.stop()
+                        with AsyncShield():
+                            await response.aclose()
                     return parse_completion(body, self._redact)
                 error = await self._error_of(response)
             delay = self._retry_delay(attempt, call.max_retries, error)

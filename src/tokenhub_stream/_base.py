@@ -250,6 +250,59 @@ class BaseClient:
         return min(8.0, 0.5 * 2.0**attempt) * (0.5 + random.random() / 2)
 
 
+def watch_response(
+    response: httpx.Response, timer: StreamTimer, total_deadline: float | None
+) -> bool:
+    """Hand the response's socket to the watchdog; False without one (mock transports)."""
+    stream = response.extensions.get("network_stream")
+    get_info = getattr(stream, "get_extra_info", None)
+    sock = get_info("socket") if get_info is not None else None
+    return sock is not None and watchdog.watch(timer, sock, total_deadline)
+
+
+class CompletionDeadline:
+    """The deadline of a non-streaming `chat()`: the whole answer must arrive within
+    `first_token` (the answer is its first token), and within `total` when set. Blank-line
+    keep-alives (DeepSeek sends them on non-streaming requests) reset neither."""
+
+    def __init__(self, call: Call) -> None:
+        self._call = call
+        self.sent_at = time.monotonic()
+        self._timer: StreamTimer | None = None
+
+    def watch(self, response: httpx.Response) -> None:
+        t = self._call.timeout
+        timeouts = response.request.extensions.get("timeout")
+        if isinstance(timeouts, dict):
+            timeouts["read"] = _max(t.first_token, t.total)
+        parser = ChunkParser(started_at=self.sent_at)
+        self._timer = StreamTimer(parser, first_token=t.first_token, idle=None)
+        total = None if t.total is None else self.sent_at + t.total
+        watch_response(response, self._timer, total)
+
+    def error(self, exc: Exception) -> TokenHubError:
+        """Translate an httpx error raised while reading the body."""
+        self.stop()
+        fired = self._timer.fired if self._timer is not None else None
+        t = self._call.timeout
+        if fired in ("first_token", "total") or isinstance(exc, httpx.TimeoutException):
+            error: TokenHubError = (
+                StreamTimeout("total", t.total)
+                if fired == "total"
+                else StreamTimeout("first_token", t.first_token)
+            )
+        elif isinstance(exc, httpx.RemoteProtocolError):
+            error = TruncatedStreamError(f"the upstream closed the response mid-way: {exc}")
+        else:
+            error = TransportError(f"reading the response failed: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+
+
 def is_event_stream(response: httpx.Response) -> bool:
     ctype = response.headers.get("content-type")
     return ctype is None or "event-stream" in ctype
@@ -327,10 +380,7 @@ class StreamState:
             # backstop; the watchdog enforces the exact first-token/idle/total deadlines.
             timeouts["read"] = _max(t.first_token, t.idle, t.total)
         self._timer = timer = StreamTimer(self._parser, first_token=t.first_token, idle=t.idle)
-        stream = response.extensions.get("network_stream")
-        get_info = getattr(stream, "get_extra_info", None)
-        sock = get_info("socket") if get_info is not None else None
-        self._watched = sock is not None and watchdog.watch(timer, sock, self._total_deadline)
+        self._watched = watch_response(response, timer, self._total_deadline)
 
     def _read_error(self, exc: Exception) -> TokenHubError:
         """Translate an httpx error raised while reading the body."""
@@ -449,7 +499,7 @@ class StreamState:
             if usage is not None and usage.completion_tokens is not None:
                 count, unit = usage.completion_tokens, "tokens/s"
             else:
-                count, unit = len(p._content), "deltas/s"
+                count, unit = p.delta_count, "deltas/s"
             rate = count / span if span > 0 else None
             if rate is None:
                 unit = None

@@ -100,6 +100,7 @@ class ChunkParser:
         "_reasoning",
         "_redact",
         "_tc_by_index",
+        "_tool_fragments",
         "_tool_calls",
         "_usage_raw",
         "clock",
@@ -137,6 +138,7 @@ class ChunkParser:
         self._tool_calls: list[_ToolCallBuilder] = []
         self._tc_by_index: dict[int, _ToolCallBuilder] = {}
         self._last_tc: _ToolCallBuilder | None = None
+        self._tool_fragments = 0
         self._usage_raw: Mapping[str, object] | None = None
         self.usage: Usage | None = None
         self.role = "assistant"
@@ -154,6 +156,11 @@ class ChunkParser:
     def delivered(self) -> int:
         """Non-zero once `feed_*` handed out anything: from then on, no retry."""
         return self._events_out or len(self._content)
+
+    @property
+    def delta_count(self) -> int:
+        """Deltas of every kind so far: content, reasoning and tool-call fragments."""
+        return len(self._content) + len(self._reasoning) + self._tool_fragments
 
     @property
     def finished(self) -> bool:
@@ -351,6 +358,7 @@ class ChunkParser:
             else:
                 builder = last
         self._last_tc = builder
+        self._tool_fragments += 1
         if call_id:
             builder.id = call_id
         if name and not builder.name:

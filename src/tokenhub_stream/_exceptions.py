@@ -140,4 +140,4 @@ class TruncatedStreamError(ProtocolError):
 
 
 def _is_retryable(status_code: int | None) -> bool:
-    return status_code is not None and (status_code in (408, 409, 429) or status_code >= 500)
+    return status_code is not None and (status_code in (408, 429) or status_code >= 500)

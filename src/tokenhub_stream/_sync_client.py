@@ -13,6 +13,7 @@ from ._base import (
     BaseClient,
     Call,
     ChatResult,
+    CompletionDeadline,
     HeaderTypes,
     MessagesTypes,
     StreamState,
@@ -357,14 +358,22 @@ class Client(BaseClient):
         attempt = 0
         while True:
             error: TokenHubError
+            deadline = CompletionDeadline(call)
             try:
                 response = self._send(call)
             except httpx.HTTPError as exc:
                 error = self._send_error(exc, call)
             else:
                 if response.status_code < 300:
-                    body = response.read()
-                    response.close()
+                    deadline.watch(response)
+                    try:
+                        body = response.read()
+                    except httpx.HTTPError as exc:
+                        raise deadline.error(exc) from exc
+                    finally:
+                        deadline.stop()
+                        with SyncShield():
+                            response.close()
                     return parse_completion(body, self._redact)
                 error = self._error_of(response)
             delay = self._retry_delay(attempt, call.max_retries, error)
