@@ -503,3 +503,11 @@ def test_client_409_is_not_retried(mock: respx.MockRouter, sync: bool) -> None:
     with pytest.raises(APIError) as info:
         collect(sync, max_retries=3)
     assert not info.value.retryable and route.call_count == 1
+
+
+def test_client_module_level_max_event_bytes_is_a_client_option(mock: respx.MockRouter) -> None:
+    route = mock.post(URL + "/chat/completions").mock(return_value=ok(sse("x" * 500)))
+    with pytest.raises(ProtocolError, match="max_event_bytes"):
+        with ts.stream_chat_sync(MESSAGES, base_url=URL, max_event_bytes=100) as stream:
+            list(stream)
+    assert "max_event_bytes" not in json.loads(route.calls.last.request.content)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ._async_client import AsyncChatStream, AsyncClient
 from ._base import BaseClient, HeaderTypes, MessagesTypes, TimeoutTypes
-from ._config import DEFAULT_MODEL, UNSET, UnsetType
+from ._config import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MODEL, UNSET, UnsetType
 from ._sync_client import ChatStream, Client
 
 __all__ = ["stream_chat", "stream_chat_sync"]
@@ -20,6 +20,7 @@ def stream_chat(
     max_retries: int | UnsetType = UNSET,
     include_usage: bool = False,
     extra_headers: HeaderTypes | None = None,
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     **params: object,
 ) -> AsyncChatStream:
     """Stream a chat completion's text deltas (async).
@@ -43,6 +44,7 @@ def stream_chat(
         max_retries: retries before the first delta.
         include_usage: request a usage chunk (`stream_options.include_usage`).
         extra_headers: extra request headers.
+        max_event_bytes: the largest SSE event accepted (`ProtocolError` beyond).
         **params: other body fields (`temperature`, `max_tokens`, ...); not `stream`.
 
     Returns:
@@ -63,7 +65,11 @@ def stream_chat(
         include_usage=include_usage,
         extra_headers=extra_headers,
     )
-    return AsyncChatStream(AsyncClient(api_key=api_key, base_url=base_url), call, owns_client=True)
+    return AsyncChatStream(
+        AsyncClient(api_key=api_key, base_url=base_url, max_event_bytes=max_event_bytes),
+        call,
+        owns_client=True,
+    )
 
 
 def stream_chat_sync(
@@ -76,6 +82,7 @@ def stream_chat_sync(
     max_retries: int | UnsetType = UNSET,
     include_usage: bool = False,
     extra_headers: HeaderTypes | None = None,
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     **params: object,
 ) -> ChatStream:
     """Stream a chat completion's text deltas (sync); the same arguments as `stream_chat`.
@@ -104,4 +111,8 @@ def stream_chat_sync(
         include_usage=include_usage,
         extra_headers=extra_headers,
     )
-    return ChatStream(Client(api_key=api_key, base_url=base_url), call, owns_client=True)
+    return ChatStream(
+        Client(api_key=api_key, base_url=base_url, max_event_bytes=max_event_bytes),
+        call,
+        owns_client=True,
+    )
