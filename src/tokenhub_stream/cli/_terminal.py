@@ -1,0 +1,230 @@
+"""`tokenhub-stream ask` and `tokenhub-stream chat`: streaming answers in a terminal.
+
+Both use the sync `Client` on purpose: the terminal blocks on `input()` anyway, and a
+Ctrl-C is a `KeyboardInterrupt` raised where the main thread is, which inside
+`with client.stream_chat(...)` closes the upstream connection at once. No event loop has
+to be taught to turn SIGINT into the cancellation of one answer only.
+
+stdout carries only answer text; prompts, notices, errors and the status line go to
+stderr, so `ask` can be piped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TextIO
+
+from .._exceptions import TokenHubError
+from .._models import Timings, Usage
+from .._sync_client import Client
+
+__all__ = ["Answer", "format_status", "run_ask", "run_chat", "stream_answer"]
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+_HELP = (
+    "/model NAME  switch model (the conversation is kept)\n"
+    "/model       show the current model\n"
+    "/help        this help\n"
+    "/quit        leave (or Ctrl-D)\n"
+    "Ctrl-C stops an answer and keeps what arrived; at the prompt it clears the line.\n"
+)
+
+
+def format_status(
+    model: str,
+    timings: Timings,
+    finish_reason: str | None,
+    usage: Usage | None,
+) -> str:
+    """The status line shown after an answer, e.g.
+    `gpt-4o · first token 0.21 s · 48.3 tokens/s · stop · 12+57 tokens`."""
+    parts = [model]
+    if timings.time_to_first_token is not None:
+        parts.append(f"first token {timings.time_to_first_token:.2f} s")
+    if timings.rate is not None and timings.rate_unit is not None:
+        parts.append(f"{timings.rate:.1f} {timings.rate_unit}")
+    if finish_reason:
+        parts.append(finish_reason)
+    if usage is not None:
+        if usage.prompt_tokens is not None and usage.completion_tokens is not None:
+            parts.append(f"{usage.prompt_tokens}+{usage.completion_tokens} tokens")
+        elif usage.total_tokens is not None:
+            parts.append(f"{usage.total_tokens} tokens")
+    return " · ".join(parts)
+
+
+def _dim(text: str, stream: TextIO) -> str:
+    # https://no-color.org: a non-empty NO_COLOR turns colour off; never colour a pipe.
+    if os.environ.get("NO_COLOR") or not _isatty(stream):
+        return text
+    return f"\x1b[2m{text}\x1b[0m"
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except ValueError:  # closed
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What one streamed answer produced: its text (partial if it was cut short)."""
+
+    text: str
+    error: TokenHubError | None = None
+    interrupted: bool = False
+
+
+def stream_answer(
+    client: Client,
+    messages: list[Mapping[str, object]],
+    *,
+    model: str,
+    stdout: TextIO,
+    stderr: TextIO,
+) -> Answer:
+    """Stream one answer to `stdout` token by token, then the status line (or the
+    error) to `stderr`. Ctrl-C stops it: the upstream connection is closed on the way
+    out of the `with` block and the text received so far is returned."""
+    parts: list[str] = []
+    error: TokenHubError | None = None
+    interrupted = False
+    stream = client.stream_chat(messages, model=model, include_usage=True)
+    try:
+        with stream:
+            for text in stream:
+                parts.append(text)
+                stdout.write(text)
+                stdout.flush()
+    except TokenHubError as exc:
+        error = exc
+    except KeyboardInterrupt:
+        interrupted = True
+    answer = Answer("".join(parts), error, interrupted)
+    if answer.text or error is None:
+        stdout.write("\n")
+        stdout.flush()
+    if error is not None:
+        # Messages never contain the key: the client redacts it (STYLE.md section 5).
+        stderr.write(f"tokenhub-stream: {type(error).__name__}: {error}\n")
+    else:
+        reason = "interrupted" if interrupted else stream.finish_reason
+        line = format_status(model, stream.timings, reason, stream.usage)
+        stderr.write(_dim(line, stderr) + "\n")
+    stderr.flush()
+    return answer
+
+
+def _start(system: str | None) -> list[Mapping[str, object]]:
+    return [{"role": "system", "content": system}] if system else []
+
+
+def run_ask(
+    client: Client,
+    question: str,
+    *,
+    model: str,
+    system: str | None,
+    stdout: TextIO,
+    stderr: TextIO,
+) -> int:
+    """Answer one question: only the answer text (and a final newline) on `stdout`.
+
+    Returns:
+        0, 1 on any `TokenHubError` (message on `stderr`), 130 on Ctrl-C.
+    """
+    messages = [*_start(system), {"role": "user", "content": question}]
+    answer = stream_answer(client, messages, model=model, stdout=stdout, stderr=stderr)
+    if answer.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if answer.error is None else EXIT_ERROR
+
+
+def _read_line(stdin: TextIO, interactive: bool) -> str:
+    if interactive:
+        # input() gives line editing (readline) and writes its prompt to stdout.
+        return input("> ")
+    line = stdin.readline()
+    if not line:
+        raise EOFError
+    return line
+
+
+def run_chat(
+    client: Client,
+    *,
+    model: str,
+    system: str | None,
+    stdin: TextIO,
+    stdout: TextIO,
+    stderr: TextIO,
+    interactive: bool = False,
+) -> int:
+    """An interactive chat: each line is a user turn, each answer streams to `stdout`.
+
+    The conversation is kept (the optional system prompt first). Ctrl-C during an answer
+    stops it and keeps the partial text as the assistant turn; a turn that got no text
+    at all (stopped early or failed) is dropped, so the history never holds an empty
+    assistant message. Ctrl-C at the prompt clears the line; Ctrl-D (EOF) or `/quit`
+    leaves.
+
+    Args:
+        interactive: read with `input()` (prompt, line editing) instead of
+            `stdin.readline()`; for a terminal.
+
+    Returns:
+        0 when the user leaves.
+    """
+    messages = _start(system)
+    stderr.write(
+        _dim(
+            f"chatting with {model} at {client.base_url}; /help for commands, Ctrl-D quits", stderr
+        )
+        + "\n"
+    )
+    stderr.flush()
+    while True:
+        try:
+            line = _read_line(stdin, interactive).strip()
+        except KeyboardInterrupt:
+            stdout.write("\n")
+            stdout.flush()
+            continue
+        except EOFError:
+            if interactive:
+                stdout.write("\n")
+                stdout.flush()
+            return EXIT_OK
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, argument = line.partition(" ")
+            argument = argument.strip()
+            if command == "/model":
+                if argument:
+                    model = argument
+                stderr.write(f"model: {model}\n")
+            elif command in ("/quit", "/exit"):
+                return EXIT_OK
+            elif command == "/help":
+                stderr.write(_HELP)
+            else:
+                stderr.write(f"unknown command {command} (/help lists them)\n")
+            stderr.flush()
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            answer = stream_answer(client, messages, model=model, stdout=stdout, stderr=stderr)
+        except KeyboardInterrupt:  # a second Ctrl-C while the status line was written
+            answer = Answer("", interrupted=True)
+        if answer.text:
+            messages.append({"role": "assistant", "content": answer.text})
+        else:
+            messages.pop()
