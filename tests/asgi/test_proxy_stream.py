@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from collections.abc import MutableMapping
@@ -360,3 +361,18 @@ async def test_log_line_per_request(
     ):
         assert part in lines[0]
     assert ours[0].levelno == logging.INFO
+
+
+async def test_default_transport_by_event_loop(anyio_backend: str) -> None:
+    # The measured choice (docs/performance.md): aiohttp's pool via httpx-aiohttp on asyncio.
+    proxy = ChatProxy(api_key=KEY, base_url="http://127.0.0.1:9/v1")
+    try:
+        client = proxy._get_client()
+        name = type(client._transport).__name__
+    finally:
+        await proxy.aclose()
+    has_aiohttp = importlib.util.find_spec("httpx_aiohttp") is not None
+    expected = (
+        "AiohttpTransport" if anyio_backend == "asyncio" and has_aiohttp else "AsyncHTTPTransport"
+    )
+    assert name == expected

@@ -1,0 +1,515 @@
+"""Proxy benchmark: direct vs nginx vs a naive Starlette+httpx proxy vs ChatProxy.
+
+Run (inside the project's virtualenv; nginx is used if it is on PATH):
+
+    python benchmarks/proxy_bench.py                       # 1, 100 and 500 streams
+    python benchmarks/proxy_bench.py --streams 1 100 --targets direct chatproxy
+
+Every process runs on this machine, on loopback only:
+
+- a paced upstream (stdlib asyncio): per stream 100 chunks, 20 ms apart, each SSE event one
+  HTTP chunk; it records when it sees a client close its connection;
+- the proxies under test, each in its own uvicorn process (one worker), so their CPU time
+  (utime+stime from /proc) and RSS can be read per process;
+- the load generator (stdlib asyncio, raw sockets), which measures time to first byte, the
+  gaps between events, and whether each stream arrived complete.
+
+Reported per target and concurrency: CPU ms per stream, RSS KiB per stream (peak minus idle),
+TTFB p50/p99, the p99 inter-event gap minus the direct run's p99, and complete streams. Then
+one stream "as fast as the upstream can send" (no pacing, 5,000 chunks), and the time from a
+client abort to the upstream seeing its connection closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHUNKS = 100
+FAST_CHUNKS = 5000
+PACE = 0.02
+KEY = "sk-bench-not-a-real-key"
+BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+def _event(i: int) -> bytes:
+    payload = {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}],
+    }
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+# --- the paced upstream -----------------------------------------------------------------------
+
+
+async def _upstream_main(port_file: str) -> None:
+    closed: dict[str, float] = {}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = lines[0].split(" ", 2)
+                headers = {}
+                for line in lines[1:]:
+                    if ":" in line:
+                        k, v = line.split(":", 1)
+                        headers[k.strip().lower()] = v.strip()
+                length = int(headers.get("content-length", "0"))
+                body: dict[str, object] = {}
+                if length:
+                    with contextlib.suppress(ValueError):
+                        body = json.loads(await reader.readexactly(length))
+                if target.startswith("/closed"):
+                    payload = json.dumps(closed).encode()
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                        b"content-length: %d\r\n\r\n%s" % (len(payload), payload)
+                    )
+                    await writer.drain()
+                    continue
+                # Proxies forward only allow-listed body fields: "user" names an abort
+                # trial, "max_tokens" asks for an unpaced stream of that many chunks.
+                bench_id = body.get("user")
+                fast = isinstance(body.get("max_tokens"), int)
+                count = int(body["max_tokens"]) if fast else CHUNKS  # type: ignore[call-overload]
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n"
+                )
+                eof = asyncio.ensure_future(reader.read(1))
+                aborted = False
+                for i in range(count):
+                    if not fast:
+                        done, _ = await asyncio.wait({eof}, timeout=PACE)
+                        if done:
+                            aborted = True
+                            break
+                    writer.write(_chunk(_event(i)))
+                    if fast and i % 64 == 0:
+                        await writer.drain()
+                if aborted or (eof.done() and eof.result() == b""):
+                    if isinstance(bench_id, str):
+                        closed[bench_id] = time.monotonic()
+                    writer.close()
+                    return
+                eof.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await eof
+                writer.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=2048)
+    port = server.sockets[0].getsockname()[1]
+    with open(port_file, "w") as f:  # noqa: ASYNC230 - once, before serving
+        f.write(str(port))
+    async with server:
+        await server.serve_forever()
+
+
+# --- the apps under test ----------------------------------------------------------------------
+
+
+def _naive_app(upstream: str) -> object:
+    # Written like the usual tutorial: StreamingResponse over aiter_raw(), httpx's defaults.
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    client = httpx.AsyncClient(timeout=None)
+
+    async def chat(request: Request) -> StreamingResponse:
+        body = await request.body()
+        req = client.build_request(
+            "POST",
+            upstream + "/v1/chat/completions",
+            content=body,
+            headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"},
+        )
+        response = await client.send(req, stream=True)
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in response.aiter_raw():
+                    yield chunk
+            finally:
+                await response.aclose()
+
+        return StreamingResponse(relay(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/api/chat", chat, methods=["POST"])])
+
+
+def _chatproxy_app(upstream: str, transport_name: str = "default") -> object:
+    import httpx
+    from starlette.applications import Starlette
+
+    from tokenhub_stream.asgi import ChatProxy
+
+    transport: httpx.AsyncBaseTransport | None = None  # the default: httpx-aiohttp on asyncio
+    if transport_name == "httpx":
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+        transport = httpx.AsyncHTTPTransport(limits=limits)
+    proxy = ChatProxy(
+        api_key=KEY, base_url=upstream + "/v1", keepalive_interval=None, transport=transport
+    )
+    return Starlette(routes=proxy.routes("/api/chat"), lifespan=proxy.lifespan)
+
+
+def _serve_app(kind: str, upstream: str, port: int, loop: str, http: str) -> None:
+    import uvicorn
+
+    if kind == "naive":
+        app = _naive_app(upstream)
+    else:
+        app = _chatproxy_app(upstream, "httpx" if kind.endswith("-httpx") else "default")
+    uvicorn.run(
+        app,  # type: ignore[arg-type]
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        loop=loop,
+        http=http,
+        backlog=2048,
+    )
+
+
+# --- process helpers --------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    pids: list[int] = field(default_factory=list)
+    path: str = "/api/chat"
+
+
+@contextlib.contextmanager
+def _start_upstream() -> Iterator[int]:
+    with tempfile.NamedTemporaryFile("r", suffix=".port") as f:
+        proc = subprocess.Popen([sys.executable, __file__, "_upstream", f.name])
+        try:
+            deadline = time.monotonic() + 10
+            while not open(f.name).read().strip():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("upstream did not start")
+                time.sleep(0.05)
+            yield int(open(f.name).read())
+        finally:
+            proc.terminate()
+            proc.wait(5)
+
+
+@contextlib.contextmanager
+def _start_target(name: str, upstream_port: int, loop: str, http: str) -> Iterator[Target]:
+    if name == "direct":
+        yield Target(name, upstream_port, path="/v1/chat/completions")
+        return
+    port = _free_port()
+    if name == "nginx":
+        tmp = tempfile.mkdtemp()
+        conf = os.path.join(tmp, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(_NGINX_CONF % {"tmp": tmp, "port": port, "upstream": upstream_port})
+        proc = subprocess.Popen(["nginx", "-c", conf, "-p", tmp, "-g", "daemon off;"])
+        try:
+            _wait_port(port)
+            time.sleep(0.2)
+            children = _children(proc.pid)
+            yield Target(name, port, [proc.pid, *children], path="/v1/chat/completions")
+        finally:
+            proc.send_signal(signal.SIGQUIT)
+            proc.wait(5)
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
+    cmd = [sys.executable, __file__, "_serve", name, str(upstream_port), str(port), loop, http]
+    proc = subprocess.Popen(cmd)
+    try:
+        _wait_port(port)
+        yield Target(name, port, [proc.pid])
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+_NGINX_CONF = """
+worker_processes 1;
+error_log %(tmp)s/error.log error;
+pid %(tmp)s/nginx.pid;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path %(tmp)s;
+    proxy_temp_path %(tmp)s;
+    upstream up { server 127.0.0.1:%(upstream)d; keepalive 600; }
+    server {
+        listen 127.0.0.1:%(port)d backlog=2048;
+        location / {
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_read_timeout 300s;
+        }
+    }
+}
+"""
+
+
+# --- the load generator -----------------------------------------------------------------------
+
+
+@dataclass
+class StreamResult:
+    ttfb: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    events: int = 0
+    complete: bool = False
+
+
+def _request(port: int, path: str, **fields: object) -> bytes:
+    body = json.dumps({**json.loads(BODY), **fields}).encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+async def _one_stream(
+    port: int, path: str, result: StreamResult, abort_id: str | None = None
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = _request(port, path, user=abort_id) if abort_id else _request(port, path)
+    start = time.monotonic()
+    writer.write(request)
+    last: float | None = None
+    seen = b""
+    try:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            now = time.monotonic()
+            n = data.count(b"\n\n") + (1 if seen.endswith(b"\n") and data.startswith(b"\n") else 0)
+            seen = data[-1:]
+            if n:
+                if result.ttfb is None:
+                    result.ttfb = now - start
+                elif last is not None:
+                    result.gaps.append(now - last)
+                last = now
+                result.events += n
+                if abort_id:
+                    return
+            if b"[DONE]" in data or (result.events >= CHUNKS + 1 and b"0\r\n\r\n" in data):
+                result.complete = result.events >= CHUNKS + 1
+                break
+    finally:
+        writer.close()
+
+
+async def _run_load(target: Target, streams: int) -> list[StreamResult]:
+    results = [StreamResult() for _ in range(streams)]
+    await asyncio.gather(*(_one_stream(target.port, target.path, r) for r in results))
+    return results
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def _measure(target: Target, streams: int) -> dict[str, float]:
+    cpu0 = sum(_cpu_seconds(p) for p in target.pids)
+    rss0 = sum(_rss_kib(p) for p in target.pids)
+    peak = rss0
+    stop = False
+
+    async def sampler() -> None:
+        nonlocal peak
+        while not stop:
+            peak = max(peak, sum(_rss_kib(p) for p in target.pids))
+            await asyncio.sleep(0.05)
+
+    async def main() -> list[StreamResult]:
+        nonlocal stop
+        task = asyncio.ensure_future(sampler())
+        try:
+            return await _run_load(target, streams)
+        finally:
+            stop = True
+            await task
+
+    results = asyncio.run(main())
+    cpu = sum(_cpu_seconds(p) for p in target.pids) - cpu0
+    gaps = [g for r in results for g in r.gaps]
+    ttfbs = [r.ttfb for r in results if r.ttfb is not None]
+    return {
+        "cpu_ms": 1000 * cpu / streams if target.pids else float("nan"),
+        "kib": (peak - rss0) / streams if target.pids else float("nan"),
+        "ttfb_p50": 1000 * _pct(ttfbs, 0.5),
+        "ttfb_p99": 1000 * _pct(ttfbs, 0.99),
+        "gap_p99": 1000 * _pct(gaps, 0.99),
+        "complete": sum(r.complete for r in results),
+    }
+
+
+def _fast_stream(target: Target) -> float:
+    async def main() -> float:
+        reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
+        writer.write(_request(target.port, target.path, max_tokens=FAST_CHUNKS))
+        start = time.monotonic()
+        while True:
+            data = await reader.read(65536)
+            if not data or b"[DONE]" in data:
+                break
+        writer.close()
+        return time.monotonic() - start
+
+    return asyncio.run(main())
+
+
+def _abort_latency(target: Target, upstream_port: int, trials: int = 5) -> float:
+    async def main() -> float:
+        delays = []
+        for i in range(trials):
+            bench_id = f"abort-{target.name}-{i}-{time.monotonic_ns()}"
+            await _one_stream(target.port, target.path, StreamResult(), abort_id=bench_id)
+            aborted = time.monotonic()
+            closed_at = None
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                reader, writer = await asyncio.open_connection("127.0.0.1", upstream_port)
+                writer.write(b"GET /closed HTTP/1.1\r\nhost: x\r\n\r\n")
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                closed = json.loads(await reader.readexactly(length))
+                writer.close()
+                if bench_id in closed:
+                    closed_at = closed[bench_id]
+                    break
+            delays.append((closed_at - aborted) if closed_at else float("inf"))
+        return statistics.median(delays)
+
+    return asyncio.run(main())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 100, 500])
+    parser.add_argument(
+        "--targets", nargs="+", default=["direct", "nginx", "naive", "chatproxy-httpx", "chatproxy"]
+    )
+    parser.add_argument("--loop", default="asyncio", help="uvicorn --loop for the Python proxies")
+    parser.add_argument("--http", default="h11", help="uvicorn --http for the Python proxies")
+    args = parser.parse_args()
+    targets = [t for t in args.targets if t != "nginx" or shutil.which("nginx")]
+    print(f"# {CHUNKS} chunks x {PACE * 1000:.0f} ms per stream; loop={args.loop} http={args.http}")
+    print(
+        "| target | streams | CPU ms/stream | KiB/stream | TTFB p50 ms | TTFB p99 ms "
+        "| gap p99 ms | added gap p99 ms | complete |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    extra: list[str] = []
+    with _start_upstream() as upstream_port:
+        direct_gap: dict[int, float] = {}
+        for name in targets:
+            with _start_target(name, upstream_port, args.loop, args.http) as target:
+                _measure(target, 5)  # warm up
+                for n in args.streams:
+                    m = _measure(target, n)
+                    if name == "direct":
+                        direct_gap[n] = m["gap_p99"]
+                    added = m["gap_p99"] - direct_gap.get(n, float("nan"))
+                    print(
+                        f"| {name} | {n} | {m['cpu_ms']:.2f} | {m['kib']:.1f} | "
+                        f"{m['ttfb_p50']:.1f} | {m['ttfb_p99']:.1f} | {m['gap_p99']:.1f} | "
+                        f"{added:+.1f} | {int(m['complete'])}/{n} |",
+                        flush=True,
+                    )
+                fast = _fast_stream(target)
+                abort = _abort_latency(target, upstream_port)
+                extra.append(
+                    f"| {name} | {FAST_CHUNKS / fast:,.0f} chunks/s | {abort * 1000:.1f} ms |"
+                )
+    print()
+    print("| target | one unpaced stream (5,000 chunks) | upstream closed after abort (median) |")
+    print("| --- | ---: | ---: |")
+    print("\n".join(extra))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_upstream":
+        asyncio.run(_upstream_main(sys.argv[2]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_serve":
+        _, _, kind, up, port, loop, http = sys.argv
+        _serve_app(kind, f"http://127.0.0.1:{up}", int(port), loop, http)
+    else:
+        main()
