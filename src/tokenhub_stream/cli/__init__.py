@@ -86,10 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         if args.command == "serve":
-            return _serve(args)
+            return _cmd_serve(args)
         if args.command == "ask":
-            return _ask(args)
-        return _chat(args)
+            return _cmd_ask(args)
+        return _cmd_chat(args)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
@@ -105,7 +105,7 @@ def _error(message: str) -> int:
     return EXIT_USAGE
 
 
-def _ask(args: argparse.Namespace) -> int:
+def _cmd_ask(args: argparse.Namespace) -> int:
     question: str | None = args.question
     if question is None or question == "-":
         question = sys.stdin.read()
@@ -125,7 +125,7 @@ def _ask(args: argparse.Namespace) -> int:
     raise AssertionError("unreachable")  # pragma: no cover  (ExitStack may swallow)
 
 
-def _chat(args: argparse.Namespace) -> int:
+def _cmd_chat(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         try:
             upstream = stack.enter_context(resolve_upstream(args.base_url))
@@ -149,7 +149,7 @@ def _client(upstream: Upstream, model: str) -> Client:
     return Client(base_url=upstream.base_url, api_key=upstream.api_key, model=model)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _cmd_serve(args: argparse.Namespace) -> int:
     # Imported lazily: it needs the `cli` extra (starlette, uvicorn). run_serve applies
     # the same upstream rule as resolve_upstream and keeps a local upstream running.
     try:

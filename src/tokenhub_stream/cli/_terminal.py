@@ -61,16 +61,9 @@ def format_status(
 
 def _dim(text: str, stream: TextIO) -> str:
     # https://no-color.org: a non-empty NO_COLOR turns colour off; never colour a pipe.
-    if os.environ.get("NO_COLOR") or not _isatty(stream):
+    if os.environ.get("NO_COLOR") or not stream.isatty():
         return text
     return f"\x1b[2m{text}\x1b[0m"
-
-
-def _isatty(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except ValueError:  # closed
-        return False
 
 
 @dataclass(frozen=True, slots=True)
