@@ -1,0 +1,391 @@
+// The tokenhub chat page: plain JS, no build step.
+//
+// The request is the one the usual tutorial page sends:
+//   fetch("/api/chat", {method: "POST", body: JSON.stringify({messages, model}), signal})
+// with no content type (the browser labels it text/plain, which ChatProxy accepts and which
+// needs no CORS preflight). The answer is read with a ReadableStream reader and a small
+// server-sent-events parser (below). Model output only ever reaches the page through
+// textContent / text nodes, never innerHTML.
+
+
+// --- Server-sent events -------------------------------------------------------------------
+
+// Splits a text stream into event data, following the HTML spec's event-stream rules: lines
+// end with CRLF, LF or CR (a CR at the end of a read may be half of a CRLF, so it waits for
+// the next read); ":" lines are comments (keep-alives); "data:" lines of one event are
+// joined with "\n"; a blank line ends the event. Other fields (event, id, retry) are not
+// used by chat completions and are ignored. An event without its blank line when the
+// stream closes is incomplete and dropped, as the spec says.
+export class SSEParser {
+  constructor() {
+    this.buffer = "";
+    this.data = [];
+  }
+
+  // Feed decoded text; returns the data strings of the events it completed.
+  feed(text) {
+    this.buffer += text;
+    const events = [];
+    const eol = /\r\n|\r|\n/g;
+    let start = 0;
+    let match;
+    while ((match = eol.exec(this.buffer)) !== null) {
+      if (match[0] === "\r" && eol.lastIndex === this.buffer.length) break;
+      this.line(this.buffer.slice(start, match.index), events);
+      start = eol.lastIndex;
+    }
+    this.buffer = this.buffer.slice(start);
+    return events;
+  }
+
+  // The stream closed: a trailing CR still ends its line.
+  end() {
+    const events = [];
+    if (this.buffer.endsWith("\r")) this.line(this.buffer.slice(0, -1), events);
+    this.buffer = "";
+    this.data = [];
+    return events;
+  }
+
+  line(line, events) {
+    if (line === "") {
+      if (this.data.length) events.push(this.data.join("\n"));
+      this.data = [];
+      return;
+    }
+    if (line.startsWith(":")) return; // a comment, e.g. ": keep-alive"
+    const colon = line.indexOf(":");
+    const field = colon < 0 ? line : line.slice(0, colon);
+    let value = colon < 0 ? "" : line.slice(colon + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    if (field === "data") this.data.push(value);
+  }
+}
+
+// --- One answer ---------------------------------------------------------------------------
+
+// Reads the OpenAI chat-completion chunks of one answer into `turn` and the page.
+export function applyFrame(data, turn, view) {
+  if (data === "[DONE]") {
+    turn.done = true;
+    return;
+  }
+  let obj;
+  try {
+    obj = JSON.parse(data);
+  } catch {
+    turn.error = "The server sent a frame that is not JSON.";
+    return;
+  }
+  if (obj === null || typeof obj !== "object") return;
+  // An error after the stream began: ChatProxy's and OpenAI's {"error": {...}}, vLLM's
+  // {"object": "error", "message": ...}. The answer is incomplete: say so, never drop it.
+  if (obj.error) {
+    const err = obj.error;
+    turn.error = (typeof err === "object" && err.message) || String(err);
+    return;
+  }
+  if (obj.object === "error") {
+    turn.error = obj.message || "The upstream reported an error.";
+    return;
+  }
+  if (typeof obj.model === "string" && obj.model) turn.model = obj.model;
+  const usage = obj.usage || (obj.x_groq && obj.x_groq.usage);
+  if (usage && typeof usage === "object") turn.usage = usage;
+  const choice = Array.isArray(obj.choices) ? obj.choices[0] : undefined;
+  if (!choice) return; // Azure's filter frames, the usage chunk
+  const delta = choice.delta || {};
+  const reasoning = delta.reasoning_content ?? delta.reasoning;
+  if (typeof reasoning === "string" && reasoning) view.appendReasoning(reasoning);
+  if (typeof delta.content === "string" && delta.content) {
+    const now = performance.now();
+    if (turn.firstAt === null) turn.firstAt = now;
+    turn.lastAt = now;
+    turn.deltas += 1;
+    turn.content += delta.content;
+    view.appendText(delta.content);
+  }
+  if (choice.finish_reason) turn.finish = choice.finish_reason;
+}
+
+function metricsLine(turn) {
+  const parts = [turn.model || "default model"];
+  if (turn.firstAt !== null) {
+    parts.push(`first token ${Math.round(turn.firstAt - turn.startedAt)} ms`);
+    const seconds = (turn.lastAt - turn.firstAt) / 1000;
+    const tokens = turn.usage && turn.usage.completion_tokens;
+    if (seconds > 0 && typeof tokens === "number" && tokens > 1) {
+      parts.push(`${((tokens - 1) / seconds).toFixed(1)} tokens/s`);
+    } else if (seconds > 0 && turn.deltas > 1) {
+      parts.push(`${((turn.deltas - 1) / seconds).toFixed(1)} deltas/s`);
+    }
+  }
+  if (turn.outcome === "stopped") parts.push("stopped");
+  else if (turn.outcome === "error") parts.push("incomplete");
+  else if (turn.finish && turn.finish !== "stop") parts.push(`finish: ${turn.finish}`);
+  return parts.join(" · ");
+}
+
+// The message of an HTTP error answer: ChatProxy sends {"error": {"message": ...}}.
+async function httpErrorMessage(response) {
+  const text = await response.text().catch(() => "");
+  try {
+    const obj = JSON.parse(text);
+    const message = obj && obj.error && (obj.error.message || obj.error);
+    if (message) return `HTTP ${response.status}: ${message}`;
+  } catch {
+    // not JSON: fall through to the raw text
+  }
+  const snippet = text.trim().slice(0, 300);
+  return `HTTP ${response.status}${snippet ? `: ${snippet}` : ` ${response.statusText}`}`;
+}
+
+// --- The page -----------------------------------------------------------------------------
+
+const $ = (id) => document.getElementById(id);
+const logBox = $("log");
+const form = $("composer");
+const promptBox = $("prompt");
+const sendButton = $("send");
+const stopButton = $("stop");
+const modelSelect = $("model");
+const statusLine = $("status");
+
+const conversation = []; // the conversation, sent with each request
+let controller = null; // the AbortController of the answer streaming now
+
+function nearBottom() {
+  return logBox.scrollHeight - logBox.scrollTop - logBox.clientHeight < 80;
+}
+
+function scrollDown(force) {
+  if (force || nearBottom()) logBox.scrollTop = logBox.scrollHeight;
+}
+
+function addMessage(role, text) {
+  const empty = $("empty");
+  if (empty) empty.remove();
+  const box = document.createElement("article");
+  box.className = `msg ${role}`;
+  box.setAttribute("aria-label", role === "user" ? "You" : "Assistant");
+  const body = document.createElement("p");
+  body.className = "text";
+  const node = document.createTextNode(text);
+  body.append(node);
+  box.append(body);
+  logBox.append(box);
+  scrollDown(true);
+  return { box, node };
+}
+
+function assistantView() {
+  const { box, node } = addMessage("assistant", "");
+  box.dataset.state = "waiting";
+  box.setAttribute("aria-busy", "true");
+  let reasoning = null;
+  return {
+    box,
+    appendText(text) {
+      const follow = nearBottom();
+      if (box.dataset.state === "waiting") box.dataset.state = "streaming";
+      node.appendData(text);
+      if (follow) scrollDown(true);
+    },
+    appendReasoning(text) {
+      if (reasoning === null) {
+        const details = document.createElement("details");
+        details.className = "reasoning";
+        const summary = document.createElement("summary");
+        summary.textContent = "Reasoning";
+        reasoning = document.createTextNode("");
+        const pre = document.createElement("p");
+        pre.className = "text";
+        pre.append(reasoning);
+        details.append(summary, pre);
+        box.prepend(details);
+      }
+      reasoning.appendData(text);
+    },
+    showError(message) {
+      const p = document.createElement("p");
+      p.className = "error";
+      p.setAttribute("role", "alert");
+      p.textContent = message;
+      box.append(p);
+      scrollDown(false);
+    },
+    finish(state, meta) {
+      box.dataset.state = state;
+      box.setAttribute("aria-busy", "false");
+      if (meta) {
+        const p = document.createElement("p");
+        p.className = "meta";
+        p.textContent = meta;
+        box.append(p);
+      }
+      scrollDown(false);
+    },
+  };
+}
+
+function setBusy(busy) {
+  sendButton.disabled = busy;
+  stopButton.disabled = !busy;
+  if (!busy && document.activeElement === stopButton) promptBox.focus();
+}
+
+async function ask(text) {
+  const model = modelSelect.value || undefined;
+  conversation.push({ role: "user", content: text });
+  addMessage("user", text);
+  const view = assistantView();
+  const turn = {
+    model: model || "",
+    startedAt: performance.now(),
+    firstAt: null,
+    lastAt: null,
+    deltas: 0,
+    content: "",
+    done: false,
+    finish: null,
+    usage: null,
+    error: null,
+    outcome: "completed",
+  };
+  controller = new AbortController();
+  const { signal } = controller;
+  setBusy(true);
+  statusLine.textContent = "Answering…";
+  try {
+    const response = await fetch("/api/chat", {
+      method: "POST",
+      body: JSON.stringify({ messages: conversation, model }),
+      signal,
+    });
+    if (!response.ok) {
+      turn.error = await httpErrorMessage(response);
+    } else {
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      const parser = new SSEParser();
+      for (;;) {
+        const { value, done } = await reader.read();
+        const events = done
+          ? parser.feed(decoder.decode()).concat(parser.end())
+          : parser.feed(decoder.decode(value, { stream: true }));
+        for (const data of events) {
+          applyFrame(data, turn, view);
+          if (turn.error) break;
+        }
+        if (done) break;
+        if (turn.error) {
+          await reader.cancel().catch(() => {});
+          break;
+        }
+      }
+      if (!turn.error && !turn.done && !turn.finish) {
+        // A bare close after the finish chunk is a complete answer; without either, the
+        // connection was cut and the answer may be incomplete.
+        turn.error = "The connection closed before the answer finished.";
+      }
+    }
+  } catch (error) {
+    if (signal.aborted) turn.outcome = "stopped";
+    else turn.error = `The connection failed: ${error.message || error}`;
+  } finally {
+    controller = null;
+  }
+  if (turn.error) {
+    turn.outcome = "error";
+    view.showError(turn.error);
+  }
+  if (turn.content) {
+    conversation.push({ role: "assistant", content: turn.content });
+  } else if (turn.outcome !== "completed") {
+    conversation.pop(); // no answer: this question is not part of the conversation
+  }
+  view.finish(turn.outcome === "completed" ? "done" : turn.outcome, metricsLine(turn));
+  statusLine.textContent =
+    turn.outcome === "completed" ? "Answer complete." : turn.outcome === "stopped" ? "Stopped." : `Error: ${turn.error}`;
+  setBusy(false);
+}
+
+function stopAnswer() {
+  if (controller) controller.abort();
+}
+
+form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = promptBox.value.trim();
+  if (!text || controller) return;
+  promptBox.value = "";
+  ask(text);
+});
+
+promptBox.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing && !event.altKey &&
+      !event.ctrlKey && !event.metaKey) {
+    event.preventDefault();
+    form.requestSubmit();
+  }
+});
+
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && controller) {
+    event.preventDefault();
+    stopAnswer();
+  }
+});
+
+stopButton.addEventListener("click", stopAnswer);
+
+$("new-chat").addEventListener("click", () => {
+  stopAnswer();
+  conversation.length = 0;
+  logBox.replaceChildren();
+  const empty = document.createElement("p");
+  empty.className = "empty";
+  empty.id = "empty";
+  empty.textContent = "New conversation.";
+  logBox.append(empty);
+  promptBox.focus();
+});
+
+async function loadModels() {
+  const notice = $("notice");
+  let config = { default_model: "", local: false };
+  try {
+    const response = await fetch("/config.json");
+    if (response.ok) config = await response.json();
+  } catch {
+    // the page also works without it
+  }
+  if (config.local) {
+    notice.textContent =
+      "No TOKENHUB_KEY or base URL: answers come from the local test upstream (no network).";
+    notice.hidden = false;
+  }
+  let ids = [];
+  try {
+    const response = await fetch("/api/chat/models");
+    if (!response.ok) throw new Error(await httpErrorMessage(response));
+    const body = await response.json();
+    ids = (body.data || []).map((m) => m && m.id).filter((id) => typeof id === "string");
+  } catch (error) {
+    notice.textContent = `Could not list the models (${error.message || error}); using the default.`;
+    notice.hidden = false;
+  }
+  modelSelect.replaceChildren();
+  if (!ids.length) {
+    const option = new Option(config.default_model || "default", "");
+    modelSelect.append(option);
+  }
+  for (const id of ids) modelSelect.append(new Option(id, id));
+  if (config.default_model && ids.includes(config.default_model)) {
+    modelSelect.value = config.default_model;
+  }
+  modelSelect.disabled = false;
+}
+
+loadModels();
+promptBox.focus();
