@@ -11,6 +11,7 @@ stderr, so `ask` can be piped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -175,13 +176,12 @@ def run_chat(
     Returns:
         0 when the user leaves.
     """
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (input() then has line editing and history)
     messages = _start(system)
-    stderr.write(
-        _dim(
-            f"chatting with {model} at {client.base_url}; /help for commands, Ctrl-D quits", stderr
-        )
-        + "\n"
-    )
+    banner = f"chatting with {model} at {client.base_url}; /help for commands, Ctrl-D quits"
+    stderr.write(_dim(banner, stderr) + "\n")
     stderr.flush()
     while True:
         try:
