@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ._async_client import AsyncChatStream, AsyncClient
-from ._base import BaseClient, HeaderTypes, MessagesTypes, TimeoutTypes
+from ._base import BaseClient, Call, HeaderTypes, MessagesTypes, TimeoutTypes
 from ._config import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MODEL, UNSET, UnsetType
 from ._sync_client import ChatStream, Client
 
@@ -54,22 +56,9 @@ def stream_chat(
         MissingAPIKeyError: the default URL and no key (before any request).
         TypeError: `stream` in params.
     """
-    # Validate (missing key, `stream` in params) before any connection pool exists.
-    call = BaseClient(api_key=api_key, base_url=base_url)._prepare(
-        messages,
-        model,
-        params,
-        stream=True,
-        timeout=timeout,
-        max_retries=max_retries,
-        include_usage=include_usage,
-        extra_headers=extra_headers,
-    )
-    return AsyncChatStream(
-        AsyncClient(api_key=api_key, base_url=base_url, max_event_bytes=max_event_bytes),
-        call,
-        owns_client=True,
-    )
+    call = _prepare(locals(), params)
+    client = AsyncClient(api_key=api_key, base_url=base_url, max_event_bytes=max_event_bytes)
+    return AsyncChatStream(client, call, owns_client=True)
 
 
 def stream_chat_sync(
@@ -100,19 +89,20 @@ def stream_chat_sync(
         MissingAPIKeyError: the default URL and no key (before any request).
         TypeError: `stream` in params.
     """
+    call = _prepare(locals(), params)
+    client = Client(api_key=api_key, base_url=base_url, max_event_bytes=max_event_bytes)
+    return ChatStream(client, call, owns_client=True)
+
+
+def _prepare(args: dict[str, Any], params: dict[str, object]) -> Call:
     # Validate (missing key, `stream` in params) before any connection pool exists.
-    call = BaseClient(api_key=api_key, base_url=base_url)._prepare(
-        messages,
-        model,
+    return BaseClient(api_key=args["api_key"], base_url=args["base_url"])._prepare(
+        args["messages"],
+        args["model"],
         params,
         stream=True,
-        timeout=timeout,
-        max_retries=max_retries,
-        include_usage=include_usage,
-        extra_headers=extra_headers,
-    )
-    return ChatStream(
-        Client(api_key=api_key, base_url=base_url, max_event_bytes=max_event_bytes),
-        call,
-        owns_client=True,
+        timeout=args["timeout"],
+        max_retries=args["max_retries"],
+        include_usage=args["include_usage"],
+        extra_headers=args["extra_headers"],
     )
