@@ -47,7 +47,9 @@ def chromium_path() -> str | None:
     return path if path and os.access(path, os.X_OK) else None
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: the sync API keeps an asyncio loop running in the main thread
+# while it is open, and the anyio tests elsewhere in the suite cannot start their own then.
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Browser]:
     try:
         from playwright.sync_api import sync_playwright
