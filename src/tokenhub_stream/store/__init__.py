@@ -1,0 +1,51 @@
+"""Conversation history for the proxy: an async store on SQLite (default) or PostgreSQL.
+
+```python
+from tokenhub_stream.store import ConversationStore
+
+store = ConversationStore("sqlite+aiosqlite:///chats.db")    # or postgresql+asyncpg://...
+proxy = ChatProxy(api_key=key, base_url=url, **store.recorder().hooks())
+```
+
+Needs the `store` extra (SQLAlchemy, aiosqlite); PostgreSQL also needs `postgres` (asyncpg).
+"""
+
+from __future__ import annotations
+
+try:
+    import sqlalchemy  # noqa: F401
+except ImportError as exc:  # pragma: no cover
+    raise ImportError(
+        "tokenhub_stream.store needs SQLAlchemy: pip install 'tokenhub_stream[store]'"
+    ) from exc
+
+from ._exceptions import ConversationExists, ConversationNotFound, SchemaError, StoreError
+from ._models import Conversation, Message, MessageOutcome, Turn
+from ._recorder import ConversationRecorder, ProxyHooks
+from ._schema import SCHEMA_VERSION
+from ._store import DEFAULT_STORE_URL, ConversationStore
+
+__all__ = [
+    "DEFAULT_STORE_URL",
+    "SCHEMA_VERSION",
+    "Conversation",
+    "ConversationExists",
+    "ConversationNotFound",
+    "ConversationRecorder",
+    "ConversationStore",
+    "Message",
+    "MessageOutcome",
+    "ProxyHooks",
+    "SchemaError",
+    "StoreError",
+    "Turn",
+]
+
+# Public names report the public module, like the package root does.
+__locals = locals()
+for __name in __all__:
+    if not __name.isupper() and hasattr(__locals[__name], "__module__"):
+        try:
+            __locals[__name].__module__ = "tokenhub_stream.store"
+        except (AttributeError, TypeError):
+            pass
