@@ -177,16 +177,22 @@ class _LoopCore:
         return results
 
 
+def _not_awaitable(value: object) -> object:
+    # A plain def handing back a coroutine: it was registered as sync, so it is not
+    # awaited (trio would refuse it in a worker thread anyway).
+    if inspect.isawaitable(value):
+        if inspect.iscoroutine(value):
+            value.close()  # never awaited: close it so Python does not warn
+        raise TypeError("the tool is a plain function but returned an awaitable")
+    return value
+
+
 def _run_sync(invocation: _Invocation | ToolResult) -> ToolResult:
     if isinstance(invocation, ToolResult):
         return invocation
     invocation.start()
     try:
-        value = invocation.tool.fn(**invocation.kwargs)
-        if inspect.isawaitable(value):
-            if inspect.iscoroutine(value):
-                value.close()  # never awaited: close it so Python does not warn
-            raise TypeError("the tool returned an awaitable, which the sync loop cannot await")
+        value = _not_awaitable(invocation.tool.fn(**invocation.kwargs))
     except Exception as exc:
         return invocation.failed(exc)
     return invocation.succeeded(value)
@@ -198,11 +204,13 @@ async def _run_async(invocation: _Invocation | ToolResult) -> ToolResult:
     invocation.start()
     call = partial(invocation.tool.fn, **invocation.kwargs)
     try:
-        # A sync tool runs in a worker thread so it neither blocks the event loop nor
-        # its sibling calls; an async one returns its coroutine here.
-        value = call() if invocation.tool.is_async else await anyio.to_thread.run_sync(call)
-        if inspect.isawaitable(value):
-            value = await value
+        if invocation.tool.is_async:
+            coroutine = call()
+            assert inspect.isawaitable(coroutine)
+            value = await coroutine
+        else:
+            # In a worker thread, so it blocks neither the event loop nor sibling calls.
+            value = _not_awaitable(await anyio.to_thread.run_sync(call))
     except Exception as exc:
         return invocation.failed(exc)
     return invocation.succeeded(value)
@@ -264,6 +272,7 @@ class AsyncToolLoop:
         self._model = model
         self._options = options
         self._events: AsyncGenerator[ToolLoopEvent, None] | None = None
+        self._iterated = False  # `async for` began (anext() alone may come first)
 
     @property
     def messages(self) -> list[dict[str, object]]:
@@ -282,9 +291,11 @@ class AsyncToolLoop:
         return self._core.turn
 
     def __aiter__(self) -> Self:
-        if self._events is not None:
+        if self._iterated:
             raise StreamConsumed("a tool loop can be iterated only once")
-        self._events = self._run()
+        self._iterated = True
+        if self._events is None:
+            self._events = self._run()
         return self
 
     async def __anext__(self) -> ToolLoopEvent:
@@ -375,6 +386,7 @@ class ToolLoop:
         self._model = model
         self._options = options
         self._events: Generator[ToolLoopEvent, None, None] | None = None
+        self._iterated = False  # `for` began (next() alone may come first)
 
     @property
     def messages(self) -> list[dict[str, object]]:
@@ -393,9 +405,11 @@ class ToolLoop:
         return self._core.turn
 
     def __iter__(self) -> Self:
-        if self._events is not None:
+        if self._iterated:
             raise StreamConsumed("a tool loop can be iterated only once")
-        self._events = self._run()
+        self._iterated = True
+        if self._events is None:
+            self._events = self._run()
         return self
 
     def __next__(self) -> ToolLoopEvent:

@@ -285,14 +285,19 @@ class ToolSet(Mapping[str, Tool[..., object]]):
     ```
 
     Args:
-        tools: functions (made into tools with `tool()`) or `Tool`s.
+        tools: functions (made into tools with `tool()`) or `Tool`s, or a mapping
+            whose values are `Tool`s (the keys are not used: each tool has its name).
 
     Raises:
         ValueError: two tools share a name.
         TypeError: an item is not callable, or a function cannot be made a tool.
     """
 
-    def __init__(self, tools: Iterable[Tool[..., object] | Callable[..., object]] = ()) -> None:
+    def __init__(
+        self,
+        tools: Iterable[Tool[..., object] | Callable[..., object]]
+        | Mapping[str, Tool[..., object]] = (),
+    ) -> None:
         self._tools: dict[str, Tool[..., object]] = {}
         if isinstance(tools, Tool) or not isinstance(tools, Iterable):
             raise TypeError("ToolSet takes an iterable of tools or functions, e.g. a list")
@@ -378,8 +383,11 @@ class ToolSet(Mapping[str, Tool[..., object]]):
         return f"ToolSet({list(self._tools)!r})"
 
 
-#: What `tools=` accepts: a `ToolSet`, or an iterable of `Tool`s and plain functions.
-ToolsTypes: TypeAlias = ToolSet | Iterable[Tool[..., object] | Callable[..., object]]
+#: What `tools=` accepts: a `ToolSet`, an iterable of `Tool`s and plain functions, or a
+#: mapping whose values are `Tool`s.
+ToolsTypes: TypeAlias = (
+    ToolSet | Iterable[Tool[..., object] | Callable[..., object]] | Mapping[str, Tool[..., object]]
+)
 
 
 # --- events of the tool loop -----------------------------------------------------------
@@ -672,11 +680,7 @@ def _parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
 
 
 def _is_plain(value: object, tp: object) -> bool:
-    if tp is bool or tp is str:
-        return type(value) is tp
-    if tp is int or tp is float:
-        return type(value) is tp
-    return False
+    return tp in (str, int, float, bool) and type(value) is tp
 
 
 def _convert(value: object, tp: object) -> object:
@@ -686,13 +690,21 @@ def _convert(value: object, tp: object) -> object:
     if origin is Union or origin is types.UnionType:
         if value is None or any(_is_plain(value, arg) for arg in args):
             return value
+        error: Exception | None = None
+        accepted = False  # some member takes the value as it is
         for arg in args:
+            if arg is type(None):
+                continue
             try:
                 converted = _convert(value, arg)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError) as exc:
+                error = error or exc
                 continue
             if converted is not value:
                 return converted
+            accepted = True
+        if error is not None and not accepted:
+            raise error
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
