@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
 import pytest
 
 from tokenhub_stream._config import DEFAULT_BASE_URL
-from tokenhub_stream.cli._serve import _display_url, _fetch_models, _resolve, create_app
+from tokenhub_stream.cli._serve import (
+    _display_url,
+    _fetch_models,
+    _resolve,
+    create_app,
+    run_serve,
+)
 from tokenhub_stream.cli._upstream import Upstream
 from tokenhub_stream.testing import DEFAULT_MODELS, FakeChatUpstream, RunningUpstream, run_upstream
 
@@ -135,3 +144,41 @@ def test_serve_display_url() -> None:
     assert _display_url("127.0.0.1", 8000) == "http://127.0.0.1:8000/"
     assert _display_url("0.0.0.0", 8000) == "http://127.0.0.1:8000/"
     assert _display_url("::1", 8000) == "http://[::1]:8000/"
+
+
+def test_serve_run_serve_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    # In a thread, so uvicorn installs no signal handlers; stopped through the Server.
+    import uvicorn
+
+    servers: list[uvicorn.Server] = []
+
+    class Recording(uvicorn.Server):
+        def __init__(self, config: uvicorn.Config) -> None:
+            super().__init__(config)
+            servers.append(self)
+
+    monkeypatch.setattr(uvicorn, "Server", Recording)
+    monkeypatch.delenv("TOKENHUB_KEY", raising=False)
+    monkeypatch.delenv("TOKENHUB_BASE_URL", raising=False)
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    results: list[int] = []
+
+    def target() -> None:
+        results.append(
+            run_serve(host="127.0.0.1", port=0, base_url=None, api_key=None, model="gpt-4o")
+        )
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    # servers[0] is the local upstream's (run_upstream uses uvicorn too).
+    while not (len(servers) == 2 and servers[1].started):
+        assert time.monotonic() < deadline and thread.is_alive(), "run_serve did not start"
+        time.sleep(0.01)
+    url = out.getvalue().strip()
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", url), url
+    assert httpx.get(url + "config.json").json() == {"default_model": "gpt-4o", "local": True}
+    servers[1].should_exit = True
+    thread.join(10)
+    assert results == [0]
