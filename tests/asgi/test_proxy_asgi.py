@@ -12,7 +12,7 @@ from starlette.requests import Request
 
 from tokenhub_stream.asgi import ChatProxy, InMemoryRateLimiter, RateLimiter
 
-from .conftest import KEY, MockUpstream, assert_no_key, sse_response
+from .conftest import KEY, FakeStream, MockUpstream, assert_no_key, sse_response
 
 pytestmark = pytest.mark.anyio
 
@@ -318,5 +318,73 @@ def test_chatproxy_rejects_bad_options() -> None:
         ChatProxy(api_key=KEY, keepalive_interval=0)
 
 
-async def _agen() -> AsyncIterator[bytes]:  # pragma: no cover - typing helper
-    yield b""
+def test_chatproxy_rejects_more_bad_options() -> None:
+    for kwargs in ({"max_tokens_cap": 0}, {"max_body_bytes": 0}, {"max_connections": 0}):
+        with pytest.raises(ValueError):
+            ChatProxy(api_key=KEY, **kwargs)  # type: ignore[arg-type]
+    assert "rate=" in repr(InMemoryRateLimiter())
+
+
+async def test_chatproxy_async_context_manager(mock_upstream: MockUpstream) -> None:
+    async with make_proxy(mock_upstream) as proxy:
+        assert (await post(proxy)).status_code == 200
+    assert proxy._client is None
+
+
+async def test_chatproxy_on_request_must_return_mapping(mock_upstream: MockUpstream) -> None:
+    def on_request(request: Request, body: dict[str, object]) -> dict[str, object]:
+        return None  # type: ignore[return-value]
+
+    assert (await post(make_proxy(mock_upstream, on_request=on_request))).status_code == 500
+
+
+async def test_chatproxy_chunked_body_over_limit(mock_upstream: MockUpstream) -> None:
+    async def body() -> AsyncIterator[bytes]:
+        yield b'{"messages": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}'
+
+    transport = httpx.ASGITransport(app=make_proxy(mock_upstream, max_body_bytes=4096))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        response = await client.post("/", content=body())
+    assert response.status_code == 413
+    assert mock_upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"<html>bad gateway</html>", "The upstream answered 400."),
+        (b"[1, 2]", "The upstream answered 400."),
+        (b'{"error": "plain words"}', "plain words"),
+        (b'{"error": 42}', "The upstream answered 400."),
+        (b'{"message": "top level", "code": 7}', "top level"),
+    ],
+)
+async def test_chatproxy_upstream_error_bodies(
+    mock_upstream: MockUpstream, raw: bytes, message: str
+) -> None:
+    mock_upstream.responses.append(httpx.Response(400, content=raw))
+    response = await post(make_proxy(mock_upstream))
+    assert response.status_code == 400
+    assert error_of(response)["message"] == message
+
+
+@pytest.mark.parametrize(
+    ("error", "status"), [(httpx.ReadTimeout("slow"), 504), (httpx.ReadError("cut"), 502)]
+)
+async def test_chatproxy_stream_false_body_fails(
+    mock_upstream: MockUpstream, error: Exception, status: int
+) -> None:
+    stream = FakeStream([b'{"choi'], error=error)
+    mock_upstream.responses.append(
+        httpx.Response(200, headers={"content-type": "application/json"}, stream=stream)
+    )
+    response = await post(make_proxy(mock_upstream), {**BODY, "stream": False})
+    assert response.status_code == status
+
+
+async def test_chatproxy_origin_with_explicit_default_port(mock_upstream: MockUpstream) -> None:
+    headers = {"origin": "https://app.example", "host": "app.example:443"}
+    assert (await post(make_proxy(mock_upstream), headers=headers)).status_code == 200

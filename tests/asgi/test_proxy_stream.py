@@ -376,3 +376,28 @@ async def test_default_transport_by_event_loop(anyio_backend: str) -> None:
         "AiohttpTransport" if anyio_backend == "asyncio" and has_aiohttp else "AsyncHTTPTransport"
     )
     assert name == expected
+
+
+async def test_client_gone_while_sending_body(mock_upstream: MockUpstream) -> None:
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    with anyio.fail_after(2):
+        await make_proxy(mock_upstream)(dict(SCOPE), receive, send)
+    assert mock_upstream.requests == []
+
+
+async def test_unterminated_last_event_is_forwarded(mock_upstream: MockUpstream) -> None:
+    # An upstream that ends without the final blank line: its bytes still go out unchanged.
+    mock_upstream.responses.append(sse_response([chunk("a", "stop"), b"data: [DONE]"]))
+    records: list[CompletionRecord] = []
+    client = FakeClient()
+    with anyio.fail_after(2):
+        await run(make_proxy(mock_upstream, on_complete=records.append), client)
+    assert client.body == chunk("a", "stop") + b"data: [DONE]"
+    assert records[0].outcome == "completed" and records[0].message.content == "a"
