@@ -26,6 +26,7 @@ Deliberate divergences from the usual Starlette streaming endpoint, with reasons
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import inspect
@@ -905,10 +906,10 @@ def _fast_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:
     # costs ~27 ms CPU per stream and queues first tokens for seconds; aiohttp's pool and C
     # parser behind httpx's API (httpx-aiohttp) about 3 ms. aiohttp runs on asyncio only.
     try:
-        import sniffio
-
-        if sniffio.current_async_library() != "asyncio":
-            return None
+        asyncio.get_running_loop()
+    except RuntimeError:  # not on asyncio (trio)
+        return None
+    try:
         module = importlib.import_module("httpx_aiohttp")
     except ImportError:
         return None
