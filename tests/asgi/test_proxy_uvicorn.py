@@ -90,7 +90,10 @@ async def test_uvicorn_browser_request_streams_incrementally(upstream: Upstream)
                         assert_no_key(line)
     assert "".join(text for _, text in arrivals) == "one two three four"
     gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:], strict=False)]
-    assert all(gap > 0.1 for gap in gaps), gaps  # each event arrived on its own
+    # Each event arrived on its own (the upstream paces them 200 ms apart), not in a burst;
+    # the bounds are loose because other processes share the CPU.
+    assert all(gap > 0.04 for gap in gaps), gaps
+    assert arrivals[-1][0] - arrivals[0][0] > 0.4, gaps
     received = app.requests[0]
     assert received.headers["authorization"] == f"Bearer {KEY}"
     assert received.headers["accept-encoding"] == "identity"
