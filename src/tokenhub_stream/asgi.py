@@ -246,7 +246,8 @@ class ChatProxy:
     ```
 
     Args:
-        api_key: the upstream key; sent only to `base_url`, never shown anywhere.
+        api_key: the upstream key; sent only to `base_url`, never shown anywhere. `None`
+            for a local server that needs none (vLLM, Ollama): no `Authorization` is sent.
         base_url: the upstream API root; requests go to `base_url + "/chat/completions"`.
         default_model: used when the body has no `model` (default: the client's default).
         allowed_models: models the browser may ask for (`None`: any); also `GET <mount>/models`.
@@ -277,7 +278,7 @@ class ChatProxy:
     def __init__(
         self,
         *,
-        api_key: str,
+        api_key: str | None,
         base_url: str | None = None,
         default_model: str | None = None,
         allowed_models: Collection[str] | None = None,
@@ -299,8 +300,8 @@ class ChatProxy:
     ) -> None:
         from . import _config
 
-        if not isinstance(api_key, str) or not api_key:
-            raise ValueError("api_key must be a non-empty string")
+        if api_key is not None and (not isinstance(api_key, str) or not api_key):
+            raise ValueError("api_key must be a non-empty string, or None for no key")
         if on_disconnect not in ("cancel", "finish"):
             raise ValueError("on_disconnect must be 'cancel' or 'finish'")
         if max_tokens_cap is not None and max_tokens_cap < 1:
@@ -315,7 +316,8 @@ class ChatProxy:
         if not base.startswith(("http://", "https://")):
             raise ValueError("base_url must be an http:// or https:// URL")
         self._api_key = api_key
-        self._key_bytes = api_key.encode()
+        # None when there is no key: b"" would "match" everywhere in the redaction below.
+        self._key_bytes = api_key.encode() if api_key else None
         self._url = base + "/chat/completions"
         self.base_url = base
         self.default_model = default_model or _config.DEFAULT_MODEL
@@ -341,7 +343,7 @@ class ChatProxy:
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._headers = {
-            "authorization": f"Bearer {api_key}",
+            **({"authorization": f"Bearer {api_key}"} if api_key else {}),
             "content-type": "application/json",
             "accept-encoding": "identity",
             "user-agent": f"tokenhub_stream/{__version__}",
@@ -751,7 +753,7 @@ class ChatProxy:
                     out = splitter.feed(chunk)
                     if not out:
                         continue
-                    if key in out:
+                    if key is not None and key in out:
                         out = out.replace(key, _REDACTED)
                     if collector is not None:
                         collector.feed(out)
@@ -821,7 +823,7 @@ class ChatProxy:
             turn.last_write = time.monotonic()
 
     def _redact(self, data: bytes) -> bytes:
-        if self._key_bytes in data:
+        if self._key_bytes is not None and self._key_bytes in data:
             return data.replace(self._key_bytes, _REDACTED)
         return data
 
