@@ -17,6 +17,9 @@ PAIRS = [(SRC / "_async_client.py", SRC / "_sync_client.py")]
 # Whole-word replacements, applied in order.
 SUBS = [
     ("AsyncChatStream", "ChatStream"),
+    ("AsyncToolLoop", "ToolLoop"),
+    ("arun_tools", "run_tools_sync"),
+    ("async for event in client.run_tools", "for event in client.run_tools"),
     ("AsyncClient", "Client"),
     ("AsyncShield", "SyncShield"),
     ("async_sleep", "sync_sleep"),

@@ -30,6 +30,7 @@ def _normalise(sig: inspect.Signature) -> str:
         ("AsyncChatStream", "ChatStream"),
         ("AsyncClient", "Client"),
         ("AsyncIterator", "Iterator"),
+        ("AsyncToolLoop", "ToolLoop"),
     ):
         text = text.replace(a, s)
     return text
@@ -37,7 +38,11 @@ def _normalise(sig: inspect.Signature) -> str:
 
 @pytest.mark.parametrize(
     ("sync_cls", "async_cls"),
-    [(ts.Client, ts.AsyncClient), (ts.ChatStream, ts.AsyncChatStream)],
+    [
+        (ts.Client, ts.AsyncClient),
+        (ts.ChatStream, ts.AsyncChatStream),
+        (ts.ToolLoop, ts.AsyncToolLoop),
+    ],
 )
 def test_parity_methods_and_signatures(sync_cls: type, async_cls: type) -> None:
     sync, asyn = _methods(sync_cls), _methods(async_cls)

@@ -38,11 +38,23 @@ from ._models import (
 )
 from ._sse import ServerSentEvent, SSEDecoder
 from ._sync_client import ChatStream, Client
+from ._tool_loop import DEFAULT_MAX_TURNS, AsyncToolLoop, ToolLoop
+from .tools import (
+    MaxTurnsExceeded,
+    Tool,
+    ToolCallStarted,
+    ToolLoopEvent,
+    ToolResult,
+    ToolSet,
+    TurnFinished,
+    tool,
+)
 
 __all__ = [
     "APIError",
     "AsyncChatStream",
     "AsyncClient",
+    "AsyncToolLoop",
     "AuthenticationError",
     "BadRequestError",
     "ChatMessage",
@@ -52,10 +64,12 @@ __all__ = [
     "Client",
     "ContentDelta",
     "DEFAULT_BASE_URL",
+    "DEFAULT_MAX_TURNS",
     "DEFAULT_MODEL",
     "DEFAULT_TIMEOUT",
     "FinishEvent",
     "JSON_BACKEND",
+    "MaxTurnsExceeded",
     "MissingAPIKeyError",
     "NotFoundError",
     "Outcome",
@@ -71,15 +85,23 @@ __all__ = [
     "Timeout",
     "Timings",
     "TokenHubError",
+    "Tool",
     "ToolCall",
     "ToolCallDelta",
+    "ToolCallStarted",
+    "ToolLoop",
+    "ToolLoopEvent",
+    "ToolResult",
+    "ToolSet",
     "TransportError",
     "TruncatedStreamError",
+    "TurnFinished",
     "Usage",
     "UsageEvent",
     "__version__",
     "stream_chat",
     "stream_chat_sync",
+    "tool",
 ]
 
 # Public names report the public module, like httpx does.

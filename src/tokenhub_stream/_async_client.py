@@ -37,6 +37,8 @@ from ._config import (
 )
 from ._exceptions import TokenHubError
 from ._models import StreamEvent
+from ._tool_loop import DEFAULT_MAX_TURNS, AsyncToolLoop, arun_tools
+from .tools import ToolsTypes
 
 __all__ = ["AsyncChatStream", "AsyncClient"]
 
@@ -328,6 +330,54 @@ class AsyncClient(BaseClient):
             extra_headers=extra_headers,
         )
         return AsyncChatStream(self, call)
+
+    def run_tools(
+        self,
+        messages: MessagesTypes,
+        *,
+        tools: ToolsTypes,
+        model: str | UnsetType = UNSET,
+        max_turns: int = DEFAULT_MAX_TURNS,
+        timeout: TimeoutTypes | UnsetType = UNSET,
+        max_retries: int | UnsetType = UNSET,
+        include_usage: bool = False,
+        extra_headers: HeaderTypes | None = None,
+        **params: object,
+    ) -> AsyncToolLoop:
+        """Stream a conversation that may call tools, running them until a turn ends
+        without tool calls (see docs/tools.md).
+
+        ```python
+        @tool
+        def get_weather(city: str) -> str:  # hints and docstring make the schema
+            return "sunny"
+
+        async for event in client.run_tools(messages, tools=[get_weather]):
+            if isinstance(event, ContentDelta):
+                print(event.text, end="")
+        ```
+
+        Returns:
+            `AsyncToolLoop`: iterate its events; `.messages` and `.final` afterwards.
+
+        Raises:
+            TypeError: `stream` in params, messages not a list, or (sync client) a
+                coroutine-function tool; before any request.
+            ValueError: no tools, duplicate tool names, or `max_turns < 1`.
+            MaxTurnsExceeded: the last allowed turn still asked for tools.
+        """
+        return arun_tools(
+            self,
+            messages,
+            tools=tools,
+            model=model,
+            max_turns=max_turns,
+            timeout=timeout,
+            max_retries=max_retries,
+            include_usage=include_usage,
+            extra_headers=extra_headers,
+            **params,
+        )
 
     async def chat(
         self,

@@ -37,6 +37,8 @@ from ._config import (
 )
 from ._exceptions import TokenHubError
 from ._models import StreamEvent
+from ._tool_loop import DEFAULT_MAX_TURNS, ToolLoop, run_tools_sync
+from .tools import ToolsTypes
 
 __all__ = ["ChatStream", "Client"]
 
@@ -327,6 +329,54 @@ class Client(BaseClient):
             extra_headers=extra_headers,
         )
         return ChatStream(self, call)
+
+    def run_tools(
+        self,
+        messages: MessagesTypes,
+        *,
+        tools: ToolsTypes,
+        model: str | UnsetType = UNSET,
+        max_turns: int = DEFAULT_MAX_TURNS,
+        timeout: TimeoutTypes | UnsetType = UNSET,
+        max_retries: int | UnsetType = UNSET,
+        include_usage: bool = False,
+        extra_headers: HeaderTypes | None = None,
+        **params: object,
+    ) -> ToolLoop:
+        """Stream a conversation that may call tools, running them until a turn ends
+        without tool calls (see docs/tools.md).
+
+        ```python
+        @tool
+        def get_weather(city: str) -> str:  # hints and docstring make the schema
+            return "sunny"
+
+        for event in client.run_tools(messages, tools=[get_weather]):
+            if isinstance(event, ContentDelta):
+                print(event.text, end="")
+        ```
+
+        Returns:
+            `ToolLoop`: iterate its events; `.messages` and `.final` afterwards.
+
+        Raises:
+            TypeError: `stream` in params, messages not a list, or (sync client) a
+                coroutine-function tool; before any request.
+            ValueError: no tools, duplicate tool names, or `max_turns < 1`.
+            MaxTurnsExceeded: the last allowed turn still asked for tools.
+        """
+        return run_tools_sync(
+            self,
+            messages,
+            tools=tools,
+            model=model,
+            max_turns=max_turns,
+            timeout=timeout,
+            max_retries=max_retries,
+            include_usage=include_usage,
+            extra_headers=extra_headers,
+            **params,
+        )
 
     def chat(
         self,
