@@ -141,3 +141,33 @@ async def test_store_migrate_gives_up_on_a_broken_database(tmp_path: Path) -> No
             await store.migrate()
         with pytest.raises(DBAPIError):
             await store.list_conversations("alice")
+
+
+def test_store_times_are_naive_utc_in_the_database_and_aware_utc_out() -> None:
+    from datetime import timedelta, timezone
+
+    from sqlalchemy.dialects import sqlite
+
+    from tokenhub_stream.store._schema import UTCDateTime
+
+    kind, dialect = UTCDateTime(), sqlite.dialect()
+    paris = datetime(2026, 7, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
+    assert kind.process_bind_param(paris, dialect) == datetime(2026, 7, 1, 12, 0)
+    assert kind.process_bind_param(None, dialect) is None
+    naive = datetime(2026, 7, 1, 12, 0)
+    assert kind.process_result_value(naive, dialect) == datetime(2026, 7, 1, 12, 0, tzinfo=UTC)
+    assert kind.process_result_value(paris, dialect) == paris
+    assert kind.process_result_value(paris, dialect).tzinfo == UTC  # type: ignore[union-attr]
+    assert kind.process_result_value(None, dialect) is None
+
+
+def test_store_exports_are_sorted_and_report_the_public_module() -> None:
+    import inspect
+
+    from tokenhub_stream import store
+
+    assert store.__all__ == sorted(store.__all__)
+    for name in store.__all__:
+        value = getattr(store, name)
+        if inspect.isclass(value):
+            assert value.__module__ == "tokenhub_stream.store", name
