@@ -26,16 +26,16 @@ from ._schema import SCHEMA_VERSION
 from ._store import DEFAULT_STORE_URL, ConversationStore
 
 __all__ = [
-    "DEFAULT_STORE_URL",
-    "SCHEMA_VERSION",
     "Conversation",
     "ConversationExists",
     "ConversationNotFound",
     "ConversationRecorder",
     "ConversationStore",
+    "DEFAULT_STORE_URL",
     "Message",
     "MessageOutcome",
     "ProxyHooks",
+    "SCHEMA_VERSION",
     "SchemaError",
     "StoreError",
     "Turn",
