@@ -22,6 +22,10 @@ Deliberate divergences from the usual Starlette streaming endpoint, with reasons
 - `ChatProxy.routes(path)` instead of a bare `Mount`: Starlette's `Mount` answers an exact
   `POST /api/chat` with a 307 to `/api/chat/`, which `fetch` follows as a GET.
 - No CORS headers at all; cross-site requests are refused (403) instead.
+- The one exception to byte-exact passthrough: with `tools=`, the proxy runs the tool loop
+  itself and writes its own `chat.completion.chunk` frames (content deltas only, tool
+  progress as SSE comments, one `[DONE]`), so the browser never sees tool plumbing
+  (`_proxy_tools.py`).
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ from ._proxy_core import (
     parse_networks,
     validate_body,
 )
+from ._tool_loop import DEFAULT_MAX_TURNS
 
 try:
     from starlette.exceptions import HTTPException
@@ -81,6 +86,7 @@ except ImportError as exc:  # pragma: no cover
 
 if TYPE_CHECKING:
     from ._proxy_record import TurnCollector
+    from .tools import ToolSet, ToolsTypes
 
 __all__ = [
     "DEFAULT_ALLOWED_FIELDS",
@@ -186,6 +192,7 @@ OnRequestHook = Callable[
     [Request, dict[str, object]], Awaitable[Mapping[str, object]] | Mapping[str, object]
 ]
 OnCompleteHook = Callable[[CompletionRecord], Awaitable[None] | None]
+Exchange = Callable[[Send, "_Turn", anyio.abc.TaskGroup], Awaitable[None]]
 
 
 async def _maybe_await(value: object) -> object:
@@ -214,6 +221,7 @@ class _Turn:
         "writing",
         "ticker_writing",
         "collector",
+        "response_done",
     )
 
     def __init__(self) -> None:
@@ -233,6 +241,7 @@ class _Turn:
         self.writing = False
         self.ticker_writing: anyio.Event | None = None
         self.collector: TurnCollector | None = None
+        self.response_done = False
 
 
 class ChatProxy:
@@ -270,6 +279,10 @@ class ChatProxy:
         transport: an `httpx.AsyncBaseTransport` for the upstream. Default: httpx-aiohttp's
             `AiohttpTransport` when it is installed and the server runs on asyncio
             (measured several times cheaper at hundreds of streams), else httpx's own.
+        tools: run the tool loop server-side with these tools (a `ToolSet`, `Tool`s or
+            functions): the browser gets content deltas only, tool progress as SSE
+            comments, and one `[DONE]`; a body with `tools`/`tool_choice` is a 400.
+        max_tool_turns: the most upstream requests one tool-using answer may make.
 
     Raises:
         ValueError: an invalid option.
@@ -297,6 +310,8 @@ class ChatProxy:
         timeout: httpx.Timeout | float = DEFAULT_PROXY_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         transport: httpx.AsyncBaseTransport | None = None,
+        tools: ToolsTypes | None = None,
+        max_tool_turns: int = DEFAULT_MAX_TURNS,
     ) -> None:
         from . import _config
 
@@ -312,6 +327,17 @@ class ChatProxy:
             raise ValueError("keepalive_interval must be positive or None")
         if max_connections < 1:
             raise ValueError("max_connections must be positive")
+        if isinstance(max_tool_turns, bool) or not isinstance(max_tool_turns, int):
+            raise ValueError("max_tool_turns must be a positive integer")
+        if max_tool_turns < 1:
+            raise ValueError("max_tool_turns must be a positive integer")
+        tool_set: ToolSet | None = None
+        if tools is not None:
+            from .tools import ToolSet
+
+            tool_set = ToolSet.coerce(tools)
+            if not tool_set:
+                raise ValueError("tools is empty; pass None for a plain passthrough")
         base = (base_url or _config.DEFAULT_BASE_URL).rstrip("/")
         if not base.startswith(("http://", "https://")):
             raise ValueError("base_url must be an http:// or https:// URL")
@@ -342,6 +368,8 @@ class ChatProxy:
         self._max_connections = max_connections
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
+        self.tools = tool_set
+        self.max_tool_turns = max_tool_turns
         self._headers = {
             **({"authorization": f"Bearer {api_key}"} if api_key else {}),
             "content-type": "application/json",
@@ -497,9 +525,16 @@ class ChatProxy:
         if self.on_complete is not None:
             from ._proxy_record import TurnCollector
 
-            turn.collector = TurnCollector(stream=stream)
+            # The tool loop hands over its answer as one chat.completion object.
+            turn.collector = TurnCollector(stream=stream and self.tools is None)
         try:
-            await self._forward(request_body, stream, receive, send, turn)
+            if self.tools is None:
+                await self._forward(request_body, stream, receive, send, turn)
+            else:
+                from ._proxy_tools import ToolExchange
+
+                exchange = ToolExchange(self, request_body, stream)
+                await self._race(exchange.run, receive, send, turn)
         finally:
             self._log(turn)
         await self._complete(turn)
@@ -543,6 +578,10 @@ class ChatProxy:
             allowed_models=self.allowed_models,
             max_tokens_cap=self.max_tokens_cap,
         )
+        if self.tools is not None:
+            from ._proxy_tools import reject_tool_fields
+
+            reject_tool_fields(body)  # the browser's own body, before on_request
         if self.on_request is not None:
             rewritten = await _maybe_await(self.on_request(request, body))
             if not isinstance(rewritten, Mapping):
@@ -575,10 +614,17 @@ class ChatProxy:
     async def _forward(
         self, content: bytes, stream: bool, receive: Receive, send: Send, turn: _Turn
     ) -> None:
+        async def exchange(send: Send, turn: _Turn, tg: anyio.abc.TaskGroup) -> None:
+            await self._exchange(content, stream, send, turn, tg)
+
+        await self._race(exchange, receive, send, turn)
+
+    async def _race(self, exchange: Exchange, receive: Receive, send: Send, turn: _Turn) -> None:
+        # The exchange runs against the client's `http.disconnect` in one task group.
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope, turn)
             try:
-                await self._exchange(content, stream, send, turn, tg)
+                await exchange(send, turn, tg)
             finally:
                 tg.cancel_scope.cancel()
         if turn.client_gone and turn.outcome == "completed":
@@ -589,6 +635,10 @@ class ChatProxy:
     ) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
+        if turn.response_done:
+            # Servers answer receive() with http.disconnect once the response is complete
+            # (uvicorn does): that is not the client leaving.
+            return
         turn.client_gone = True
         if turn.outcome == "completed":
             turn.outcome = "client_disconnect"
@@ -666,6 +716,7 @@ class ChatProxy:
             (b"x-request-id", turn.request_id.encode()),
         ]
         headers += [(k.encode(), v.encode()) for k, v in rejection.headers.items()]
+        turn.response_done = True
         await _send_simple(send, rejection.status, body, headers)
         turn.bytes_sent += len(body)
         turn.ttfb = time.perf_counter() - turn.started
@@ -720,6 +771,7 @@ class ChatProxy:
         ctype = response.headers.get("content-type", "application/json").encode()
         headers = [(b"content-type", ctype), (b"x-request-id", turn.request_id.encode())]
         if not turn.client_gone:
+            turn.response_done = True
             await _send_simple(send, turn.status, body, headers)
             turn.ttfb = time.perf_counter() - turn.started
             turn.bytes_sent += len(body)
@@ -777,6 +829,7 @@ class ChatProxy:
             ticker = turn.ticker_writing
             if ticker is not None:
                 await ticker.wait()
+            turn.response_done = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _fail_after(
