@@ -174,6 +174,9 @@ def _public_names() -> list[str]:
     names = [n for n in tokenhub_stream.__all__ if n != "__version__"]
     names += [f"testing.{n}" for n in testing.__all__]
     names += [f"asgi.{n}" for n in asgi.__all__]
+    from tokenhub_stream import store
+
+    names += [f"store.{n}" for n in store.__all__]
     return names + ["__version__"]
 
 
