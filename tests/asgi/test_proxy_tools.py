@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, MutableMapping
 from typing import cast
 
 import anyio
@@ -576,3 +576,102 @@ def test_keyless_upstream_gets_no_authorization(monkeypatch: pytest.MonkeyPatch)
     assert response.status_code == 200
     assert response.content.endswith(b"data: [DONE]\n\n")
     assert all("authorization" not in r.headers for r in app.requests)
+
+
+async def test_on_disconnect_finish_runs_the_loop_to_its_end(upstream: Upstream) -> None:
+    app, _ = upstream
+    records: list[CompletionRecord] = []
+    app.enqueue(tool_turn(), Script(deltas=["a"] * 30, delay=0.01))
+    options = {"on_complete": records.append, "on_disconnect": "finish"}
+    with proxied(upstream, **options) as url:
+        async with httpx.AsyncClient(timeout=5) as client:
+            with anyio.fail_after(10):
+                async with client.stream(
+                    "POST", f"{url}{PATH}", json={"messages": MESSAGES}
+                ) as response:
+                    async with contextlib.aclosing(_raw_chunks(response)) as chunks:
+                        async for chunk in chunks:
+                            if b'"content":"a"' in chunk:
+                                break
+            await eventually(lambda: bool(records), 5.0)
+    (record,) = records
+    assert record.outcome == "client_disconnect"
+    assert record.message.content == "a" * 30  # the whole answer, sent nowhere
+    assert app.requests[1].completed
+
+
+# --- in-process, on both anyio backends (the server side under trio too) ---------------------
+
+
+def _sse(*payloads: object) -> httpx.Response:
+    body = b"".join(b"data: " + json.dumps(p).encode() + b"\n\n" for p in payloads)
+    return httpx.Response(
+        200, headers={"content-type": "text/event-stream"}, content=body + b"data: [DONE]\n\n"
+    )
+
+
+def _chunk(delta: dict[str, object], finish: str | None = None) -> dict[str, object]:
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+async def test_in_process_tool_answer_on_both_backends() -> None:
+    call = {
+        "index": 0,
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+    }
+    responses = [
+        _sse(_chunk({"role": "assistant", "tool_calls": [call]}), _chunk({}, "tool_calls")),
+        _sse(_chunk({"content": "Cold"}), _chunk({"content": " in Oslo."}), _chunk({}, "stop")),
+    ]
+    sent: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return responses.pop(0)
+
+    proxy = ChatProxy(
+        api_key=KEY,
+        base_url="https://upstream.test/v1",
+        transport=httpx.MockTransport(handler),
+        tools=TOOLS,
+    )
+    body = json.dumps({"messages": MESSAGES}).encode()
+    done = anyio.Event()
+    out: list[MutableMapping[str, object]] = []
+    delivered = False
+
+    async def receive() -> MutableMapping[str, object]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, object]) -> None:
+        out.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            done.set()
+
+    scope: dict[str, object] = {
+        "type": "http",
+        "method": "POST",
+        "path": "/",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"testserver")],
+        "client": ("127.0.0.1", 1234),
+    }
+    with anyio.fail_after(5):
+        await proxy(scope, receive, send)
+    await proxy.aclose()
+    assert out[0]["status"] == 200
+    raw = b"".join(m.get("body", b"") for m in out[1:])  # type: ignore[misc]
+    data, comments, other = frames(raw)
+    assert text_of(data) == "Cold in Oslo."
+    assert comments == [b": tool get_weather running", b": tool get_weather done"]
+    assert other == [b"[DONE]"]
+    assert calls == ["Oslo"]
+    assert [r.headers["authorization"] for r in sent] == [f"Bearer {KEY}"] * 2
+    assert tool_names(json.loads(sent[0].content)) == list(TOOLS)
