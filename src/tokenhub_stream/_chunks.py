@@ -217,7 +217,16 @@ class ChunkParser:
                 break
             if text:
                 out.append(text)
+        if not self.stopped:
+            self._take_deferred()
         return out
+
+    def _take_deferred(self) -> None:
+        # The decoder returned the events before a bad line of the same chunk and kept
+        # the error for later: record it now, not when the next chunk (if any) arrives.
+        failed = self._decoder._failed
+        if failed is not None:
+            self.error, self.stopped = failed, True
 
     def feed_events(self, chunk: bytes) -> list[StreamEvent]:
         """Decode `chunk`; return the typed events it completed."""
@@ -244,12 +253,18 @@ class ChunkParser:
             except (ValueError, RecursionError) as exc:
                 self.error, self.stopped = ProtocolError(f"invalid JSON in data frame: {exc}"), True
                 break
+        if not self.stopped:
+            self._take_deferred()
         self._events_out += len(out)
         return out
 
     def feed_eof(self) -> None:
         """Signal that the body ended; records `TruncatedStreamError` if it ended early."""
-        self._decoder.flush()
+        try:
+            self._decoder.flush()
+        except ProtocolError as exc:
+            if self.error is None:
+                self.error, self.stopped = exc, True
         if self.ended_at is None:
             self.ended_at = self.clock()
         if self.error is None and not self.finished:

@@ -87,6 +87,7 @@ class SSEDecoder:
         "_data_bytes",
         "_errors",
         "_event",
+        "_failed",
         "_last_id",
         "_max",
         "_pending",
@@ -110,6 +111,9 @@ class SSEDecoder:
         self._last_id = ""
         self._retry: int | None = None
         self._clean = False  # no partial line/event/BOM/CR state: the fast path may run
+        # An error met after other events of the same chunk had completed: those events
+        # are returned first, and the error is raised by the next feed() or flush().
+        self._failed: ProtocolError | None = None
 
     @property
     def has_pending(self) -> bool:
@@ -137,7 +141,13 @@ class SSEDecoder:
         return [event.data for event in self.feed(chunk)]
 
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
-        """Decode `chunk` and return the events it completed (often none, one, or a few)."""
+        """Decode `chunk` and return the events it completed (often none, one, or a few).
+
+        When a line of `chunk` is invalid after other events of it completed, those
+        events are returned and the `ProtocolError` is raised by the next call.
+        """
+        if self._failed is not None:
+            raise self._failed
         events = self._feed(chunk)
         self._clean = not (
             self._pending
@@ -145,6 +155,7 @@ class SSEDecoder:
             or self._event
             or self._skip_lf
             or self._bom_head is not None
+            or self._failed is not None
         )
         return events
 
@@ -181,15 +192,23 @@ class SSEDecoder:
             block = chunk[: end + 1] if end + 1 < len(chunk) else chunk
         rest = chunk[end + 1 :]
         events = self._lines(block)
-        if rest:
+        if rest and self._failed is None:
             self._pending.append(rest)
             self._pending_bytes = len(rest)
             if self._pending_bytes + self._data_bytes > self._max:
-                raise ProtocolError(f"event exceeds max_event_bytes ({self._max})")
+                error = ProtocolError(f"event exceeds max_event_bytes ({self._max})")
+                if not events:
+                    raise error
+                self._failed = error
         return events
 
     def flush(self) -> list[ServerSentEvent]:
-        """Signal EOF. Per the spec an unfinished event is discarded, so this returns []."""
+        """Signal EOF. Per the spec an unfinished event is discarded, so this returns [].
+
+        Raises the `ProtocolError` that `feed()` deferred, if any.
+        """
+        if self._failed is not None:
+            raise self._failed
         self._pending.clear()
         self._pending_bytes = 0
         self._data.clear()
@@ -204,6 +223,19 @@ class SSEDecoder:
         events: list[ServerSentEvent] = []
         data = self._data
         errors = self._errors
+        try:
+            self._lines_into(block, events, data, errors)
+        except ProtocolError as exc:
+            # Events of this block before the bad line are valid: hand them out first
+            # (issue #6: deltas before an error are delivered, however chunks coalesce).
+            if not events:
+                raise
+            self._failed = exc
+        return events
+
+    def _lines_into(
+        self, block: bytes, events: list[ServerSentEvent], data: list[str], errors: str
+    ) -> None:
         for line in block.split(b"\n")[:-1]:
             if not line:
                 if data:
@@ -237,7 +269,6 @@ class SSEDecoder:
                 data.append(value.decode("utf-8", errors))
             except UnicodeDecodeError as exc:
                 raise ProtocolError(f"invalid UTF-8 in event data: {exc.reason}") from None
-        return events
 
     def _other_field(self, field: bytes, value: bytes) -> None:
         try:
