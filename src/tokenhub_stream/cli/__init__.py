@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    store = serve.add_mutually_exclusive_group()
+    store.add_argument(
+        "--store-url",
+        help="where to keep the conversations, a SQLAlchemy URL (default: env "
+        "TOKENHUB_STORE_URL, else ~/.local/share/tokenhub_stream/conversations.db)",
+    )
+    store.add_argument(
+        "--no-store", action="store_true", help="keep no history (the page shows none)"
+    )
     return parser
 
 
@@ -165,6 +174,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             base_url=args.base_url,
             api_key=env_api_key(),
             model=args.model,
+            store_url=args.store_url,
+            history=not args.no_store,
         )
-    except ImportError as exc:
+    except (ImportError, ValueError) as exc:
         return _error(str(exc))

@@ -6,10 +6,13 @@ from tokenhub_stream.cli._serve import create_app
 app = create_app(base_url="http://127.0.0.1:11434/v1", api_key=None)  # uvicorn module:app
 ```
 
-The app serves four things: the page at `/` (with its `chat.js` and `chat.css` from the
-package's `cli/static/`, read through `importlib.resources` so they ship in the wheel),
-`/config.json` (the default model, and whether the local upstream answers), and the proxy's
-`POST /api/chat` and `GET /api/chat/models`. The page is plain HTML and JS with no build step.
+The app serves the page at `/` (with its `chat.js` and `chat.css` from the package's
+`cli/static/`, read through `importlib.resources` so they ship in the wheel), `/config.json`
+(the default model, and whether the local upstream answers), and the proxy's
+`POST /api/chat` and `GET /api/chat/models`. With a `ConversationStore` it also keeps the
+history: every turn is written by the store's recorder, and `GET /api/conversations`,
+`GET /api/conversations/{id}` and `DELETE /api/conversations/{id}` serve it to the page.
+The page is plain HTML and JS with no build step.
 
 Deliberate choices:
 
@@ -20,25 +23,42 @@ Deliberate choices:
   proxy is limited to those models, so the browser can only ask for what the upstream has.
 - `ChatProxy` needs a key; an upstream without one (vLLM, Ollama, the local upstream) gets a
   placeholder bearer token, which those servers ignore.
+- `serve` has no login: with a store, the page gives each browser a random id in an
+  HttpOnly, SameSite=Lax cookie, and the principal is a digest of it. Two browsers (or
+  profiles) never see each other's history; the cookie itself is never stored or logged.
+- The page learns of a finished turn before the proxy's `on_complete` has written it, so
+  `GET /api/conversations?after=<x-request-id>` waits (briefly) for that turn's write.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import hashlib
 import json
+import logging
+import os
+import re
+import secrets
 import socket
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from datetime import UTC, datetime
 from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+import anyio
 import httpx
 
 from .._config import DEFAULT_BASE_URL, DEFAULT_MODEL, env_base_url
-from ..asgi import DEFAULT_KEEPALIVE_INTERVAL, ChatProxy
+from .._proxy_core import ProxyRejection, check_origin, error_body
+from ..asgi import DEFAULT_KEEPALIVE_INTERVAL, ChatProxy, CompletionRecord
 from ._upstream import Upstream, default_model, resolve_upstream
 
 try:
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import Response
     from starlette.routing import BaseRoute, Route
@@ -47,7 +67,12 @@ except ImportError as exc:  # pragma: no cover
         "tokenhub-stream serve needs Starlette and uvicorn: pip install 'tokenhub_stream[cli]'"
     ) from exc
 
-__all__ = ["create_app", "run_serve"]
+if TYPE_CHECKING:
+    from ..store import Conversation, ConversationStore, Message
+
+__all__ = ["create_app", "default_store_url", "run_serve"]
+
+logger = logging.getLogger("tokenhub_stream.serve")
 
 #: Sent upstream when there is no key: servers without auth ignore it.
 NO_KEY = "no-key"
@@ -67,6 +92,19 @@ _SECURITY_HEADERS = {
     "referrer-policy": "no-referrer",
     "cache-control": "no-cache",
 }
+#: The history is private: no cache may keep it.
+_PRIVATE_HEADERS = {**_SECURITY_HEADERS, "cache-control": "no-store"}
+
+#: The browser's anonymous id (see the module docstring).
+COOKIE = "tokenhub_browser"
+#: 400 days, the longest lifetime Chrome keeps; every page load renews it.
+COOKIE_MAX_AGE = 400 * 24 * 3600
+_COOKIE_VALUE = re.compile(r"[A-Za-z0-9_-]{32,128}")
+_REQUEST_ID = re.compile(r"[0-9a-f]{1,64}")
+#: The longest `GET /api/conversations?after=...` waits for a turn's write.
+WRITE_WAIT = 3.0
+#: Env var naming the store's SQLAlchemy URL (`--store-url` wins over it).
+STORE_URL_ENV = "TOKENHUB_STORE_URL"
 
 
 def _read_static() -> dict[str, bytes]:
@@ -82,6 +120,7 @@ def create_app(
     models: Sequence[str] | None = None,
     local: bool = False,
     keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
+    store: ConversationStore | None = None,
 ) -> Starlette:
     """Build the chat app: the page at `/` and `ChatProxy` at `/api/chat`.
 
@@ -100,9 +139,11 @@ def create_app(
             the picker offers only the default).
         local: the upstream is the local test upstream; the page says so.
         keepalive_interval: passed to `ChatProxy`.
+        store: keep the conversations there (each browser its own, by cookie) and serve
+            them under `/api/conversations`; `None`: no history, and no cookie.
 
     Returns:
-        A Starlette app; its lifespan closes the proxy's connection pool.
+        A Starlette app; its lifespan closes the proxy's connection pool (and the store's).
 
     Raises:
         ValueError: an invalid `base_url`.
@@ -114,12 +155,16 @@ def create_app(
             allowed.append(model)
         else:
             default = allowed[0]
+    history = None if store is None else _History(store)
     proxy = ChatProxy(
         api_key=api_key or NO_KEY,
         base_url=base_url,
         default_model=default,
         allowed_models=allowed,
         keepalive_interval=keepalive_interval,
+        authorize=None if history is None else _authorize,
+        on_request=None if history is None else history.recorder.on_request,
+        on_complete=None if history is None else history.on_complete,
     )
     files = _read_static()
     config = json.dumps({"default_model": default, "local": local}).encode()
@@ -128,7 +173,10 @@ def create_app(
         body, media_type = files[name], _STATIC[name]
 
         async def endpoint(request: Request) -> Response:
-            return Response(body, media_type=media_type, headers=_SECURITY_HEADERS)
+            response = Response(body, media_type=media_type, headers=_SECURITY_HEADERS)
+            if history is not None and name == "index.html":
+                _set_browser_cookie(request, response)
+            return response
 
         return Route("/" if name == "index.html" else f"/{name}", endpoint, methods=["GET"])
 
@@ -139,10 +187,200 @@ def create_app(
         *(page(name) for name in _STATIC),
         Route("/config.json", config_json, methods=["GET"]),
         *proxy.routes("/api/chat"),
+        *(() if history is None else history.routes()),
     ]
-    app = Starlette(routes=routes, lifespan=proxy.lifespan)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with proxy.lifespan(app):
+            try:
+                yield
+            finally:
+                if store is not None:
+                    await store.aclose()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
     app.state.proxy = proxy
+    app.state.store = store
     return app
+
+
+# --- history ----------------------------------------------------------------------------------
+
+
+def browser_principal(request: Request) -> str | None:
+    """The principal of the browser that sent `request`, or `None` without a valid cookie."""
+    value = request.cookies.get(COOKIE)
+    if value is None or _COOKIE_VALUE.fullmatch(value) is None:
+        return None
+    return principal_of(value)
+
+
+def principal_of(cookie: str) -> str:
+    """The principal stored for the browser cookie `cookie`."""
+    # A digest, so the database and the proxy's log never hold the cookie, which is all it
+    # takes to read this browser's history.
+    return "browser:" + hashlib.sha256(cookie.encode()).hexdigest()[:32]
+
+
+def _set_browser_cookie(request: Request, response: Response) -> None:
+    value = request.cookies.get(COOKIE)
+    if value is None or _COOKIE_VALUE.fullmatch(value) is None:
+        value = secrets.token_urlsafe(32)
+    response.set_cookie(
+        COOKIE,
+        value,
+        max_age=COOKIE_MAX_AGE,
+        path="/",
+        httponly=True,
+        samesite="lax",
+        secure=request.url.scheme == "https",
+    )
+
+
+def _authorize(request: Request) -> str:
+    principal = browser_principal(request)
+    if principal is None:
+        raise HTTPException(401, "No browser session: reload the chat page.")
+    return principal
+
+
+class _Written:
+    """The request ids whose turn the recorder has handled (written or logged as lost)."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._done: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._waiting: dict[str, anyio.Event] = {}
+        self._size = size
+
+    def mark(self, request_id: str) -> None:
+        self._done[request_id] = None
+        while len(self._done) > self._size:
+            self._done.popitem(last=False)
+        event = self._waiting.pop(request_id, None)
+        if event is not None:
+            event.set()
+
+    async def wait(self, request_id: str, timeout: float) -> None:
+        if request_id in self._done:
+            return
+        event = self._waiting.setdefault(request_id, anyio.Event())
+        with anyio.move_on_after(timeout):
+            await event.wait()
+        if not event.is_set() and self._waiting.get(request_id) is event:
+            del self._waiting[request_id]  # a bogus or rejected id must not stay here
+
+
+class _History:
+    """The store's proxy hooks and the `/api/conversations` routes, per browser."""
+
+    def __init__(self, store: ConversationStore) -> None:
+        self.store = store
+        self.recorder = store.recorder()
+        self.written = _Written()
+
+    async def on_complete(self, record: CompletionRecord) -> None:
+        try:
+            await self.recorder.on_complete(record)
+        finally:
+            self.written.mark(record.request_id)
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/api/conversations", self.list_conversations, methods=["GET"]),
+            Route("/api/conversations/{id}", self.conversation, methods=["GET", "DELETE"]),
+        ]
+
+    async def list_conversations(self, request: Request) -> Response:
+        principal = browser_principal(request)
+        if principal is None:
+            return _unauthorized()
+        after = request.query_params.get("after")
+        if after and _REQUEST_ID.fullmatch(after):
+            await self.written.wait(after, WRITE_WAIT)
+        try:
+            found = await self.store.list_conversations(principal)
+        except Exception:
+            return _store_failed()
+        return _json({"conversations": [_summary(c) for c in found]})
+
+    async def conversation(self, request: Request) -> Response:
+        principal = browser_principal(request)
+        if principal is None:
+            return _unauthorized()
+        conversation_id = str(request.path_params["id"])
+        if request.method == "DELETE":
+            # SameSite=Lax already keeps the cookie off cross-site DELETEs; this says so.
+            try:
+                check_origin(
+                    request.headers, own_host=request.headers.get("host"), allowed_origins=None
+                )
+            except ProxyRejection as rejection:
+                return _error(rejection.status, rejection.message, rejection.code or "forbidden")
+            try:
+                deleted = await self.store.delete_conversation(principal, conversation_id)
+            except Exception:
+                return _store_failed()
+            return Response(status_code=204, headers=_PRIVATE_HEADERS) if deleted else _not_found()
+        try:
+            found = await self.store.get_conversation(principal, conversation_id)
+        except Exception:
+            return _store_failed()
+        if found is None:
+            return _not_found()
+        return _json({**_summary(found), "messages": [_message(m) for m in found.messages]})
+
+
+def _time(value: datetime) -> str:
+    aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+    return aware.isoformat()
+
+
+def _summary(conversation: Conversation) -> dict[str, object]:
+    return {
+        "id": conversation.id,
+        "title": conversation.title,
+        "created": _time(conversation.created),
+        "updated": _time(conversation.updated),
+        "message_count": conversation.message_count,
+    }
+
+
+def _message(message: Message) -> dict[str, object]:
+    out: dict[str, object] = {"role": message.role, "content": message.content}
+    if message.role == "assistant":
+        out.update(
+            model=message.model,
+            outcome=message.outcome,
+            error=message.error,
+            finish_reason=message.finish_reason,
+        )
+    return out
+
+
+def _json(data: object) -> Response:
+    body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+    return Response(body, media_type="application/json", headers=_PRIVATE_HEADERS)
+
+
+def _error(status: int, message: str, code: str) -> Response:
+    error_type = "invalid_request_error" if status < 500 else "api_error"
+    body = error_body(message, error_type=error_type, code=code)
+    return Response(body, status, media_type="application/json", headers=_PRIVATE_HEADERS)
+
+
+def _unauthorized() -> Response:
+    return _error(401, "No browser session: reload the chat page.", "unauthorized")
+
+
+def _not_found() -> Response:
+    return _error(404, "No such conversation.", "not_found")
+
+
+def _store_failed() -> Response:
+    # The page shows the message; the details (which may name the database) go to the log.
+    logger.exception("the conversation store failed")
+    return _error(503, "The conversation store failed.", "store_unavailable")
 
 
 @contextlib.contextmanager
@@ -182,6 +420,44 @@ def _display_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
+def default_store_url() -> str:
+    """Where `serve` keeps the history: a SQLite file in the user's data folder.
+
+    `$XDG_DATA_HOME/tokenhub_stream/conversations.db`, else
+    `~/.local/share/tokenhub_stream/conversations.db`.
+    """
+    data_home = os.environ.get("XDG_DATA_HOME", "")
+    # The XDG spec: a relative path is invalid and ignored.
+    base = Path(data_home) if os.path.isabs(data_home) else Path.home() / ".local" / "share"
+    return f"sqlite+aiosqlite:///{base / 'tokenhub_stream' / 'conversations.db'}"
+
+
+def _open_store(store_url: str | None) -> ConversationStore | None:
+    url = store_url or os.environ.get(STORE_URL_ENV) or None
+    try:
+        from ..store import ConversationStore
+    except ImportError:
+        if url is not None:
+            raise ImportError(
+                "--store-url needs the store extra: pip install 'tokenhub_stream[store]'"
+            ) from None
+        sys.stderr.write(
+            "tokenhub-stream: conversation history is off: "
+            "pip install 'tokenhub_stream[store]' to keep it\n"
+        )
+        return None
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        store = ConversationStore(url or default_store_url())
+    except ArgumentError as exc:
+        raise ValueError(f"not a database URL for the conversation store: {exc}") from None
+    where = store.url.database if store.url.get_backend_name() == "sqlite" else None
+    shown = where or store.url.render_as_string(hide_password=True)
+    sys.stderr.write(f"tokenhub-stream: conversations are kept in {shown} (--no-store: off)\n")
+    return store
+
+
 def run_serve(
     *,
     host: str,
@@ -189,6 +465,8 @@ def run_serve(
     base_url: str | None,
     api_key: str | None,
     model: str | None,
+    store_url: str | None = None,
+    history: bool = True,
 ) -> int:
     """Serve the chat page until Ctrl-C, printing its URL on stdout.
 
@@ -205,12 +483,19 @@ def run_serve(
             base URL, the local test upstream is started in-process and announced in one
             line on stderr (`resolve_upstream`).
         model: the model selected when the page opens.
+        store_url: the conversation store's SQLAlchemy URL; `None` reads
+            `TOKENHUB_STORE_URL`, else `default_store_url()`. Its location is announced in
+            one line on stderr.
+        history: keep conversations (needs the `store` extra; without it, and without a
+            store URL, the page runs without history and says so on stderr).
 
     Returns:
         0 once the server stopped.
 
     Raises:
-        ImportError: uvicorn is not installed (`pip install 'tokenhub_stream[cli]'`).
+        ImportError: uvicorn is not installed (`pip install 'tokenhub_stream[cli]'`), or a
+            store URL was given without the `store` extra or its driver.
+        ValueError: the store URL is not a database URL, or `base_url` is invalid.
         OSError: the address could not be bound.
     """
     try:
@@ -221,6 +506,7 @@ def run_serve(
         ) from exc
 
     with contextlib.ExitStack() as stack:
+        store = _open_store(store_url) if history else None
         upstream = stack.enter_context(_resolve(base_url, api_key))
         app = create_app(
             base_url=upstream.base_url,
@@ -228,6 +514,7 @@ def run_serve(
             model=model or default_model(upstream),
             models=_fetch_models(upstream),
             local=upstream.local,
+            store=store,
         )
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = stack.enter_context(socket.socket(family, socket.SOCK_STREAM))

@@ -6,6 +6,11 @@
 // needs no CORS preflight). The answer is read with a ReadableStream reader and a small
 // server-sent-events parser (below). Model output only ever reaches the page through
 // textContent / text nodes, never innerHTML.
+//
+// When the server keeps the history (GET /api/conversations answers), each request also
+// carries the conversation's id as `conversation_id` (the server's recorder takes it out
+// before forwarding), the sidebar lists the past conversations, and one can be reopened
+// and continued. A new chat's id is made here, before its first turn.
 
 
 // --- Server-sent events -------------------------------------------------------------------
@@ -153,6 +158,10 @@ const statusLine = $("status");
 
 const conversation = []; // the conversation, sent with each request
 let controller = null; // the AbortController of the answer streaming now
+let conversationId = null; // its id in the history (null: a new chat, named at its first turn)
+// Bumped whenever the page switches conversation, so that the late end of an answer from
+// the previous one leaves the new one alone.
+let epoch = 0;
 
 function nearBottom() {
   return logBox.scrollHeight - logBox.scrollTop - logBox.clientHeight < 80;
@@ -236,6 +245,7 @@ function setBusy(busy) {
 
 async function ask(text) {
   const model = modelSelect.value || undefined;
+  const started = epoch;
   conversation.push({ role: "user", content: text });
   addMessage("user", text);
   const view = assistantView();
@@ -256,12 +266,20 @@ async function ask(text) {
   const { signal } = controller;
   setBusy(true);
   statusLine.textContent = "Answering…";
+  let written = null; // the x-request-id of a turn the server records, to wait for its write
   try {
+    const request = { messages: conversation, model };
+    if (await historyReady) {
+      conversationId = conversationId || newConversationId();
+      request.conversation_id = conversationId;
+    }
     const response = await fetch("/api/chat", {
       method: "POST",
-      body: JSON.stringify({ messages: conversation, model }),
+      body: JSON.stringify(request),
       signal,
     });
+    // 4xx answers come from the proxy before anything was forwarded: nothing is recorded.
+    if (response.ok || response.status >= 500) written = response.headers.get("x-request-id");
     if (!response.ok) {
       turn.error = await httpErrorMessage(response);
     } else {
@@ -299,15 +317,18 @@ async function ask(text) {
     turn.outcome = "error";
     view.showError(turn.error);
   }
-  if (turn.content) {
-    conversation.push({ role: "assistant", content: turn.content });
-  } else if (turn.outcome !== "completed") {
-    conversation.pop(); // no answer: this question is not part of the conversation
-  }
   view.finish(turn.outcome === "completed" ? "done" : turn.outcome, metricsLine(turn));
-  statusLine.textContent =
-    turn.outcome === "completed" ? "Answer complete." : turn.outcome === "stopped" ? "Stopped." : `Error: ${turn.error}`;
+  if (started === epoch) {
+    if (turn.content) {
+      conversation.push({ role: "assistant", content: turn.content });
+    } else if (turn.outcome !== "completed") {
+      conversation.pop(); // no answer: this question is not part of the conversation
+    }
+    statusLine.textContent =
+      turn.outcome === "completed" ? "Answer complete." : turn.outcome === "stopped" ? "Stopped." : `Error: ${turn.error}`;
+  }
   setBusy(false);
+  if (historyOn) refreshHistory(written);
 }
 
 function stopAnswer() {
@@ -334,22 +355,240 @@ document.addEventListener("keydown", (event) => {
   if (event.key === "Escape" && controller) {
     event.preventDefault();
     stopAnswer();
+  } else if (event.key === "Escape" && historyBox.classList.contains("open")) {
+    event.preventDefault();
+    showHistory(false);
+    historyToggle.focus();
   }
 });
 
 stopButton.addEventListener("click", stopAnswer);
 
-$("new-chat").addEventListener("click", () => {
+// Leave the conversation on the page (stopping its answer) for an empty one.
+function startOver(message) {
   stopAnswer();
+  epoch += 1;
   conversation.length = 0;
+  conversationId = null;
   logBox.replaceChildren();
-  const empty = document.createElement("p");
-  empty.className = "empty";
-  empty.id = "empty";
-  empty.textContent = "New conversation.";
-  logBox.append(empty);
+  if (message) {
+    const empty = document.createElement("p");
+    empty.className = "empty";
+    empty.id = "empty";
+    empty.textContent = message;
+    logBox.append(empty);
+  }
+  markCurrent();
+}
+
+$("new-chat").addEventListener("click", () => {
+  startOver("New conversation.");
+  statusLine.textContent = "New conversation.";
   promptBox.focus();
 });
+
+// --- Past conversations -------------------------------------------------------------------
+
+const historyBox = $("history");
+const historyList = $("history-list");
+const historyEmpty = $("history-empty");
+const historyToggle = $("history-toggle");
+let historyOn = false;
+let listed = 0; // bumped per list request: only the latest one is drawn
+let opening = 0; // likewise for reopening a conversation
+
+// 128 random bits as hex. Not crypto.randomUUID: that needs a secure context, and the page
+// is often opened over plain http from a phone on the same network.
+function newConversationId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function showNotice(text) {
+  const notice = $("notice");
+  notice.textContent = text;
+  notice.hidden = false;
+}
+
+// Phone width: the list is a panel opened from the header; wider, it is always shown.
+function showHistory(open) {
+  historyBox.classList.toggle("open", open);
+  historyToggle.setAttribute("aria-expanded", String(open));
+}
+
+historyToggle.addEventListener("click", () => {
+  const open = !historyBox.classList.contains("open");
+  showHistory(open);
+  if (open) (historyList.querySelector("button.open") || historyToggle).focus();
+});
+
+function markCurrent() {
+  for (const button of historyList.querySelectorAll("button.open")) {
+    if (button.dataset.id === conversationId) button.setAttribute("aria-current", "true");
+    else button.removeAttribute("aria-current");
+  }
+}
+
+function shortTime(iso) {
+  const date = new Date(iso);
+  if (Number.isNaN(date.getTime())) return "";
+  const today = new Date().toDateString() === date.toDateString();
+  return today
+    ? date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
+    : date.toLocaleDateString([], { day: "numeric", month: "short", year: "numeric" });
+}
+
+function drawHistory(items) {
+  // Keep the keyboard focus on the same conversation across the redraw.
+  const focused = document.activeElement;
+  const focusedId = historyList.contains(focused) ? focused.dataset.id : null;
+  const focusedDelete = focused && focused.classList.contains("delete");
+  historyList.replaceChildren();
+  for (const item of items) {
+    if (!item || typeof item.id !== "string") continue;
+    const title = (typeof item.title === "string" && item.title) || "Untitled";
+    const li = document.createElement("li");
+    const open = document.createElement("button");
+    open.type = "button";
+    open.className = "open";
+    open.dataset.id = item.id;
+    const name = document.createElement("span");
+    name.className = "title";
+    name.textContent = title;
+    const time = document.createElement("time");
+    time.dateTime = item.updated || "";
+    time.textContent = shortTime(item.updated);
+    open.append(name, time);
+    open.addEventListener("click", () => openConversation(item.id));
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "delete quiet";
+    remove.dataset.id = item.id;
+    remove.textContent = "×";
+    remove.title = "Delete";
+    remove.setAttribute("aria-label", `Delete “${title}”`);
+    remove.addEventListener("click", () => deleteConversation(item.id));
+    li.append(open, remove);
+    historyList.append(li);
+  }
+  historyEmpty.hidden = historyList.childElementCount > 0;
+  markCurrent();
+  if (focusedId) {
+    const selector = focusedDelete ? "button.delete" : "button.open";
+    const again = [...historyList.querySelectorAll(selector)].find((b) => b.dataset.id === focusedId);
+    if (again) again.focus();
+  }
+}
+
+// Redraws the list. `after`: the x-request-id of the turn that just ended; the server waits
+// for that turn's write before it answers, so the new conversation is already listed.
+async function refreshHistory(after) {
+  const token = ++listed;
+  const query = after ? `?after=${encodeURIComponent(after)}` : "";
+  try {
+    const response = await fetch(`/api/conversations${query}`);
+    if (!response.ok) throw new Error(await httpErrorMessage(response));
+    const body = await response.json();
+    if (token === listed) drawHistory(Array.isArray(body.conversations) ? body.conversations : []);
+  } catch (error) {
+    if (token === listed) showNotice(`Could not list past conversations (${error.message || error}).`);
+  }
+}
+
+// Does the server keep a history? Resolves to true or false, and draws the list.
+async function loadHistory() {
+  let response;
+  try {
+    response = await fetch("/api/conversations");
+  } catch {
+    return false;
+  }
+  if (response.status === 404) return false; // served without a store
+  if (!response.ok) {
+    showNotice(`No history: ${await httpErrorMessage(response)}`);
+    return false;
+  }
+  const body = await response.json().catch(() => ({}));
+  historyOn = true;
+  document.body.classList.add("has-history");
+  drawHistory(Array.isArray(body.conversations) ? body.conversations : []);
+  return true;
+}
+
+// One stored message, drawn as if it had just been answered.
+function drawStored(message) {
+  const content = typeof message.content === "string" ? message.content : "";
+  if (message.role === "user") {
+    addMessage("user", content);
+    conversation.push({ role: "user", content });
+    return;
+  }
+  if (message.role !== "assistant") return; // system prompts and tool results: not shown
+  const view = assistantView();
+  if (content) view.appendText(content);
+  if (message.error) view.showError(message.error);
+  const outcome = message.outcome || "completed";
+  const state = outcome === "completed" ? "done" : outcome === "client-disconnected" ? "stopped" : "error";
+  const meta = [message.model || "assistant"];
+  if (state === "stopped") meta.push("stopped");
+  else if (state === "error") meta.push("incomplete");
+  else if (message.finish_reason && message.finish_reason !== "stop") meta.push(`finish: ${message.finish_reason}`);
+  view.finish(state, meta.join(" · "));
+  // As during the chat: an answer that never came takes its question out of the context.
+  if (content) conversation.push({ role: "assistant", content });
+  else if (conversation.length && conversation[conversation.length - 1].role === "user") conversation.pop();
+}
+
+async function openConversation(id) {
+  const token = ++opening;
+  let body;
+  try {
+    const response = await fetch(`/api/conversations/${encodeURIComponent(id)}`);
+    if (response.status === 404) {
+      showNotice("That conversation no longer exists.");
+      refreshHistory();
+      return;
+    }
+    if (!response.ok) throw new Error(await httpErrorMessage(response));
+    body = await response.json();
+  } catch (error) {
+    showNotice(`Could not open the conversation (${error.message || error}).`);
+    return;
+  }
+  if (token !== opening) return; // another one was chosen meanwhile
+  startOver(null);
+  conversationId = body.id;
+  for (const message of Array.isArray(body.messages) ? body.messages : []) drawStored(message);
+  if (!logBox.childElementCount) startOver("This conversation is empty.");
+  conversationId = body.id;
+  markCurrent();
+  showHistory(false);
+  logBox.scrollTop = logBox.scrollHeight;
+  statusLine.textContent = `Opened: ${body.title || "Untitled"}.`;
+  promptBox.focus();
+}
+
+async function deleteConversation(id) {
+  // Where the focus goes once the item is gone: the next item, else the previous one.
+  const items = [...historyList.querySelectorAll("button.delete")];
+  const index = items.findIndex((b) => b.dataset.id === id);
+  const neighbour = items[index + 1] || items[index - 1];
+  const nextId = neighbour ? neighbour.dataset.id : null;
+  try {
+    const response = await fetch(`/api/conversations/${encodeURIComponent(id)}`, { method: "DELETE" });
+    if (!response.ok && response.status !== 404) throw new Error(await httpErrorMessage(response));
+  } catch (error) {
+    showNotice(`Could not delete the conversation (${error.message || error}).`);
+    return;
+  }
+  if (id === conversationId) startOver("New conversation.");
+  statusLine.textContent = "Conversation deleted.";
+  await refreshHistory();
+  const next = [...historyList.querySelectorAll("button.delete")].find((b) => b.dataset.id === nextId);
+  (next || promptBox).focus();
+}
+
+const historyReady = loadHistory();
 
 async function loadModels() {
   const notice = $("notice");
