@@ -461,11 +461,19 @@ def test_serve_passes_options_to_run_serve(
     calls: list[dict[str, object]] = []
 
     def fake_run_serve(
-        *, host: str, port: int, base_url: str | None, api_key: str | None, model: str | None
+        *,
+        host: str,
+        port: int,
+        base_url: str | None,
+        api_key: str | None,
+        model: str | None,
+        store_url: str | None,
+        history: bool,
     ) -> int:
         calls.append(
             {"host": host, "port": port, "base_url": base_url, "api_key": api_key, "model": model}
         )
+        assert (store_url, history) == (None, True)  # the store flags: test_serve_history.py
         return 0
 
     monkeypatch.setattr("tokenhub_stream.cli._serve.run_serve", fake_run_serve)
