@@ -434,3 +434,19 @@ def test_chunks_usage_on_a_content_chunk_is_kept() -> None:
         chunk({}, "stop"),
     )
     assert p.usage == Usage(2, 1, 3)
+
+
+def test_chunks_invalid_utf8_on_the_fast_path() -> None:
+    # The hot path hands the JSON parser raw bytes: invalid UTF-8 must still become
+    # U+FFFD (the spec) or, in strict mode, a ProtocolError; never a JSON error.
+    body = b'data: {"choices":[{"index":0,"delta":{"content":"a\xffb"}}]}\n\n'
+    parser = ChunkParser()
+    assert parser.feed_text(body) == ["a\ufffdb"]
+    assert parser.error is None
+    strict = ChunkParser(strict=True)
+    assert strict.feed_text(body) == []
+    assert isinstance(strict.error, ProtocolError) and "UTF-8" in str(strict.error)
+    # and invalid JSON on the fast path is still a ProtocolError naming JSON
+    bad = ChunkParser()
+    assert bad.feed_text(b'data: {"choices": [\n\n') == []
+    assert isinstance(bad.error, ProtocolError) and "JSON" in str(bad.error)

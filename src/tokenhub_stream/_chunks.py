@@ -172,20 +172,39 @@ class ChunkParser:
         out: list[str] = []
         if self.stopped:
             return out
-        try:
-            datas = self._decoder.feed_data(chunk)
-        except ProtocolError as exc:
-            self.error, self.stopped = exc, True
-            return out
-        if not datas:
-            return out
+        decoder = self._decoder
+        datas: tuple[bytes] | list[str]
+        # Hot path: one whole `data: {...}` event per chunk, no partial state pending
+        # (SSEDecoder.feed_data's guard, inlined to save a call per event). The JSON parser
+        # reads the bytes as they are; invalid UTF-8 fails that parse and is decoded per
+        # the spec (U+FFFD, or ProtocolError when strict) in `_loads_event`.
+        if (
+            decoder._clean
+            and chunk.startswith(b"data: {")
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk[-1] == 10  # "\n"
+            and b"\r" not in chunk
+            and len(chunk) - 8 <= decoder._max
+        ):
+            datas = (chunk[6:-2],)
+        else:
+            try:
+                datas = decoder.feed_data(chunk)
+            except ProtocolError as exc:
+                self.error, self.stopped = exc, True
+                return out
+            if not datas:
+                return out
         self.last_event_at = self.clock()
         for data in datas:
             if data == "[DONE]":
                 self.done = self.stopped = True
                 break
             try:
-                obj = loads(data)
+                try:
+                    obj = loads(data)
+                except ValueError as exc:
+                    obj = self._reload_event(data, exc)
                 # Hot path: one plain content delta for choice 0 and nothing else. Any
                 # other shape (or a wrong type: TypeError) goes to the validating path.
                 try:
@@ -220,6 +239,17 @@ class ChunkParser:
         if not self.stopped:
             self._take_deferred()
         return out
+
+    def _reload_event(self, data: bytes | str, error: ValueError) -> Any:
+        # The hot path handed the JSON parser raw bytes and it failed: if they are not
+        # valid UTF-8, decode them as the spec says and parse again; otherwise re-raise.
+        if not isinstance(data, bytes):
+            raise ProtocolError(f"invalid JSON in data frame: {error}")
+        try:
+            text = data.decode("utf-8", self._decoder._errors)
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(f"invalid UTF-8 in event data: {exc.reason}") from None
+        return loads(text)
 
     def _take_deferred(self) -> None:
         # The decoder returned the events before a bad line of the same chunk and kept
