@@ -462,7 +462,7 @@ function drawHistory(items) {
     open.addEventListener("click", () => openConversation(item.id));
     const remove = document.createElement("button");
     remove.type = "button";
-    remove.className = "delete quiet";
+    remove.className = "delete";
     remove.dataset.id = item.id;
     remove.textContent = "×";
     remove.title = "Delete";
