@@ -15,6 +15,9 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from ._config import DEFAULT_MAX_EVENT_BYTES
+from ._exceptions import ProtocolError
+
 __all__: list[str] = []
 
 # OpenAI chat-completions request parameters that may reach the upstream. Anything else the
@@ -117,43 +120,59 @@ class EventSplitter:
     `feed()` returns the bytes that end at the last complete event so far and keeps the
     rest (at most one incomplete event) for later, so whatever the proxy adds to the
     stream (a keep-alive comment, an error frame) lands between two events.
+
+    Linear in the input: an unfinished event is kept as a list of pieces joined once,
+    and only the new bytes (plus the 3 before them, where a boundary can straddle) are
+    scanned. An unfinished event over `max_event_bytes` raises `ProtocolError`, as the
+    client does, so an upstream line that never ends cannot grow the proxy's memory.
     """
 
-    __slots__ = ("_pending",)
+    __slots__ = ("_max", "_pieces", "_size", "_tail")
 
-    def __init__(self) -> None:
-        self._pending = b""
+    def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self._max = max_event_bytes
+        self._pieces: list[bytes] = []
+        self._size = 0
+        self._tail = b""  # the last (up to) 3 bytes held, where a boundary may begin
 
     @property
     def pending(self) -> bytes:
-        return self._pending
+        return b"".join(self._pieces)
 
     def feed(self, chunk: bytes) -> bytes:
-        if not self._pending:
-            # Fast path: upstreams usually write whole events per chunk.
-            if chunk.endswith(b"\n\n"):
-                return chunk
-            data = chunk
-            start = 0
-        else:
-            data = self._pending + chunk
-            # A boundary is at most 4 bytes long, so only its tail can straddle the old data.
-            start = max(0, len(self._pending) - 3)
-        end = len(data)
+        if not self._pieces and chunk.endswith(b"\n\n"):
+            return chunk  # fast path: upstreams usually write whole events per chunk
+        tail = self._tail
+        scan = tail + chunk
+        end = len(scan)
         # A trailing CR may be the first half of a CRLF: wait for the next byte.
-        if data.endswith(b"\r"):
+        if scan.endswith(b"\r"):
             end -= 1
         cut = -1
-        for match in _BOUNDARY.finditer(data, start, end):
+        for match in _BOUNDARY.finditer(scan, 0, end):
             cut = match.end()
         if cut < 0:
-            self._pending = data
+            if chunk:
+                self._pieces.append(chunk)
+                self._size += len(chunk)
+                self._tail = scan[-3:]
+                if self._size > self._max:
+                    raise ProtocolError(f"an upstream event exceeds max_event_bytes ({self._max})")
             return b""
-        self._pending = data[cut:]
-        return data[:cut]
+        # Bytes of `chunk` that end the last complete event (a boundary cannot end inside
+        # the tail: that would have been found by the previous scan).
+        taken = max(0, cut - len(tail))
+        self._pieces.append(chunk[:taken])
+        out = b"".join(self._pieces)
+        rest = chunk[taken:]
+        self._pieces = [rest] if rest else []
+        self._size = len(rest)
+        self._tail = rest[-3:]
+        return out
 
     def flush(self) -> bytes:
-        rest, self._pending = self._pending, b""
+        rest = b"".join(self._pieces)
+        self._pieces, self._size, self._tail = [], 0, b""
         return rest
 
 
@@ -193,7 +212,7 @@ def parse_body(raw: bytes, charset: str) -> dict[str, object]:
         ) from None
     try:
         body = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting too deep to parse
         raise ProxyRejection(
             400, "The request body is not valid JSON.", code="invalid_json"
         ) from None
@@ -263,7 +282,12 @@ def outgoing_body(body: Mapping[str, object], allowed: Collection[str], stream: 
     if not stream:
         # OpenAI rejects stream_options on a non-streaming request.
         out.pop("stream_options", None)
-    return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # a lone surrogate escape such as "\\ud800" parses, but is no text
+        raise ProxyRejection(
+            400, "The request body contains invalid Unicode.", code="invalid_body"
+        ) from None
 
 
 # --- origin checks --------------------------------------------------------------------------

@@ -332,11 +332,6 @@ def test_event_splitter_million_keepalives_forwarded_not_held() -> None:
     assert held < CHUNK and growth < CONSTANT, (held, growth)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy bug: EventSplitter (_proxy_core.py) has no size limit, so an upstream "
-    "line that never ends grows the proxy's memory without bound (report: issue #6)",
-)
 def test_event_splitter_never_ending_line_is_bounded() -> None:
     # The client refuses an event over max_event_bytes (16 MiB by default); the proxy's
     # splitter should hold no more than that either (or refuse: either fix passes).
@@ -353,11 +348,6 @@ def test_event_splitter_never_ending_line_is_bounded() -> None:
     assert held <= DEFAULT_MAX_EVENT_BYTES, held
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy bug: EventSplitter re-joins its whole pending event on every chunk "
-    "(self._pending + chunk), quadratic in the size of one multi-MB event (quirk 14)",
-)
 def test_event_splitter_large_single_event_is_linear() -> None:
     def cost(size: int) -> float:
         splitter = EventSplitter()

@@ -419,11 +419,6 @@ async def test_bad_body_gets_a_clear_4xx_and_nothing_goes_upstream(
     leaks.add(f"{name} response", content)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy bug: parse_body (_proxy_core.py) lets json.loads' RecursionError escape, so "
-    "deep nesting under max_body_bytes is a 500 'The proxy failed.', not a 400",
-)
 async def test_deeply_nested_body_under_the_size_limit_is_a_400(leaks: LeakScanner) -> None:
     recorder = Recorder()
     got, _, content = await call(make_proxy(recorder), nested(100_000))
@@ -431,11 +426,6 @@ async def test_deeply_nested_body_under_the_size_limit_is_a_400(leaks: LeakScann
     assert got == 400, (got, content[:200])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy bug: a lone surrogate escape (\\ud800) parses, then outgoing_body's "
-    ".encode() raises UnicodeEncodeError: a 500, not a 400",
-)
 async def test_lone_surrogate_in_a_message_is_a_400(leaks: LeakScanner) -> None:
     recorder = Recorder()
     body = b'{"messages":[{"role":"user","content":"\\ud800"}]}'
