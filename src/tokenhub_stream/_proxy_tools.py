@@ -335,7 +335,8 @@ class ToolExchange:
         if turn is None or turn.collector is None:
             return
         completion = self._completion(turn.request_id, completed)
-        turn.collector.feed_json(_dumps(completion))
+        # Redacted like the passthrough's copy: an echoed key stays out of on_complete.
+        turn.collector.feed_json(self._proxy._redact(_dumps(completion)))
 
 
 async def _nothing() -> None:

@@ -453,16 +453,20 @@ async def test_second_turn_cut_ends_with_error_frame_and_sdk_raises(upstream: Up
 
 
 async def test_an_echoed_key_is_redacted(upstream: Upstream) -> None:
+    records: list[CompletionRecord] = []
     upstream[0].enqueue(tool_turn(), Script(deltas=["the key is ", KEY, "."]))
-    with proxied(upstream) as url, anyio.fail_after(10):
+    upstream[0].enqueue(tool_turn(), Script(deltas=["the key is ", KEY, "."]))
+    with proxied(upstream, on_complete=records.append) as url, anyio.fail_after(10):
         async with httpx.AsyncClient(timeout=5) as client:
             response = await client.post(
                 f"{url}{PATH}", json={"messages": MESSAGES, "stream": False}
             )
             streamed = await client.post(f"{url}{PATH}", json={"messages": MESSAGES})
+        await eventually(lambda: len(records) == 2)
     assert response.status_code == 200
     assert "[redacted]" in response.json()["choices"][0]["message"]["content"]
     assert_no_key(response.content, response.headers, streamed.content)
+    assert [r.message.content for r in records] == ["the key is [redacted]."] * 2
 
 
 # --- on_complete, disconnects ----------------------------------------------------------------
