@@ -724,7 +724,7 @@ class ChatProxy:
     async def _upstream_status(self, response: httpx.Response, send: Send, turn: _Turn) -> None:
         status = response.status_code
         raw = await _read_capped(response, _MAX_ERROR_BODY)
-        upstream_message, upstream_type, upstream_code = _upstream_error(raw)
+        upstream_message, upstream_type, upstream_code = _upstream_error(self._redact(raw))
         turn.outcome = "upstream_error"
         if status in (400, 404, 413, 422, 429):
             message = upstream_message or f"The upstream answered {status}."
@@ -766,7 +766,7 @@ class ChatProxy:
             return
         body = self._redact(raw)
         if turn.collector is not None:
-            turn.collector.feed_json(raw)
+            turn.collector.feed_json(body)
         turn.status = response.status_code
         ctype = response.headers.get("content-type", "application/json").encode()
         headers = [(b"content-type", ctype), (b"x-request-id", turn.request_id.encode())]
@@ -811,12 +811,12 @@ class ChatProxy:
                         collector.feed(out)
                     if not turn.client_gone:
                         await self._write(send, turn, out)
-            rest = splitter.flush()
+            rest = self._redact(splitter.flush())
             if rest:
                 if collector is not None:
                     collector.feed(rest)
                 if not turn.client_gone:
-                    await self._write(send, turn, self._redact(rest))
+                    await self._write(send, turn, rest)
         except Exception as exc:
             _log_upstream_failure(turn, exc)
             if _is_timeout(exc):

@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 
 from tokenhub_stream import ChatMessage, ToolCall, Usage
-from tokenhub_stream.asgi import ChatProxy, CompletionRecord, _Turn
+from tokenhub_stream.asgi import ChatProxy, CompletionRecord
 from tokenhub_stream.store import (
     Conversation,
     ConversationRecorder,
@@ -388,17 +388,8 @@ async def test_recorder_proxy_failing_store_logs_and_stream_completes(
     ]
 
 
-# uvicorn answers receive() with http.disconnect as soon as the response is complete, and
-# ChatProxy's watcher takes that for the client leaving: every streamed turn read to its end
-# is reported as client_disconnect. Fixed in asgi.py by a `_Turn.response_done` flag.
-_PROXY_MISREPORTS_DISCONNECT = not hasattr(_Turn(), "response_done")
-
-
-@pytest.mark.xfail(
-    _PROXY_MISREPORTS_DISCONNECT,
-    reason="ChatProxy reports client_disconnect for a response read to its end",
-    strict=True,
-)
+# uvicorn answers receive() with http.disconnect as soon as the response is complete; a
+# streamed turn read to its end must still be recorded as completed, not client_disconnect.
 async def test_recorder_proxy_completed_turn_outcome(upstream: Upstream, store_url: str) -> None:
     app, _ = upstream
     app.enqueue(Script(deltas=["Done", "."]))
