@@ -194,7 +194,12 @@ def test_fuzz_chunk_parser_never_raises(data: st.DataObject, body: bytes, strict
 
 # --- EventSplitter (the proxy) ----------------------------------------------------------------
 
-_BOUNDARIES = (b"\n\n", b"\r\r", b"\r\n\r\n", b"\n\r\n", b"\r\n\n", b"\n\r", b"\r\n\r")
+# Every (line end, empty line end) pair; a CR is a line end alone when no LF follows it.
+_BOUNDARIES = (
+    *(b"\n\n", b"\n\r", b"\n\r\n"),
+    *(b"\r\r", b"\r\r\n"),
+    *(b"\r\n\n", b"\r\n\r", b"\r\n\r\n"),
+)
 
 
 @FUZZ
@@ -394,3 +399,12 @@ def test_issue_6_parser_delivers_deltas_before_a_bad_frame_in_the_same_chunk(eve
     assert parser.stopped and isinstance(parser.error, ProtocolError)
     parser.feed_eof()  # never raises
     assert parser.message().content == "kept"
+
+
+def test_issue_6_cr_then_crlf_ends_an_event_for_the_splitter_and_the_decoder() -> None:
+    # Found by benchmarks/soak/fuzz_atheris.py: "\r" ends a line and "\r\n" the empty line
+    # after it. The splitter cut there correctly; the fuzz checks' list of event endings
+    # lacked it.
+    assert EventSplitter().feed(b"data: x\r\r\ndata: y") == b"data: x\r\r\n"
+    assert [e.data for e in SSEDecoder().feed(b"data: x\r\r\n")] == ["x"]
+    assert b"data: x\r\r\n".endswith(_BOUNDARIES)

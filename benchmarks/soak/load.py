@@ -1,0 +1,346 @@
+"""The load test of issue #6: N concurrent streams at R events/s for T seconds, checksummed.
+
+Three processes on loopback: a paced upstream (stdlib asyncio, this file), the target
+(ChatProxy or the naive Starlette+httpx proxy from `benchmarks/proxy_bench.py`, each under
+uvicorn, one worker; or nothing for "direct"), and this load generator.
+
+Each upstream event carries its stream id, its sequence number and the upstream's
+`time.monotonic_ns()` at write; the last event before `[DONE]` carries the CRC-32 and
+length of every byte the upstream wrote before it. The generator de-chunks the HTTP body,
+checks the sequence (nothing lost, duplicated or reordered), compares the CRC of the bytes
+it received with the upstream's, and records per-event latency (arrival minus write time;
+CLOCK_MONOTONIC is shared by processes on Linux).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/: reuse proxy_bench's pieces
+
+import proxy_bench  # noqa: E402
+
+MAX_EVENTS = 100_000  # upstream bound per stream, whatever a request asks
+
+
+# --- the paced upstream ---------------------------------------------------------------------
+
+
+def _event(sid: str, seq: int) -> bytes:
+    content = f"{sid}:{seq}:{time.monotonic_ns()}"
+    payload = {
+        "id": "chatcmpl-soak",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
+    }
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _upstream_main(port_file: str, pace: float) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = json.loads(await reader.readexactly(length)) if length else {}
+                sid = str(body.get("user", "anon"))
+                count = min(int(body.get("max_tokens", 10)), MAX_EVENTS)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n"
+                )
+                crc, size = 0, 0
+                start = time.monotonic()
+                for seq in range(count):
+                    delay = start + seq * pace - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    data = _event(sid, seq)
+                    crc, size = zlib.crc32(data, crc), size + len(data)
+                    writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    await writer.drain()
+                trailer = b'data: {"soak_crc32":%d,"soak_bytes":%d}\n\n' % (crc, size)
+                done = b"data: [DONE]\n\n"
+                writer.write(
+                    b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(trailer), trailer, len(done), done)
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=4096)
+    port = server.sockets[0].getsockname()[1]
+    with open(port_file, "w") as f:  # noqa: ASYNC230 - once, before serving
+        f.write(str(port))
+    async with server:
+        await server.serve_forever()
+
+
+@contextlib.contextmanager
+def start_upstream(pace: float) -> Iterator[tuple[int, int]]:
+    """Run the paced upstream in its own process; yield (port, pid)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".port") as f:
+        proc = subprocess.Popen([sys.executable, __file__, "_upstream", f.name, str(pace)])
+        try:
+            deadline = time.monotonic() + 10
+            while not open(f.name).read().strip():
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the soak upstream did not start")
+                time.sleep(0.05)
+            yield int(open(f.name).read()), proc.pid
+        finally:
+            proc.terminate()
+            proc.wait(5)
+
+
+# --- the load generator ------------------------------------------------------------------------
+
+
+@dataclass
+class StreamResult:
+    status: int = 0
+    events: int = 0
+    ok: bool = False
+    problem: str = ""
+    latencies_us: list[int] = field(default_factory=list)
+    gaps_us: list[int] = field(default_factory=list)
+
+
+class _Dechunker:
+    def __init__(self) -> None:
+        self.buf = b""
+        self.need = -1  # bytes of chunk data still expected (+2 for CRLF); -1: a size line
+        self.ended = False
+
+    def feed(self, data: bytes) -> bytes:
+        self.buf += data
+        out = []
+        while not self.ended:
+            if self.need < 0:
+                nl = self.buf.find(b"\r\n")
+                if nl < 0:
+                    break
+                size = int(self.buf[:nl].split(b";")[0], 16)
+                self.buf = self.buf[nl + 2 :]
+                if size == 0:
+                    self.ended = True
+                    break
+                self.need = size
+            if len(self.buf) < self.need + 2:
+                break
+            out.append(self.buf[: self.need])
+            self.buf = self.buf[self.need + 2 :]
+            self.need = -1
+        return b"".join(out)
+
+
+async def _one_stream(
+    port: int, path: str, sid: str, count: int, result: StreamResult, deadline: float
+) -> None:
+    body = json.dumps(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "user": sid,
+            "max_tokens": count,
+        }
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), deadline - time.monotonic())
+        result.status = int(head.split(b" ", 2)[1])
+        if result.status != 200 or b"chunked" not in head.lower():
+            result.problem = f"status {result.status}"
+            return
+        dechunk = _Dechunker()
+        pending = b""
+        crc, size = 0, 0
+        expect = 0
+        last_arrival: int | None = None
+        prefix = f'"content":"{sid}:'.encode()
+        while not dechunk.ended:
+            data = await asyncio.wait_for(reader.read(65536), deadline - time.monotonic())
+            if not data:
+                result.problem = "connection closed early"
+                return
+            now = time.monotonic_ns()
+            pending += dechunk.feed(data)
+            while True:
+                cut = pending.find(b"\n\n")
+                if cut < 0:
+                    break
+                event, pending = pending[: cut + 2], pending[cut + 2 :]
+                if event.startswith(b'data: {"soak_crc32"'):
+                    trailer = json.loads(event[6:])
+                    if (crc, size) != (trailer["soak_crc32"], trailer["soak_bytes"]):
+                        result.problem = f"checksum mismatch after {expect} events"
+                        return
+                    continue
+                if event == b"data: [DONE]\n\n":
+                    result.ok = expect == count and not pending
+                    if not result.ok:
+                        result.problem = f"{expect} of {count} events"
+                    continue
+                crc, size = zlib.crc32(event, crc), size + len(event)
+                at = event.find(prefix)
+                if at < 0:
+                    result.problem = f"foreign event {event[:80]!r}"
+                    return
+                seq_s, t_s = event[at + len(prefix) :].split(b'"', 1)[0].split(b":")
+                if int(seq_s) != expect:
+                    result.problem = f"event {int(seq_s)} where {expect} was due"
+                    return
+                expect += 1
+                result.latencies_us.append((now - int(t_s)) // 1000)
+                if last_arrival is not None:
+                    result.gaps_us.append((now - last_arrival) // 1000)
+                last_arrival = now
+        result.events = expect
+    except (TimeoutError, OSError, ValueError) as exc:
+        result.problem = f"{type(exc).__name__}: {exc}"
+    finally:
+        writer.close()
+
+
+def _pct(values: list[int], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] / 1000.0
+
+
+@dataclass
+class LoadReport:
+    target: str
+    streams: int
+    ok: int
+    errors: list[str]
+    latency_p50_ms: float
+    latency_p99_ms: float
+    gap_p50_ms: float
+    gap_p99_ms: float
+    cpu_core_pct: float
+    rss_kib_per_stream: float
+    loadgen_cpu_core_pct: float
+    seconds: float
+
+
+def run_load(
+    target: proxy_bench.Target, streams: int, rate: float, duration: float, ramp: float
+) -> LoadReport:
+    count = int(rate * duration)
+    pids = target.pids
+
+    async def main() -> tuple[list[StreamResult], float, float, int, int]:
+        rss0 = sum(proxy_bench._rss_kib(p) for p in pids)
+        peak = rss0
+        results = [StreamResult() for _ in range(streams)]
+        deadline = time.monotonic() + ramp + duration + 30  # every wait is bounded
+        stop = asyncio.Event()
+
+        async def sampler() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                peak = max(peak, sum(proxy_bench._rss_kib(p) for p in pids))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.25)
+
+        async def launch(i: int) -> None:
+            await asyncio.sleep(ramp * i / streams)
+            await _one_stream(target.port, target.path, f"s{i}", count, results[i], deadline)
+
+        sampling = asyncio.ensure_future(sampler())
+        started = time.monotonic()
+        cpu0 = sum(proxy_bench._cpu_seconds(p) for p in pids)
+        await asyncio.gather(*(launch(i) for i in range(streams)))
+        wall = time.monotonic() - started
+        cpu = sum(proxy_bench._cpu_seconds(p) for p in pids) - cpu0
+        stop.set()
+        await sampling
+        return results, wall, cpu, peak, rss0
+
+    self_cpu0 = time.process_time()
+    results, wall, cpu, peak, rss0 = asyncio.run(main())
+    self_cpu = time.process_time() - self_cpu0
+    lat = [v for r in results for v in r.latencies_us]
+    gaps = [v for r in results for v in r.gaps_us]
+    problems = [f"s{i}: {r.problem}" for i, r in enumerate(results) if not r.ok]
+    return LoadReport(
+        target=target.name,
+        streams=streams,
+        ok=sum(r.ok for r in results),
+        errors=problems[:10],
+        latency_p50_ms=_pct(lat, 0.5),
+        latency_p99_ms=_pct(lat, 0.99),
+        gap_p50_ms=_pct(gaps, 0.5),
+        gap_p99_ms=_pct(gaps, 0.99),
+        cpu_core_pct=100 * cpu / wall if pids else float("nan"),
+        rss_kib_per_stream=(peak - rss0) / streams if pids else float("nan"),
+        loadgen_cpu_core_pct=100 * self_cpu / wall,
+        seconds=wall,
+    )
+
+
+def compare(
+    targets: list[str], streams: int, rate: float, duration: float, ramp: float
+) -> list[LoadReport]:
+    """Run the load against each target in turn (same upstream), one report each."""
+    reports = []
+    with start_upstream(1.0 / rate) as (upstream_port, _):
+        for name in targets:
+            with proxy_bench._start_target(name, upstream_port, "asyncio", "h11") as target:
+                # warm up: a few short streams (pools, imports)
+                run_load(target, 5, rate, 1.0, 0.0)
+                report = run_load(target, streams, rate, duration, ramp)
+                print(json.dumps(report.__dict__), file=sys.stderr, flush=True)
+                reports.append(report)
+    return reports
+
+
+def markdown(reports: list[LoadReport]) -> str:
+    direct = next((r for r in reports if r.target == "direct"), None)
+    lines = [
+        "| target | streams ok | latency p50 ms | latency p99 ms | added p50 ms | added p99 ms "
+        "| gap p99 ms | CPU % of a core | RSS KiB/stream |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in reports:
+        a50 = r.latency_p50_ms - direct.latency_p50_ms if direct else float("nan")
+        a99 = r.latency_p99_ms - direct.latency_p99_ms if direct else float("nan")
+        lines.append(
+            f"| {r.target} | {r.ok}/{r.streams} | {r.latency_p50_ms:.1f} | {r.latency_p99_ms:.1f} "
+            f"| {a50:+.1f} | {a99:+.1f} | {r.gap_p99_ms:.1f} | {r.cpu_core_pct:.0f} "
+            f"| {r.rss_kib_per_stream:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_upstream":
+        asyncio.run(_upstream_main(sys.argv[2], float(sys.argv[3])))
+    else:
+        out = compare(["direct", "chatproxy", "naive"], 50, 4.0, 5.0, 1.0)
+        print(markdown(out))
+        print(statistics.mean(r.ok for r in out))
