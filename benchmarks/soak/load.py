@@ -1,8 +1,10 @@
 """The load test of issue #6: N concurrent streams at R events/s for T seconds, checksummed.
 
 Three processes on loopback: a paced upstream (stdlib asyncio, this file), the target
-(ChatProxy or the naive Starlette+httpx proxy from `benchmarks/proxy_bench.py`, each under
-uvicorn, one worker; or nothing for "direct"), and this load generator.
+(ChatProxy with its defaults, or a naive Starlette+httpx proxy written like the usual
+tutorial, each under uvicorn, one worker; or nothing for "direct"), and this load
+generator. Self-contained on purpose: `benchmarks/proxy_bench.py` is a separate benchmark
+with its own life.
 
 Each upstream event carries its stream id, its sequence number and the upstream's
 `time.monotonic_ns()` at write; the last event before `[DONE]` carries the CRC-32 and
@@ -18,21 +20,17 @@ import asyncio
 import contextlib
 import json
 import os
-import statistics
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/: reuse proxy_bench's pieces
-
-import proxy_bench  # noqa: E402
-
 MAX_EVENTS = 100_000  # upstream bound per stream, whatever a request asks
+KEY = "sk-soak-not-a-real-key"
 
 
 # --- the paced upstream ---------------------------------------------------------------------
@@ -97,7 +95,8 @@ async def _upstream_main(port_file: str, pace: float) -> None:
 def start_upstream(pace: float) -> Iterator[tuple[int, int]]:
     """Run the paced upstream in its own process; yield (port, pid)."""
     with tempfile.NamedTemporaryFile("r", suffix=".port") as f:
-        proc = subprocess.Popen([sys.executable, __file__, "_upstream", f.name, str(pace)])
+        script = os.path.abspath(__file__)
+        proc = subprocess.Popen([sys.executable, script, "_upstream", f.name, str(pace)])
         try:
             deadline = time.monotonic() + 10
             while not open(f.name).read().strip():
@@ -108,6 +107,124 @@ def start_upstream(pace: float) -> Iterator[tuple[int, int]]:
         finally:
             proc.terminate()
             proc.wait(5)
+
+
+# --- the targets: ChatProxy and the naive proxy, each in its own uvicorn process ---------------
+
+
+def _naive_app(upstream: str) -> object:
+    # Written like the usual tutorial: StreamingResponse over aiter_raw(), httpx's defaults.
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    client = httpx.AsyncClient(timeout=None)
+
+    async def chat(request: Request) -> StreamingResponse:
+        body = await request.body()
+        req = client.build_request(
+            "POST",
+            upstream + "/v1/chat/completions",
+            content=body,
+            headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"},
+        )
+        response = await client.send(req, stream=True)
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in response.aiter_raw():
+                    yield chunk
+            finally:
+                await response.aclose()
+
+        return StreamingResponse(relay(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/api/chat", chat, methods=["POST"])])
+
+
+def _chatproxy_app(upstream: str) -> object:
+    from starlette.applications import Starlette
+
+    from tokenhub_stream.asgi import ChatProxy
+
+    proxy = ChatProxy(api_key=KEY, base_url=upstream + "/v1")  # every other option its default
+    return Starlette(routes=proxy.routes("/api/chat"), lifespan=proxy.lifespan)
+
+
+def _serve(kind: str, upstream_port: int, port: int) -> None:
+    import uvicorn
+
+    upstream = f"http://127.0.0.1:{upstream_port}"
+    app = _naive_app(upstream) if kind == "naive" else _chatproxy_app(upstream)
+    uvicorn.run(
+        app,  # type: ignore[arg-type]
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        loop="asyncio",
+        http="h11",
+        backlog=4096,
+    )
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    pids: list[int] = field(default_factory=list)
+    path: str = "/api/chat"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"the soak target did not start listening on {port}")
+
+
+@contextlib.contextmanager
+def start_target(name: str, upstream_port: int) -> Iterator[Target]:
+    """ "direct" (the upstream itself), "chatproxy" or "naive"; yield where to send load."""
+    if name == "direct":
+        yield Target(name, upstream_port, path="/v1/chat/completions")
+        return
+    if name not in ("chatproxy", "naive"):
+        raise ValueError(f"unknown target {name!r}")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "_serve", name, str(upstream_port), str(port)]
+    )
+    try:
+        _wait_port(port, proc)
+        yield Target(name, port, [proc.pid])
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
 
 
 # --- the load generator ------------------------------------------------------------------------
@@ -247,14 +364,12 @@ class LoadReport:
     seconds: float
 
 
-def run_load(
-    target: proxy_bench.Target, streams: int, rate: float, duration: float, ramp: float
-) -> LoadReport:
+def run_load(target: Target, streams: int, rate: float, duration: float, ramp: float) -> LoadReport:
     count = int(rate * duration)
     pids = target.pids
 
     async def main() -> tuple[list[StreamResult], float, float, int, int]:
-        rss0 = sum(proxy_bench._rss_kib(p) for p in pids)
+        rss0 = sum(_rss_kib(p) for p in pids)
         peak = rss0
         results = [StreamResult() for _ in range(streams)]
         deadline = time.monotonic() + ramp + duration + 30  # every wait is bounded
@@ -263,7 +378,7 @@ def run_load(
         async def sampler() -> None:
             nonlocal peak
             while not stop.is_set():
-                peak = max(peak, sum(proxy_bench._rss_kib(p) for p in pids))
+                peak = max(peak, sum(_rss_kib(p) for p in pids))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.25)
 
@@ -273,10 +388,10 @@ def run_load(
 
         sampling = asyncio.ensure_future(sampler())
         started = time.monotonic()
-        cpu0 = sum(proxy_bench._cpu_seconds(p) for p in pids)
+        cpu0 = sum(_cpu_seconds(p) for p in pids)
         await asyncio.gather(*(launch(i) for i in range(streams)))
         wall = time.monotonic() - started
-        cpu = sum(proxy_bench._cpu_seconds(p) for p in pids) - cpu0
+        cpu = sum(_cpu_seconds(p) for p in pids) - cpu0
         stop.set()
         await sampling
         return results, wall, cpu, peak, rss0
@@ -310,7 +425,7 @@ def compare(
     reports = []
     with start_upstream(1.0 / rate) as (upstream_port, _):
         for name in targets:
-            with proxy_bench._start_target(name, upstream_port, "asyncio", "h11") as target:
+            with start_target(name, upstream_port) as target:
                 # warm up: a few short streams (pools, imports)
                 run_load(target, 5, rate, 1.0, 0.0)
                 report = run_load(target, streams, rate, duration, ramp)
@@ -340,7 +455,7 @@ def markdown(reports: list[LoadReport]) -> str:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_upstream":
         asyncio.run(_upstream_main(sys.argv[2], float(sys.argv[3])))
-    else:
-        out = compare(["direct", "chatproxy", "naive"], 50, 4.0, 5.0, 1.0)
-        print(markdown(out))
-        print(statistics.mean(r.ok for r in out))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_serve":
+        _serve(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:  # a smoke run: 50 streams for 5 s against each target
+        print(markdown(compare(["direct", "chatproxy", "naive"], 50, 4.0, 5.0, 1.0)))
