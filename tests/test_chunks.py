@@ -450,3 +450,26 @@ def test_chunks_invalid_utf8_on_the_fast_path() -> None:
     bad = ChunkParser()
     assert bad.feed_text(b'data: {"choices": [\n\n') == []
     assert isinstance(bad.error, ProtocolError) and "JSON" in str(bad.error)
+
+
+@pytest.mark.parametrize("backend", ["orjson", "stdlib"])
+def test_chunks_fast_path_json_backends(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Both JSON backends parse the hot path's raw bytes the same way: the stdlib one
+    # decodes strictly first, so an encoded lone surrogate (which `json.loads(bytes)`
+    # would let through) and invalid UTF-8 both become U+FFFD, as the spec says.
+    from tokenhub_stream import _chunks
+
+    if backend == "stdlib":
+        monkeypatch.setattr(_chunks, "_loads_event", _chunks._stdlib_loads_event)
+        monkeypatch.setattr(_chunks, "loads", json.loads)
+    else:
+        pytest.importorskip("orjson")
+    surrogate = b'data: {"choices":[{"index":0,"delta":{"content":"a\xed\xa0\x80b"}}]}\n\n'
+    out, p = texts(
+        chunk({"content": "h\u00e9"}),
+        surrogate,
+        b'data: {"choices":[{"index":0,"delta":{"content":"c\xffd"}}]}\n\n',
+        chunk({}, "stop"),
+    )
+    assert out == ["h\u00e9", "a\ufffd\ufffd\ufffdb", "c\ufffdd"]
+    assert p.error is None and p.finish_reason == "stop"

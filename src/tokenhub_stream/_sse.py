@@ -131,7 +131,7 @@ class SSEDecoder:
             and chunk.startswith(b"data: ")
             and chunk.find(b"\n") == len(chunk) - 2
             and chunk[-1] == 10  # "\n"
-            and b"\r" not in chunk
+            and chunk.find(b"\r") < 0  # faster than `not in`
             and len(chunk) - 8 <= self._max
         ):
             try:
