@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 MAX_EVENTS = 100_000  # upstream bound per stream, whatever a request asks
 KEY = "sk-soak-not-a-real-key"
+NAIVE_POOL = 2000  # connections the naive proxy's httpx client may open
 
 
 # --- the paced upstream ---------------------------------------------------------------------
@@ -113,14 +114,17 @@ def start_upstream(pace: float) -> Iterator[tuple[int, int]]:
 
 
 def _naive_app(upstream: str) -> object:
-    # Written like the usual tutorial: StreamingResponse over aiter_raw(), httpx's defaults.
+    # Written like the usual tutorial: StreamingResponse over aiter_raw(), httpx's defaults
+    # except the pool size. httpx's default pool of 100 would queue 900 of 1,000 streams
+    # (and hold no memory for them); the naive figures are for 1,000 open streams.
     import httpx
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import StreamingResponse
     from starlette.routing import Route
 
-    client = httpx.AsyncClient(timeout=None)
+    limits = httpx.Limits(max_connections=NAIVE_POOL, max_keepalive_connections=NAIVE_POOL)
+    client = httpx.AsyncClient(timeout=None, limits=limits)
 
     async def chat(request: Request) -> StreamingResponse:
         body = await request.body()
