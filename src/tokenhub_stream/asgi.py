@@ -15,7 +15,7 @@ Deliberate divergences from the usual Starlette streaming endpoint, with reasons
   longer make `StreamingResponse` notice a gone client before a write fails (the billing
   gotcha: tokens streamed to nobody).
 - The upstream's SSE bytes are forwarded unchanged, cut only at event boundaries; the JSON is
-  decoded (from a copy) only when `on_complete` is set.
+  decoded (from a copy) only when `on_complete` or a `UsageLimiter` is set.
 - The HTTP status is sent only once the upstream's 2xx headers arrive. After that the status
   is fixed, so a failure ends the stream with an OpenAI-shaped error frame and no `[DONE]`
   instead of a truncated answer that looks complete.
@@ -95,6 +95,7 @@ __all__ = [
     "InMemoryRateLimiter",
     "Outcome",
     "RateLimiter",
+    "UsageLimiter",
 ]
 
 logger = logging.getLogger("tokenhub_stream.asgi")
@@ -126,6 +127,18 @@ class RateLimiter(Protocol):
     """
 
     async def acquire(self, key: str) -> float | None: ...
+
+
+@runtime_checkable
+class UsageLimiter(RateLimiter, Protocol):
+    """A `RateLimiter` that also counts tokens (a budget), such as `redis.RedisBudget`.
+
+    After each turn whose usage is known (the upstream sent it), the proxy calls
+    `record(key, usage)` with the key `acquire` was called with. A failing `record` is
+    logged and never breaks the finished response.
+    """
+
+    async def record(self, key: str, usage: Usage) -> None: ...
 
 
 class InMemoryRateLimiter:
@@ -209,6 +222,7 @@ class _Turn:
         "started",
         "wall",
         "principal",
+        "limit_key",
         "model",
         "messages",
         "status",
@@ -229,6 +243,7 @@ class _Turn:
         self.started = time.perf_counter()
         self.wall = time.time()
         self.principal: object = None
+        self.limit_key: str | None = None
         self.model = "-"
         self.messages: list[object] = []
         self.status = 0
@@ -267,7 +282,8 @@ class ChatProxy:
         trusted_proxies: addresses/networks whose `X-Forwarded-*` headers are believed.
         authorize: `request -> principal | None` (sync or async); `None` answers 401. It may
             raise `starlette.exceptions.HTTPException` with a status of its choice.
-        rate_limiter: a `RateLimiter`, keyed by principal (if any) or client address.
+        rate_limiter: a `RateLimiter`, keyed by principal (if any) or client address; a
+            `UsageLimiter` also gets each turn's usage (`tokenhub_stream.redis` has both).
         on_request: `(request, body) -> body`, may rewrite the outgoing body.
         on_complete: `(CompletionRecord) -> None`, once per forwarded turn.
         on_disconnect: `"cancel"` closes the upstream when the client goes; `"finish"` reads
@@ -522,7 +538,7 @@ class ChatProxy:
             self._log(turn)
             return
         request_body, stream = prepared
-        if self.on_complete is not None:
+        if self.on_complete is not None or self._usage_limiter() is not None:
             from ._proxy_record import TurnCollector
 
             # The tool loop hands over its answer as one chat.completion object.
@@ -562,6 +578,7 @@ class ChatProxy:
             else:
                 address = client_address(peer, headers.get("x-forwarded-for"), self._trusted)
                 key = f"address:{address or 'unknown'}"
+            turn.limit_key = key
             retry_after = await self.rate_limiter.acquire(key)
             if retry_after is not None:
                 seconds = str(max(1, int(retry_after + 0.999)))
@@ -898,9 +915,16 @@ class ChatProxy:
             turn.outcome,
         )
 
+    def _usage_limiter(self) -> UsageLimiter | None:
+        limiter = self.rate_limiter
+        return limiter if isinstance(limiter, UsageLimiter) else None
+
     async def _complete(self, turn: _Turn) -> None:
         hook = self.on_complete
-        if hook is None or turn.collector is None or turn.outcome == "rejected":
+        limiter = self._usage_limiter()
+        if turn.collector is None or turn.outcome == "rejected":
+            return
+        if hook is None and limiter is None:
             return
         try:
             record = turn.collector.record(
@@ -916,6 +940,18 @@ class ChatProxy:
                 duration=time.perf_counter() - turn.started,
                 bytes_sent=turn.bytes_sent,
             )
+        except Exception:
+            logger.exception("on_complete failed request_id=%s", turn.request_id)
+            return
+        if limiter is not None and turn.limit_key is not None and record.usage is not None:
+            try:
+                await limiter.record(turn.limit_key, record.usage)
+            except Exception:
+                # Like a failing hook: logged, and the finished response stays intact.
+                logger.exception("rate_limiter.record failed request_id=%s", turn.request_id)
+        if hook is None:
+            return
+        try:
             await _maybe_await(hook(record))
         except Exception:
             # A failing hook is the owner's bug; it must not break the (finished) response.

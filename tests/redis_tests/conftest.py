@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -91,19 +92,19 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def run_redis(binary: str | None = None) -> Iterator[RedisServer]:
-    """Start a private redis-server on a free loopback port; stop it and delete its dir at exit."""
+def run_redis(binary: str | None = None, *, port: int | None = None) -> Iterator[RedisServer]:
+    """Start a private redis-server on a free loopback port (or `port`); stop it at exit."""
     binary = binary or redis_server_binary()
     if binary is None:
         raise RuntimeError("redis-server is not installed: apt-get install redis-server")
     tmp = Path(tempfile.mkdtemp(prefix="tokenhub-redis-"))
     server: RedisServer | None = None
     try:
-        for _ in range(3):  # the free port may be taken between the probe and the bind
-            port = free_port()
-            log_path = tmp / f"redis-{port}.log"
+        for _ in range(1 if port else 3):  # a free port may be taken before the bind
+            listen = port or free_port()
+            log_path = tmp / f"redis-{listen}.log"
             process = subprocess.Popen(
-                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+                [binary, "--port", str(listen), "--bind", "127.0.0.1", "--save", ""]
                 + ["--appendonly", "no", "--dir", str(tmp), "--logfile", str(log_path)]
                 + ["--daemonize", "no", "--databases", "16"],
                 stdin=subprocess.DEVNULL,
@@ -112,7 +113,7 @@ def run_redis(binary: str | None = None) -> Iterator[RedisServer]:
                 cwd=tmp,
                 start_new_session=True,
             )
-            candidate = RedisServer(port=port, process=process, log_path=log_path)
+            candidate = RedisServer(port=listen, process=process, log_path=log_path)
             if _wait_ping(candidate):
                 server = candidate
                 break
@@ -147,6 +148,12 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=_STOP_TIMEOUT)
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    # redis-py's asyncio client runs on asyncio only (uvicorn's and gunicorn's loop).
+    return "asyncio"
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     binary = redis_server_binary()
@@ -171,6 +178,42 @@ def _clean_redis(redis_server: RedisServer) -> None:
 
     with redis.Redis(host=redis_server.host, port=redis_server.port) as client:
         client.flushall()
+
+
+# --- a proxy in this process -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serve(app: object) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on a random loopback port (its own thread and loop)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        log_level="warning",
+        lifespan="on",
+        http="h11",
+        loop="asyncio",
+        access_log=False,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 # --- proxies in their own processes -----------------------------------------------------------

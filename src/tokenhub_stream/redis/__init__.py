@@ -1,0 +1,39 @@
+"""Shared state on Redis, for several workers or machines: rate limits and budgets.
+
+```python
+from tokenhub_stream.redis import RedisBudget, RedisRateLimiter
+
+limiter = RedisRateLimiter("redis://localhost:6379/0", rate=1 / 6, burst=10)
+proxy = ChatProxy(api_key=key, base_url=url, rate_limiter=limiter)
+```
+
+Needs the `redis` extra (redis-py): `pip install 'tokenhub_stream[redis]'`. Uses
+`redis.asyncio`, so it runs on asyncio event loops (uvicorn's and gunicorn's default).
+"""
+
+from __future__ import annotations
+
+try:
+    import redis  # noqa: F401
+except ImportError as exc:  # pragma: no cover
+    raise ImportError(
+        "tokenhub_stream.redis needs redis-py: pip install 'tokenhub_stream[redis]'"
+    ) from exc
+
+from ._limits import BudgetUsage, OnRedisError, RedisBudget, RedisRateLimiter
+
+__all__ = [
+    "BudgetUsage",
+    "OnRedisError",
+    "RedisBudget",
+    "RedisRateLimiter",
+]
+
+# Public names report the public module, like the package root does.
+__locals = locals()
+for __name in __all__:
+    if not __name.isupper() and hasattr(__locals[__name], "__module__"):
+        try:
+            __locals[__name].__module__ = "tokenhub_stream.redis"
+        except (AttributeError, TypeError):
+            pass
