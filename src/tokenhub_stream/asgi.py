@@ -73,6 +73,13 @@ from ._proxy_core import (
     parse_networks,
     validate_body,
 )
+from ._proxy_resume import (
+    DEFAULT_RESUME_TTL,
+    InMemoryStreamBuffer,
+    ResumableStream,
+    StreamBuffer,
+    StreamInfo,
+)
 from ._tool_loop import DEFAULT_MAX_TURNS
 
 try:
@@ -93,8 +100,11 @@ __all__ = [
     "ChatProxy",
     "CompletionRecord",
     "InMemoryRateLimiter",
+    "InMemoryStreamBuffer",
     "Outcome",
     "RateLimiter",
+    "StreamBuffer",
+    "StreamInfo",
     "UsageLimiter",
 ]
 
@@ -236,6 +246,7 @@ class _Turn:
         "ticker_writing",
         "collector",
         "response_done",
+        "resume",
     )
 
     def __init__(self) -> None:
@@ -257,6 +268,7 @@ class _Turn:
         self.ticker_writing: anyio.Event | None = None
         self.collector: TurnCollector | None = None
         self.response_done = False
+        self.resume: ResumableStream | None = None
 
 
 class ChatProxy:
@@ -299,6 +311,12 @@ class ChatProxy:
             functions): the browser gets content deltas only, tool progress as SSE
             comments, and one `[DONE]`; a body with `tools`/`tool_choice` is a 400.
         max_tool_turns: the most upstream requests one tool-using answer may make.
+        resumable: offer resumable streams to requests that ask with `X-Resumable: 1`:
+            `X-Stream-Id`, `id:` lines, `GET <mount>/streams/{id}` (docs: "Resumable
+            streams"). Implied by `stream_buffer`; not available with `tools`.
+        stream_buffer: where resumable streams are kept (default: `InMemoryStreamBuffer()`;
+            `tokenhub_stream.redis.RedisStreamBuffer` behind several processes).
+        resume_ttl: seconds a finished stream stays resumable.
 
     Raises:
         ValueError: an invalid option.
@@ -328,6 +346,9 @@ class ChatProxy:
         transport: httpx.AsyncBaseTransport | None = None,
         tools: ToolsTypes | None = None,
         max_tool_turns: int = DEFAULT_MAX_TURNS,
+        resumable: bool = False,
+        stream_buffer: StreamBuffer | None = None,
+        resume_ttl: float = DEFAULT_RESUME_TTL,
     ) -> None:
         from . import _config
 
@@ -347,6 +368,12 @@ class ChatProxy:
             raise ValueError("max_tool_turns must be a positive integer")
         if max_tool_turns < 1:
             raise ValueError("max_tool_turns must be a positive integer")
+        if stream_buffer is not None:
+            resumable = True
+        if resumable and tools is not None:
+            raise ValueError("resumable streams are not available with tools=")
+        if resume_ttl <= 0:
+            raise ValueError("resume_ttl must be positive")
         tool_set: ToolSet | None = None
         if tools is not None:
             from .tools import ToolSet
@@ -386,6 +413,10 @@ class ChatProxy:
         self._client: httpx.AsyncClient | None = None
         self.tools = tool_set
         self.max_tool_turns = max_tool_turns
+        if resumable and stream_buffer is None:
+            stream_buffer = InMemoryStreamBuffer()
+        self.stream_buffer = stream_buffer
+        self.resume_ttl = resume_ttl
         self._headers = {
             **({"authorization": f"Bearer {api_key}"} if api_key else {}),
             "content-type": "application/json",
@@ -469,6 +500,10 @@ class ChatProxy:
                 await self._chat(scope, receive, send)
             elif path.rstrip("/") == "/models":
                 await self._models(scope, send)
+            elif path.startswith("/streams/"):
+                from ._proxy_resume import serve_resume
+
+                await serve_resume(self, scope, receive, send, path[len("/streams/") :])
             else:
                 await _send_error(send, ProxyRejection(404, "Not found.", code="not_found"))
         elif kind == "lifespan":
@@ -543,6 +578,13 @@ class ChatProxy:
 
             # The tool loop hands over its answer as one chat.completion object.
             turn.collector = TurnCollector(stream=stream and self.tools is None)
+        if stream and self.stream_buffer is not None:
+            from ._proxy_resume import owner_of, wants_resumable
+
+            headers = _headers(scope)
+            if wants_resumable(headers):
+                owner = owner_of(self, turn.principal, scope, headers)
+                turn.resume = ResumableStream(self.stream_buffer, owner, self.resume_ttl)
         try:
             if self.tools is None:
                 await self._forward(request_body, stream, receive, send, turn)
@@ -644,7 +686,7 @@ class ChatProxy:
                 await exchange(send, turn, tg)
             finally:
                 tg.cancel_scope.cancel()
-        if turn.client_gone and turn.outcome == "completed":
+        if turn.client_gone and turn.outcome == "completed" and turn.resume is None:
             turn.outcome = "client_disconnect"
 
     async def _watch_disconnect(
@@ -657,9 +699,11 @@ class ChatProxy:
             # (uvicorn does): that is not the client leaving.
             return
         turn.client_gone = True
-        if turn.outcome == "completed":
+        # A resumable stream is finished into its buffer (and on_complete) for a resume:
+        # its turn completes, unless finish_timeout cuts it.
+        if turn.outcome == "completed" and turn.resume is None:
             turn.outcome = "client_disconnect"
-        if self.on_disconnect == "cancel" or turn.collector is None:
+        if turn.resume is None and (self.on_disconnect == "cancel" or turn.collector is None):
             scope.cancel()
             return
         # "finish": keep reading so on_complete sees the whole turn, within a time limit.
@@ -707,6 +751,9 @@ class ChatProxy:
             # generating. Shielded, because this runs when the watcher cancelled us.
             with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
                 await response.aclose()
+            if turn.resume is not None:  # the end marker, also after a cut or a timeout
+                with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+                    await turn.resume.close()
 
     async def _fail_before(
         self, send: Send, turn: _Turn, status: int, message: str, code: str
@@ -797,18 +844,19 @@ class ChatProxy:
         self, response: httpx.Response, send: Send, turn: _Turn, tg: anyio.abc.TaskGroup
     ) -> None:
         turn.status = 200
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream"),
-                    (b"cache-control", b"no-cache, no-transform"),
-                    (b"x-accel-buffering", b"no"),
-                    (b"x-request-id", turn.request_id.encode()),
-                ],
-            }
-        )
+        start_headers = [
+            (b"content-type", b"text/event-stream"),
+            (b"cache-control", b"no-cache, no-transform"),
+            (b"x-accel-buffering", b"no"),
+            (b"x-request-id", turn.request_id.encode()),
+        ]
+        resume = turn.resume
+        if resume is not None:
+            if await resume.open():
+                start_headers.append((b"x-stream-id", resume.stream_id.encode()))
+            else:
+                resume = turn.resume = None
+        await send({"type": "http.response.start", "status": 200, "headers": start_headers})
         turn.last_write = time.monotonic()
         if self.keepalive_interval is not None:
             tg.start_soon(self._keepalive, send, turn, self.keepalive_interval)
@@ -826,12 +874,16 @@ class ChatProxy:
                         out = out.replace(key, _REDACTED)
                     if collector is not None:
                         collector.feed(out)
+                    if resume is not None:
+                        out = await resume.tag(out)
                     if not turn.client_gone:
                         await self._write(send, turn, out)
             rest = self._redact(splitter.flush())
             if rest:
                 if collector is not None:
                     collector.feed(rest)
+                if resume is not None:
+                    rest = await resume.tag(rest)
                 if not turn.client_gone:
                     await self._write(send, turn, rest)
         except Exception as exc:
@@ -842,6 +894,8 @@ class ChatProxy:
             else:
                 message = "The upstream stream broke off."
                 await self._fail_after(send, turn, "upstream_error", message, "upstream_error")
+        if resume is not None:
+            resume.mark_complete()
         if not turn.client_gone:
             ticker = turn.ticker_writing
             if ticker is not None:
@@ -855,8 +909,11 @@ class ChatProxy:
         if turn.outcome == "completed":
             turn.outcome = outcome
         turn.error = message
+        frame = error_frame(message, code=code)
+        if turn.resume is not None:
+            frame = await turn.resume.tag(frame)
         if not turn.client_gone:
-            await self._write(send, turn, error_frame(message, code=code))
+            await self._write(send, turn, frame)
 
     async def _write(self, send: Send, turn: _Turn, data: bytes) -> None:
         ticker = turn.ticker_writing

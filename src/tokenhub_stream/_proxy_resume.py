@@ -1,0 +1,508 @@
+"""Resumable streams for `ChatProxy`: event ids, the stream buffer, `GET <mount>/streams/{id}`.
+
+Opt-in per request: a POST with `X-Resumable: 1` to a proxy built with `resumable=True`
+(or a `stream_buffer=`) gets an `X-Stream-Id` header, and every event the proxy forwards
+carries an `id:` line with its sequence number (1, 2, 3, ...). The tagged events go to a
+`StreamBuffer` before they are written to the client, so any id a client has seen is in
+the buffer. `GET <mount>/streams/{id}` with `Last-Event-ID: n` (or `?last_event_id=n`)
+replays the events after `n`, then tails the live rest until the stream's end marker.
+
+Plain requests are untouched: their bytes stay exactly the upstream's.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from urllib.parse import parse_qs
+
+import anyio
+import anyio.abc
+
+from ._proxy_core import (
+    _BOUNDARY,
+    ProxyRejection,
+    check_origin,
+    client_address,
+    error_frame,
+    first_forwarded,
+    is_trusted,
+)
+
+if TYPE_CHECKING:
+    from .asgi import ChatProxy, Receive, Scope, Send, _Turn
+
+__all__ = ["InMemoryStreamBuffer", "StreamBuffer", "StreamInfo"]
+
+logger = logging.getLogger("tokenhub_stream.asgi")
+
+#: How long a finished stream's events stay resumable, in seconds.
+DEFAULT_RESUME_TTL = 300.0
+#: The request header that asks for a resumable stream.
+RESUMABLE_HEADER = "x-resumable"
+_STREAM_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
+_MAX_EVENT_ID = 10**15
+# A stream id, and the owner it belongs to, are never compared in variable time.
+_SAFE_EQUAL = hmac.compare_digest
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """What a `StreamBuffer` knows of one stream.
+
+    `first_id` is the lowest event id still kept (ids start at 1; a buffer that trimmed the
+    oldest events of a long stream reports a higher one), `last_id` the highest appended
+    (0 before the first), `ended` whether the end marker was written.
+    """
+
+    owner: str
+    first_id: int
+    last_id: int
+    ended: bool
+
+
+@runtime_checkable
+class StreamBuffer(Protocol):
+    """Where `ChatProxy` keeps the events of resumable streams.
+
+    The proxy calls `create` once when a resumable stream starts, `append` with the tagged
+    events of each upstream chunk (ids consecutive, in order) before it writes them to the
+    client, and `end` once when the stream is over (also when it failed or was cut), after
+    which the stream may be forgotten `ttl` seconds later. `read` serves a resume.
+
+    ```python
+    proxy = ChatProxy(api_key=key, base_url=url, stream_buffer=InMemoryStreamBuffer())
+    ```
+
+    Implementations: `InMemoryStreamBuffer` (one process) and
+    `tokenhub_stream.redis.RedisStreamBuffer` (Redis Streams, shared by every process).
+    """
+
+    async def create(self, stream_id: str, owner: str) -> None:
+        """Register a new, live stream belonging to `owner`."""
+        ...
+
+    async def append(self, stream_id: str, events: Sequence[tuple[int, bytes]]) -> None:
+        """Keep `events` (`(id, bytes)` pairs, ids consecutive) and wake the readers."""
+        ...
+
+    async def end(self, stream_id: str, ttl: float) -> None:
+        """Write the end marker; the stream may be forgotten `ttl` seconds from now."""
+        ...
+
+    async def info(self, stream_id: str) -> StreamInfo | None:
+        """The stream's owner and ids, or `None` if it is unknown or expired."""
+        ...
+
+    def read(self, stream_id: str, after: int, *, idle: float) -> AsyncIterator[tuple[int, bytes]]:
+        """Yield the events with an id above `after`, then the live ones, until the end marker.
+
+        Raises `LookupError` if the stream disappears meanwhile (expired, evicted), and
+        `TimeoutError` if the stream is live but nothing arrived for `idle` seconds.
+        """
+        ...
+
+
+# --- in memory -------------------------------------------------------------------------------
+
+
+class _MemoryStream:
+    __slots__ = ("changed", "ended", "events", "expires", "first_id", "last_id", "owner", "size")
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.events: deque[tuple[int, bytes]] = deque()
+        self.size = 0
+        self.first_id = 1
+        self.last_id = 0
+        self.ended = False
+        self.expires: float | None = None
+        self.changed: anyio.Event | None = None
+
+    def wake(self) -> None:
+        changed, self.changed = self.changed, None
+        if changed is not None:
+            changed.set()
+
+
+class InMemoryStreamBuffer:
+    """Resumable streams in this process's memory: the default of `ChatProxy(resumable=True)`.
+
+    ```python
+    proxy = ChatProxy(api_key=key, base_url=url,
+                      stream_buffer=InMemoryStreamBuffer(max_streams=500))
+    ```
+
+    Bounded: at most `max_streams` streams (the oldest is forgotten first, live or not) and
+    `max_stream_bytes` of events per stream (its oldest events are dropped first; a resume
+    from before them gets 410). Finished streams are forgotten after the proxy's
+    `resume_ttl`. One process only: a resume must reach the worker that ran the stream; use
+    `RedisStreamBuffer` behind several workers.
+
+    Args:
+        max_streams: streams kept at once.
+        max_stream_bytes: bytes of events kept per stream.
+
+    Raises:
+        ValueError: a non-positive bound.
+    """
+
+    def __init__(self, *, max_streams: int = 1000, max_stream_bytes: int = 1024 * 1024) -> None:
+        if max_streams < 1 or max_stream_bytes < 1:
+            raise ValueError("max_streams and max_stream_bytes must be positive")
+        self.max_streams = max_streams
+        self.max_stream_bytes = max_stream_bytes
+        self._streams: OrderedDict[str, _MemoryStream] = OrderedDict()
+        self._swept = 0.0
+
+    def __repr__(self) -> str:
+        return (
+            f"InMemoryStreamBuffer(max_streams={self.max_streams!r}, "
+            f"max_stream_bytes={self.max_stream_bytes!r}, streams={len(self._streams)})"
+        )
+
+    def __len__(self) -> int:
+        self._sweep(force=True)
+        return len(self._streams)
+
+    def _sweep(self, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._swept < 1.0:
+            return
+        self._swept = now
+        gone = [k for k, s in self._streams.items() if s.expires is not None and s.expires <= now]
+        for key in gone:
+            self._streams.pop(key).wake()
+
+    def _get(self, stream_id: str) -> _MemoryStream | None:
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.expires is not None and stream.expires <= time.monotonic():
+            del self._streams[stream_id]
+            stream.wake()
+            return None
+        return stream
+
+    async def create(self, stream_id: str, owner: str) -> None:
+        self._sweep()
+        self._streams[stream_id] = _MemoryStream(owner)
+        while len(self._streams) > self.max_streams:
+            _, oldest = self._streams.popitem(last=False)
+            oldest.wake()
+
+    async def append(self, stream_id: str, events: Sequence[tuple[int, bytes]]) -> None:
+        stream = self._get(stream_id)
+        if stream is None or stream.ended:
+            return
+        for event_id, data in events:
+            stream.events.append((event_id, data))
+            stream.size += len(data)
+            stream.last_id = event_id
+        while stream.size > self.max_stream_bytes and len(stream.events) > 1:
+            _, dropped = stream.events.popleft()
+            stream.size -= len(dropped)
+            stream.first_id = stream.events[0][0]
+        stream.wake()
+
+    async def end(self, stream_id: str, ttl: float) -> None:
+        stream = self._get(stream_id)
+        if stream is None:
+            return
+        stream.ended = True
+        stream.expires = time.monotonic() + ttl
+        stream.wake()
+
+    async def info(self, stream_id: str) -> StreamInfo | None:
+        stream = self._get(stream_id)
+        if stream is None:
+            return None
+        return StreamInfo(stream.owner, stream.first_id, stream.last_id, stream.ended)
+
+    async def read(
+        self, stream_id: str, after: int, *, idle: float
+    ) -> AsyncIterator[tuple[int, bytes]]:
+        cursor = after
+        while True:
+            stream = self._get(stream_id)
+            if stream is None or self._streams.get(stream_id) is not stream:
+                raise LookupError("the stream expired")
+            # Events are consecutive: the one after `cursor` sits at a known offset.
+            start = max(0, cursor + 1 - stream.first_id)
+            batch = [stream.events[i] for i in range(start, len(stream.events))]
+            for event in batch:
+                yield event
+                cursor = event[0]
+            if batch:
+                continue  # the reader may have been slow: look again before waiting
+            if stream.ended:
+                return
+            if stream.changed is None:
+                stream.changed = anyio.Event()
+            changed = stream.changed
+            with anyio.move_on_after(idle) as waited:
+                await changed.wait()
+            if waited.cancelled_caught:
+                raise TimeoutError("the stream went silent")
+
+
+# --- tagging the live stream -----------------------------------------------------------------
+
+
+def tag_events(data: bytes, next_id: int) -> list[tuple[int, bytes]]:
+    """Split `data` (whole events, as `EventSplitter` hands them out) and give each an `id:`.
+
+    The `id:` line goes just before the blank line that ends the event, so it belongs to
+    the event whatever lines precede it; the event's own bytes are kept as they are.
+    """
+    out: list[tuple[int, bytes]] = []
+    start = 0
+    for match in _BOUNDARY.finditer(data):
+        end = match.end()
+        # The boundary is the last field line's terminator, then the blank line.
+        blank = end - 2 if data[end - 2 : end] == b"\r\n" else end - 1
+        event = data[start:blank] + b"id: %d\n" % next_id + data[blank:end]
+        out.append((next_id, event))
+        next_id += 1
+        start = end
+    if start < len(data):
+        # The upstream's unfinished last bytes at EOF: kept as they are (a client drops an
+        # unfinished event), under an id of their own so a resume replays them too.
+        out.append((next_id, data[start:]))
+    return out
+
+
+class ResumableStream:
+    """One resumable stream while the proxy relays it (created per request)."""
+
+    __slots__ = ("_buffer", "_complete", "_ended", "_next", "_opened", "_ttl", "owner", "stream_id")
+
+    def __init__(self, buffer: StreamBuffer, owner: str, ttl: float) -> None:
+        self._buffer = buffer
+        self._ttl = ttl
+        self.owner = owner
+        self.stream_id = secrets.token_urlsafe(18)  # 144 random bits, 24 characters
+        self._next = 1
+        self._opened = False
+        self._complete = False
+        self._ended = False
+
+    async def open(self) -> bool:
+        try:
+            await self._buffer.create(self.stream_id, self.owner)
+        except Exception as exc:
+            # The stream still flows, just not resumable (no X-Stream-Id tells the client).
+            logger.warning("stream buffer failed to create a stream: %s", type(exc).__name__)
+            return False
+        self._opened = True
+        return True
+
+    async def tag(self, data: bytes) -> bytes:
+        events = tag_events(data, self._next)
+        if not events:
+            return data
+        self._next = events[-1][0] + 1
+        if self._opened:
+            try:
+                await self._buffer.append(self.stream_id, events)
+            except Exception as exc:
+                self._opened = False  # later resumes get a gap (410), never wrong text
+                logger.warning("stream buffer failed to append: %s", type(exc).__name__)
+        return b"".join(event for _, event in events)
+
+    def mark_complete(self) -> None:
+        """The relay ended the stream itself ([DONE], a bare close or an error frame)."""
+        self._complete = True
+
+    async def close(self) -> None:
+        """Write the end marker (once); a stream cut short first gets an error frame."""
+        if self._ended or not self._opened:
+            return
+        self._ended = True
+        try:
+            if not self._complete:
+                frame = error_frame("The answer was interrupted.", code="stream_interrupted")
+                await self.tag(frame)
+            await self._buffer.end(self.stream_id, self._ttl)
+        except Exception as exc:
+            logger.warning("stream buffer failed to end a stream: %s", type(exc).__name__)
+
+
+# --- the request side ------------------------------------------------------------------------
+
+
+def wants_resumable(headers: dict[str, str]) -> bool:
+    return headers.get(RESUMABLE_HEADER, "").strip().lower() in ("1", "true", "yes")
+
+
+def owner_of(proxy: ChatProxy, principal: object, scope: Scope, headers: dict[str, str]) -> str:
+    """Who a stream belongs to: the `authorize` principal, else the client's address."""
+    if principal is not None:
+        return f"principal:{principal}"
+    client = scope.get("client")
+    peer = client[0] if isinstance(client, list | tuple) and client else None
+    address = client_address(peer, headers.get("x-forwarded-for"), proxy._trusted)
+    return f"address:{address or 'unknown'}"
+
+
+def _last_event_id(scope: Scope, headers: dict[str, str]) -> int:
+    value = headers.get("last-event-id")
+    if value is None:
+        query = scope.get("query_string", b"")
+        text = query.decode("latin-1") if isinstance(query, bytes) else ""
+        values = parse_qs(text).get("last_event_id")
+        value = values[-1] if values else "0"
+    value = value.strip() or "0"
+    if not value.isascii() or not value.isdigit() or int(value) > _MAX_EVENT_ID:
+        raise ProxyRejection(
+            400, "Last-Event-ID must be a non-negative integer.", code="invalid_last_event_id"
+        )
+    return int(value)
+
+
+def _not_found() -> ProxyRejection:
+    # Unknown, expired and someone else's streams look the same.
+    return ProxyRejection(404, "No such stream.", code="stream_not_found")
+
+
+async def serve_resume(
+    proxy: ChatProxy, scope: Scope, receive: Receive, send: Send, stream_id: str
+) -> None:
+    """`GET <mount>/streams/{stream_id}`: replay after Last-Event-ID, then tail the live rest."""
+    from starlette.requests import Request
+
+    from .asgi import _headers, _send_error, _Turn
+
+    turn = _Turn()
+    after = 0
+    outcome = "completed"
+    sent = 0
+    try:
+        buffer = proxy.stream_buffer
+        if scope["method"] != "GET":
+            raise ProxyRejection(
+                405, "Method not allowed.", code="method_not_allowed", headers={"allow": "GET"}
+            )
+        if buffer is None or _STREAM_ID.fullmatch(stream_id) is None:
+            raise _not_found()
+        headers = _headers(scope)
+        client = scope.get("client")
+        peer = client[0] if isinstance(client, list | tuple) and client else None
+        own_host = headers.get("host")
+        if is_trusted(peer, proxy._trusted):
+            own_host = first_forwarded(headers.get("x-forwarded-host")) or own_host
+        check_origin(headers, own_host=own_host, allowed_origins=proxy.allowed_origins)
+        turn.principal = await proxy._authorize(Request(scope))
+        owner = owner_of(proxy, turn.principal, scope, headers)
+        after = _last_event_id(scope, headers)
+        try:
+            info = await buffer.info(stream_id)
+        except Exception as exc:
+            logger.warning("stream buffer failed: %s", type(exc).__name__)
+            raise ProxyRejection(
+                503, "The stream buffer is unavailable.", code="stream_buffer_unavailable"
+            ) from None
+        if info is None or not _SAFE_EQUAL(info.owner.encode(), owner.encode()):
+            raise _not_found()
+        if after > info.last_id:
+            raise ProxyRejection(
+                400, "Last-Event-ID is ahead of the stream.", code="invalid_last_event_id"
+            )
+        if after + 1 < info.first_id:
+            raise ProxyRejection(
+                410,
+                "The events after that id are no longer kept.",
+                code="stream_events_expired",
+            )
+    except ProxyRejection as rejection:
+        turn.status = rejection.status
+        await _send_error(send, rejection, turn.request_id)
+        _log(turn, stream_id, after, 0, "rejected")
+        return
+    except Exception:
+        logger.exception("resume failed request_id=%s", turn.request_id)
+        turn.status = 500
+        failure = ProxyRejection(500, "The proxy failed.", code="internal_error")
+        await _send_error(send, failure, turn.request_id)
+        _log(turn, stream_id, after, 0, "rejected")
+        return
+
+    idle = (proxy._timeout.read or 120.0) + 10.0
+    turn.status = 200
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_watch, receive, tg.cancel_scope, turn)
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/event-stream"),
+                        (b"cache-control", b"no-cache, no-transform"),
+                        (b"x-accel-buffering", b"no"),
+                        (b"x-request-id", turn.request_id.encode()),
+                        (b"x-stream-id", stream_id.encode()),
+                    ],
+                }
+            )
+            turn.last_write = time.monotonic()
+            if proxy.keepalive_interval is not None:
+                tg.start_soon(proxy._keepalive, send, turn, proxy.keepalive_interval)
+            expected = after + 1
+            ended_badly: tuple[str, str] | None = None
+            try:
+                async for event_id, data in buffer.read(stream_id, after, idle=idle):
+                    if event_id != expected:
+                        ended_badly = ("Events of this stream were lost.", "stream_events_expired")
+                        break
+                    expected += 1
+                    await proxy._write(send, turn, data)
+                    sent += 1
+            except LookupError:
+                ended_badly = ("The stream expired.", "stream_expired")
+            except TimeoutError:
+                ended_badly = ("The stream went silent.", "upstream_timeout")
+            except Exception as exc:
+                logger.warning("stream buffer failed: %s", type(exc).__name__)
+                ended_badly = ("The stream buffer failed.", "stream_buffer_unavailable")
+            if ended_badly is not None:
+                outcome = "upstream_error"
+                await proxy._write(send, turn, error_frame(ended_badly[0], code=ended_badly[1]))
+            ticker = turn.ticker_writing
+            if ticker is not None:
+                await ticker.wait()
+            turn.response_done = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            tg.cancel_scope.cancel()
+    if turn.client_gone:
+        outcome = "client_disconnect"
+    _log(turn, stream_id, after, sent, outcome)
+
+
+async def _watch(receive: Receive, scope: anyio.CancelScope, turn: _Turn) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    if not turn.response_done:
+        turn.client_gone = True
+        scope.cancel()  # only this reader stops; the stream itself runs on
+
+
+def _log(turn: _Turn, stream_id: str, after: int, events: int, outcome: str) -> None:
+    logger.info(
+        "resume request_id=%s stream_id=%s principal=%s status=%s after=%d events=%d "
+        "duration_ms=%.1f outcome=%s",
+        turn.request_id,
+        stream_id,
+        "-" if turn.principal is None else turn.principal,
+        turn.status,
+        after,
+        events,
+        (time.perf_counter() - turn.started) * 1000,
+        outcome,
+    )
