@@ -1,4 +1,4 @@
-"""Shared state on Redis, for several workers or machines: rate limits and budgets.
+"""Shared state on Redis, for several workers or machines: rate limits, budgets, streams.
 
 ```python
 from tokenhub_stream.redis import RedisBudget, RedisRateLimiter
@@ -6,6 +6,8 @@ from tokenhub_stream.redis import RedisBudget, RedisRateLimiter
 limiter = RedisRateLimiter("redis://localhost:6379/0", rate=1 / 6, burst=10)
 proxy = ChatProxy(api_key=key, base_url=url, rate_limiter=limiter)
 ```
+
+`RedisStreamBuffer` keeps resumable streams (`ChatProxy(stream_buffer=...)`) in Redis Streams.
 
 Needs the `redis` extra (redis-py): `pip install 'tokenhub_stream[redis]'`. Uses
 `redis.asyncio`, so it runs on asyncio event loops (uvicorn's and gunicorn's default).
@@ -21,12 +23,14 @@ except ImportError as exc:  # pragma: no cover
     ) from exc
 
 from ._limits import BudgetUsage, OnRedisError, RedisBudget, RedisRateLimiter
+from ._streams import RedisStreamBuffer
 
 __all__ = [
     "BudgetUsage",
     "OnRedisError",
     "RedisBudget",
     "RedisRateLimiter",
+    "RedisStreamBuffer",
 ]
 
 # Public names report the public module, like the package root does.
