@@ -280,7 +280,20 @@ def tag_events(data: bytes, next_id: int) -> list[tuple[int, bytes]]:
 class ResumableStream:
     """One resumable stream while the proxy relays it (created per request)."""
 
-    __slots__ = ("_buffer", "_complete", "_ended", "_next", "_opened", "_ttl", "owner", "stream_id")
+    __slots__ = (
+        "_buffer",
+        "_complete",
+        "_ended",
+        "_next",
+        "_opened",
+        "_registry",
+        "_scope",
+        "_ttl",
+        "_turn",
+        "announced",
+        "owner",
+        "stream_id",
+    )
 
     def __init__(self, buffer: StreamBuffer, owner: str, ttl: float) -> None:
         self._buffer = buffer
@@ -291,6 +304,26 @@ class ResumableStream:
         self._opened = False
         self._complete = False
         self._ended = False
+        # The client got X-Stream-Id and an event: from now on a gone client means "finish".
+        self.announced = False
+        self._turn: _Turn | None = None
+        self._scope: anyio.CancelScope | None = None
+        self._registry: dict[str, ResumableStream] | None = None
+
+    def announce(
+        self, turn: _Turn, scope: anyio.CancelScope, registry: dict[str, ResumableStream]
+    ) -> None:
+        """The response with X-Stream-Id has started: `DELETE` may stop it from now on."""
+        self._turn, self._scope, self._registry = turn, scope, registry
+        registry[self.stream_id] = self
+
+    def stop(self) -> None:
+        """Stop this stream's upstream now (`DELETE <mount>/streams/{id}`: the user's Stop)."""
+        turn, scope = self._turn, self._scope
+        if turn is not None and turn.outcome == "completed":
+            turn.outcome = "client_disconnect"
+        if scope is not None:
+            scope.cancel()
 
     async def open(self) -> bool:
         try:
@@ -306,6 +339,9 @@ class ResumableStream:
         events = tag_events(data, self._next)
         if not events:
             return data
+        # Before its first event a gone client has nothing to resume (and an Escape while
+        # waiting cannot know the id yet): the usual on_disconnect policy applies until here.
+        self.announced = self._turn is not None
         self._next = events[-1][0] + 1
         if self._opened:
             try:
@@ -321,6 +357,8 @@ class ResumableStream:
 
     async def close(self) -> None:
         """Write the end marker (once); a stream cut short first gets an error frame."""
+        if self._registry is not None:
+            self._registry.pop(self.stream_id, None)
         if self._ended or not self._opened:
             return
         self._ended = True
@@ -384,9 +422,12 @@ async def serve_resume(
     sent = 0
     try:
         buffer = proxy.stream_buffer
-        if scope["method"] != "GET":
+        if scope["method"] not in ("GET", "DELETE"):
             raise ProxyRejection(
-                405, "Method not allowed.", code="method_not_allowed", headers={"allow": "GET"}
+                405,
+                "Method not allowed.",
+                code="method_not_allowed",
+                headers={"allow": "GET, DELETE"},
             )
         if buffer is None or _STREAM_ID.fullmatch(stream_id) is None:
             raise _not_found()
@@ -399,6 +440,10 @@ async def serve_resume(
         check_origin(headers, own_host=own_host, allowed_origins=proxy.allowed_origins)
         turn.principal = await proxy._authorize(Request(scope))
         owner = owner_of(proxy, turn.principal, scope, headers)
+        if scope["method"] == "DELETE":
+            await _stop(proxy, buffer, stream_id, owner, send, turn)
+            _log(turn, stream_id, after, 0, "stopped")
+            return
         after = _last_event_id(scope, headers)
         try:
             info = await buffer.info(stream_id)
@@ -483,6 +528,41 @@ async def serve_resume(
     if turn.client_gone:
         outcome = "client_disconnect"
     _log(turn, stream_id, after, sent, outcome)
+
+
+async def _stop(
+    proxy: ChatProxy,
+    buffer: StreamBuffer,
+    stream_id: str,
+    owner: str,
+    send: Send,
+    turn: _Turn,
+) -> None:
+    """`DELETE <mount>/streams/{id}`: the user stopped the answer; close its upstream."""
+    from .asgi import _send_simple
+
+    live = proxy._live_streams.get(stream_id)
+    if live is not None and _SAFE_EQUAL(live.owner.encode(), owner.encode()):
+        live.stop()
+        turn.status = 204
+        await _send_simple(send, 204, b"", [(b"x-request-id", turn.request_id.encode())])
+        return
+    try:
+        info = await buffer.info(stream_id)
+    except Exception as exc:
+        logger.warning("stream buffer failed: %s", type(exc).__name__)
+        raise ProxyRejection(
+            503, "The stream buffer is unavailable.", code="stream_buffer_unavailable"
+        ) from None
+    if info is None or not _SAFE_EQUAL(info.owner.encode(), owner.encode()):
+        raise _not_found()
+    if not info.ended:
+        # Relayed by another process: only that one can close the upstream connection.
+        raise ProxyRejection(
+            409, "The stream runs in another process of this server.", code="stream_elsewhere"
+        )
+    turn.status = 204  # over already: nothing to stop
+    await _send_simple(send, 204, b"", [(b"x-request-id", turn.request_id.encode())])
 
 
 async def _watch(receive: Receive, scope: anyio.CancelScope, turn: _Turn) -> None:

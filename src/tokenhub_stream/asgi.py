@@ -417,6 +417,8 @@ class ChatProxy:
             stream_buffer = InMemoryStreamBuffer()
         self.stream_buffer = stream_buffer
         self.resume_ttl = resume_ttl
+        # Resumable streams relayed by this process, for DELETE <mount>/streams/{id}.
+        self._live_streams: dict[str, ResumableStream] = {}
         self._headers = {
             **({"authorization": f"Bearer {api_key}"} if api_key else {}),
             "content-type": "application/json",
@@ -686,7 +688,8 @@ class ChatProxy:
                 await exchange(send, turn, tg)
             finally:
                 tg.cancel_scope.cancel()
-        if turn.client_gone and turn.outcome == "completed" and turn.resume is None:
+        resumable = turn.resume is not None and turn.resume.announced
+        if turn.client_gone and turn.outcome == "completed" and not resumable:
             turn.outcome = "client_disconnect"
 
     async def _watch_disconnect(
@@ -699,11 +702,12 @@ class ChatProxy:
             # (uvicorn does): that is not the client leaving.
             return
         turn.client_gone = True
-        # A resumable stream is finished into its buffer (and on_complete) for a resume:
-        # its turn completes, unless finish_timeout cuts it.
-        if turn.outcome == "completed" and turn.resume is None:
+        # A resumable stream whose id the client got is finished into its buffer (and
+        # on_complete) for a resume: its turn completes, unless finish_timeout cuts it.
+        resumable = turn.resume is not None and turn.resume.announced
+        if turn.outcome == "completed" and not resumable:
             turn.outcome = "client_disconnect"
-        if turn.resume is None and (self.on_disconnect == "cancel" or turn.collector is None):
+        if not resumable and (self.on_disconnect == "cancel" or turn.collector is None):
             scope.cancel()
             return
         # "finish": keep reading so on_complete sees the whole turn, within a time limit.
@@ -857,6 +861,8 @@ class ChatProxy:
             else:
                 resume = turn.resume = None
         await send({"type": "http.response.start", "status": 200, "headers": start_headers})
+        if resume is not None:
+            resume.announce(turn, tg.cancel_scope, self._live_streams)
         turn.last_write = time.monotonic()
         if self.keepalive_interval is not None:
             tg.start_soon(self._keepalive, send, turn, self.keepalive_interval)

@@ -488,3 +488,55 @@ def test_resume_options_are_checked() -> None:
     buffer = InMemoryStreamBuffer()
     assert ChatProxy(api_key=KEY, stream_buffer=buffer).stream_buffer is buffer
     assert KEY not in repr(buffer)
+
+
+# --- stopping ----------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_resume_delete_stops_the_upstream(upstream: Upstream) -> None:
+    app, _ = upstream
+    app.enqueue(Script(deltas=["Let me think"], end="stall"))
+    alice = {"authorization": "Bearer alice"}
+    records = Records()
+    with proxied(upstream, authorize=bearer, on_complete=records) as (url, _):
+        async with httpx.AsyncClient(timeout=10) as client:
+            with anyio.fail_after(10):
+                stream_id, first = await post_until(client, url, resumable_headers(url, **alice), 1)
+                target = f"{url}/api/chat/streams/{stream_id}"
+                # The gone client does not stop a resumable stream: the proxy finishes it.
+                assert not await anyio.to_thread.run_sync(app.requests[0].wait_disconnected, 0.3)
+                cross = await client.delete(
+                    target, headers={**alice, "sec-fetch-site": "cross-site"}
+                )
+                as_bob = await client.delete(target, headers={"authorization": "Bearer bob"})
+                stopped = await client.delete(target, headers={**alice, "origin": url})
+                assert await anyio.to_thread.run_sync(app.requests[0].wait_disconnected, 1.0)
+                (record,) = await records.wait()
+                rest = await resume(client, url, stream_id, ids_of(first)[-1], alice)
+                again = await client.delete(target, headers=alice)
+    assert (cross.status_code, as_bob.status_code, stopped.status_code) == (403, 404, 204)
+    assert record.outcome == "client_disconnect"
+    assert record.message.content == "Let me think"
+    assert b'"code":"stream_interrupted"' in rest.content and b"[DONE]" not in rest.content
+    assert again.status_code == 204  # over already
+
+
+@pytest.mark.anyio
+async def test_resume_gone_before_the_first_event_cancels_the_upstream(
+    upstream: Upstream,
+) -> None:
+    app, _ = upstream
+    app.enqueue(Script(deltas=["too late"], first_delay=30))
+    with proxied(upstream) as (url, _):
+        async with httpx.AsyncClient(timeout=10) as client:
+            async with client.stream(
+                "POST", f"{url}/api/chat", content=BODY, headers=resumable_headers(url)
+            ) as response:
+                stream_id = response.headers["x-stream-id"]
+            # Nothing was sent, so nothing to resume: the usual cancel (an Escape while
+            # waiting, before the page could know the id).
+            assert await anyio.to_thread.run_sync(app.requests[0].wait_disconnected, 1.0)
+            replay = await resume(client, url, stream_id, "0")
+    assert replay.status_code == 200
+    assert b'"code":"stream_interrupted"' in replay.content
