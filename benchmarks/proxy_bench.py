@@ -93,9 +93,13 @@ async def _upstream_main(port_file: str) -> None:
                     continue
                 # Proxies forward only allow-listed body fields: "user" names an abort
                 # trial, "max_tokens" asks for an unpaced stream of that many chunks.
+                # "seed" asks for a longer paced stream (the --tracemalloc probe).
                 bench_id = body.get("user")
                 fast = isinstance(body.get("max_tokens"), int)
+                seed = body.get("seed")
                 count = int(body["max_tokens"]) if fast else CHUNKS  # type: ignore[call-overload]
+                if not fast and isinstance(seed, int):
+                    count = seed
                 writer.write(
                     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                     b"transfer-encoding: chunked\r\n\r\n"
@@ -185,23 +189,74 @@ def _chatproxy_app(upstream: str, transport_name: str = "default") -> object:
     return Starlette(routes=proxy.routes("/api/chat"), lifespan=proxy.lifespan)
 
 
-def _serve_app(kind: str, upstream: str, port: int, loop: str, http: str) -> None:
+def _serve_app(kind: str, upstream: str, port: int, loop: str, http: str, probe: str) -> None:
     import uvicorn
 
     if kind == "naive":
         app = _naive_app(upstream)
     else:
         app = _chatproxy_app(upstream, "httpx" if kind.endswith("-httpx") else "default")
-    uvicorn.run(
-        app,  # type: ignore[arg-type]
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-        loop=loop,
-        http=http,
-        backlog=2048,
-    )
+    with _probe(probe):
+        uvicorn.run(
+            app,  # type: ignore[arg-type]
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            access_log=False,
+            loop=loop,
+            http=http,
+            backlog=2048,
+        )
+
+
+@contextlib.contextmanager
+def _probe(spec: str) -> Iterator[None]:
+    # "-": none. "profile:FILE": cProfile of the whole serving process, dumped to FILE at
+    # exit. "tracemalloc:BASE": the k-th SIGUSR1 writes the allocations alive at that
+    # moment, by file and by traceback, to BASE-k.txt (the load generator sends it while
+    # the streams of its k-th run are open).
+    kind, _, path = spec.partition(":")
+    if kind == "profile":
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            yield
+        finally:
+            profiler.disable()
+            profiler.dump_stats(path)
+        return
+    if kind == "tracemalloc":
+        import tracemalloc
+
+        tracemalloc.start(12)
+        taken = 0
+        baseline: list[tracemalloc.Snapshot] = []
+
+        def snapshot(signum: int, frame: object) -> None:
+            # Odd signals take the idle baseline, even ones write what grew since.
+            nonlocal taken
+            snap = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.Filter(False, tracemalloc.__file__)]
+            )
+            if not baseline:
+                baseline.append(snap)
+                return
+            taken += 1
+            before = baseline.pop()
+            with open(f"{path}-{taken}.txt", "w") as f:
+                for by, top in (("filename", 30), ("lineno", 40), ("traceback", 25)):
+                    stats = snap.compare_to(before, by)
+                    total = sum(s.size_diff for s in stats)
+                    f.write(f"== grew by {by}: {total / 1024:.0f} KiB\n")
+                    for stat in stats[:top]:
+                        f.write(f"{stat.size_diff / 1024:9.1f} KiB {stat.count_diff:7d} blocks\n")
+                        lines = stat.traceback.format(limit=-12 if by == "traceback" else 1)
+                        f.write("\n".join("    " + line for line in lines) + "\n")
+
+        signal.signal(signal.SIGUSR1, snapshot)
+    yield
 
 
 # --- process helpers --------------------------------------------------------------------------
@@ -261,7 +316,9 @@ def _start_upstream() -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def _start_target(name: str, upstream_port: int, loop: str, http: str) -> Iterator[Target]:
+def _start_target(
+    name: str, upstream_port: int, loop: str, http: str, probe: str = "-"
+) -> Iterator[Target]:
     if name == "direct":
         yield Target(name, upstream_port, path="/v1/chat/completions")
         return
@@ -283,12 +340,15 @@ def _start_target(name: str, upstream_port: int, loop: str, http: str) -> Iterat
             shutil.rmtree(tmp, ignore_errors=True)
         return
     cmd = [sys.executable, __file__, "_serve", name, str(upstream_port), str(port), loop, http]
+    cmd.append(probe)
     proc = subprocess.Popen(cmd)
     try:
         _wait_port(port)
         yield Target(name, port, [proc.pid])
     finally:
-        proc.terminate()
+        # SIGINT, not SIGTERM: uvicorn re-raises the signal after its shutdown, and only
+        # SIGINT (KeyboardInterrupt) lets the profiler's finally write its file.
+        proc.send_signal(signal.SIGINT)
         proc.wait(5)
 
 
@@ -341,10 +401,13 @@ def _request(port: int, path: str, **fields: object) -> bytes:
 
 
 async def _one_stream(
-    port: int, path: str, result: StreamResult, abort_id: str | None = None
+    port: int, path: str, result: StreamResult, abort_id: str | None = None, chunks: int = 0
 ) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    request = _request(port, path, user=abort_id) if abort_id else _request(port, path)
+    fields: dict[str, object] = {"user": abort_id} if abort_id else {}
+    if chunks:
+        fields["seed"] = chunks
+    request = _request(port, path, **fields)
     start = time.monotonic()
     writer.write(request)
     last: float | None = None
@@ -386,7 +449,7 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def _measure(target: Target, streams: int) -> dict[str, float]:
+def _measure(target: Target, streams: int, snapshot: bool = False) -> dict[str, float]:
     cpu0 = sum(_cpu_seconds(p) for p in target.pids)
     rss0 = sum(_rss_kib(p) for p in target.pids)
     peak = rss0
@@ -398,10 +461,33 @@ def _measure(target: Target, streams: int) -> dict[str, float]:
             peak = max(peak, sum(_rss_kib(p) for p in target.pids))
             await asyncio.sleep(0.05)
 
+    async def snapshot_load() -> list[StreamResult]:
+        # Long streams (60 s); the allocation diff is taken once every stream has begun.
+        results = [StreamResult() for _ in range(streams)]
+        for pid in target.pids:
+            os.kill(pid, signal.SIGUSR1)  # the idle baseline
+        load = asyncio.gather(
+            *(_one_stream(target.port, target.path, r, chunks=3000) for r in results)
+        )
+        for _ in range(1200):
+            await asyncio.sleep(0.1)
+            if all(r.ttfb is not None for r in results):
+                break
+        await asyncio.sleep(0.5)
+        for pid in target.pids:
+            os.kill(pid, signal.SIGUSR1)
+        await asyncio.sleep(1.0)  # the snapshot blocks the proxy while it is taken
+        load.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await load
+        return results
+
     async def main() -> list[StreamResult]:
         nonlocal stop
         task = asyncio.ensure_future(sampler())
         try:
+            if snapshot:
+                return await snapshot_load()
             return await _run_load(target, streams)
         finally:
             stop = True
@@ -469,6 +555,18 @@ def main() -> None:
     )
     parser.add_argument("--loop", default="asyncio", help="uvicorn --loop for the Python proxies")
     parser.add_argument("--http", default="h11", help="uvicorn --http for the Python proxies")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="run each Python proxy under cProfile; write DIR/<target>.prof and print its top",
+    )
+    parser.add_argument(
+        "--tracemalloc",
+        metavar="DIR",
+        help="trace each Python proxy's allocations: the k-th --streams run opens 60 s "
+        "streams and writes DIR/<target>-<k>.txt, what grew from idle to all streams open "
+        "(slows the proxy; the other columns are then meaningless)",
+    )
     args = parser.parse_args()
     targets = [t for t in args.targets if t != "nginx" or shutil.which("nginx")]
     print(f"# {CHUNKS} chunks x {PACE * 1000:.0f} ms per stream; loop={args.loop} http={args.http}")
@@ -481,10 +579,17 @@ def main() -> None:
     with _start_upstream() as upstream_port:
         direct_gap: dict[int, float] = {}
         for name in targets:
-            with _start_target(name, upstream_port, args.loop, args.http) as target:
+            probe = "-"
+            if args.profile and name not in ("direct", "nginx"):
+                os.makedirs(args.profile, exist_ok=True)
+                probe = "profile:" + os.path.join(args.profile, f"{name}.prof")
+            elif args.tracemalloc and name not in ("direct", "nginx"):
+                os.makedirs(args.tracemalloc, exist_ok=True)
+                probe = "tracemalloc:" + os.path.join(args.tracemalloc, name)
+            with _start_target(name, upstream_port, args.loop, args.http, probe) as target:
                 _measure(target, 5)  # warm up
                 for n in args.streams:
-                    m = _measure(target, n)
+                    m = _measure(target, n, probe.startswith("tracemalloc:"))
                     if name == "direct":
                         direct_gap[n] = m["gap_p99"]
                     added = m["gap_p99"] - direct_gap.get(n, float("nan"))
@@ -499,6 +604,14 @@ def main() -> None:
                 extra.append(
                     f"| {name} | {FAST_CHUNKS / fast:,.0f} chunks/s | {abort * 1000:.1f} ms |"
                 )
+    if args.profile:
+        import pstats
+
+        for name in targets:
+            path = os.path.join(args.profile, f"{name}.prof")
+            if os.path.exists(path):
+                print(f"\n# {name}: cProfile, top 30 by own time ({path})")
+                pstats.Stats(path).sort_stats("tottime").print_stats(30)
     print()
     print("| target | one unpaced stream (5,000 chunks) | upstream closed after abort (median) |")
     print("| --- | ---: | ---: |")
@@ -509,7 +622,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_upstream":
         asyncio.run(_upstream_main(sys.argv[2]))
     elif len(sys.argv) > 1 and sys.argv[1] == "_serve":
-        _, _, kind, up, port, loop, http = sys.argv
-        _serve_app(kind, f"http://127.0.0.1:{up}", int(port), loop, http)
+        _, _, kind, up, port, loop, http, probe = sys.argv
+        _serve_app(kind, f"http://127.0.0.1:{up}", int(port), loop, http, probe)
     else:
         main()
