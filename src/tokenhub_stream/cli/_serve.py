@@ -26,6 +26,10 @@ Deliberate choices:
 - `serve` has no login: with a store, the page gives each browser a random id in an
   HttpOnly, SameSite=Lax cookie, and the principal is a digest of it. Two browsers (or
   profiles) never see each other's history; the cookie itself is never stored or logged.
+- Streams are resumable (in this process's memory): the page sends `X-Resumable: 1`,
+  resumes from its last event id after a dropped connection, and stops with
+  `DELETE /api/chat/streams/{id}`; a closed tab no longer cuts the answer, so a reload
+  finds it whole in the history.
 - The page learns of a finished turn before the proxy's `on_complete` has written it, so
   `GET /api/conversations?after=<x-request-id>` waits (briefly) for that turn's write.
 """
@@ -165,6 +169,8 @@ def create_app(
         authorize=None if history is None else _authorize,
         on_request=None if history is None else history.recorder.on_request,
         on_complete=None if history is None else history.on_complete,
+        # The page asks for resumable streams and resumes after a dropped connection.
+        resumable=True,
     )
     files = _read_static()
     config = json.dumps({"default_model": default, "local": local}).encode()

@@ -7,6 +7,12 @@
 // server-sent-events parser (below). Model output only ever reaches the page through
 // textContent / text nodes, never innerHTML.
 //
+// The page asks for a resumable stream (`X-Resumable: 1`): ChatProxy then tags each event with
+// an `id:` and answers with `X-Stream-Id`. When the connection drops mid-answer (not after
+// the user's Stop), the page fetches `/api/chat/streams/<id>?last_event_id=<last id seen>`
+// and continues the same answer from there, a few times with growing pauses. Stop sends
+// `DELETE /api/chat/streams/<id>`, since a closed connection no longer stops the upstream.
+//
 // When the server keeps the history (GET /api/conversations answers), each request also
 // carries the conversation's id as `conversation_id` (the server's recorder takes it out
 // before forwarding), the sidebar lists the past conversations, and one can be reopened
@@ -18,13 +24,16 @@
 // Splits a text stream into event data, following the HTML spec's event-stream rules: lines
 // end with CRLF, LF or CR (a CR at the end of a read may be half of a CRLF, so it waits for
 // the next read); ":" lines are comments (keep-alives); "data:" lines of one event are
-// joined with "\n"; a blank line ends the event. Other fields (event, id, retry) are not
-// used by chat completions and are ignored. An event without its blank line when the
+// joined with "\n"; a blank line ends the event. `id:` sets the id that `lastEventId` reports
+// once its event is complete (what a resume starts after). Other fields (event, retry) are
+// not used by chat completions and are ignored. An event without its blank line when the
 // stream closes is incomplete and dropped, as the spec says.
 export class SSEParser {
-  constructor() {
+  constructor(lastEventId = "") {
     this.buffer = "";
     this.data = [];
+    this.id = lastEventId;
+    this.lastEventId = lastEventId;
   }
 
   // Feed decoded text; returns the data strings of the events it completed.
@@ -54,6 +63,7 @@ export class SSEParser {
 
   line(line, events) {
     if (line === "") {
+      this.lastEventId = this.id;
       if (this.data.length) events.push(this.data.join("\n"));
       this.data = [];
       return;
@@ -64,6 +74,7 @@ export class SSEParser {
     let value = colon < 0 ? "" : line.slice(colon + 1);
     if (value.startsWith(" ")) value = value.slice(1);
     if (field === "data") this.data.push(value);
+    else if (field === "id" && !value.includes("\0")) this.id = value;
   }
 }
 
@@ -125,6 +136,7 @@ function metricsLine(turn) {
       parts.push(`${((turn.deltas - 1) / seconds).toFixed(1)} deltas/s`);
     }
   }
+  if (turn.resumed) parts.push(turn.resumed === 1 ? "resumed" : `resumed ${turn.resumed}×`);
   if (turn.outcome === "stopped") parts.push("stopped");
   else if (turn.outcome === "error") parts.push("incomplete");
   else if (turn.finish && turn.finish !== "stop") parts.push(`finish: ${turn.finish}`);
@@ -145,6 +157,91 @@ async function httpErrorMessage(response) {
   return `HTTP ${response.status}${snippet ? `: ${snippet}` : ` ${response.statusText}`}`;
 }
 
+// --- Reading an answer, and resuming it -----------------------------------------------------
+
+const MAX_RESUMES = 5;
+const RESUME_PAUSE_MS = 250; // doubled after each failed attempt
+
+// Reads one response body's events into the turn. Returns when the body ends or an error
+// frame stopped it; throws when the connection fails.
+async function readBody(response, parser, turn, view) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  for (;;) {
+    const { value, done } = await reader.read();
+    const events = done
+      ? parser.feed(decoder.decode()).concat(parser.end())
+      : parser.feed(decoder.decode(value, { stream: true }));
+    for (const data of events) {
+      applyFrame(data, turn, view);
+      if (turn.error) break;
+    }
+    if (done) return;
+    if (turn.error) {
+      await reader.cancel().catch(() => {});
+      return;
+    }
+  }
+}
+
+function pause(ms, signal) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => {
+      clearTimeout(timer);
+      reject(signal.reason);
+    }, { once: true });
+  });
+}
+
+// Reads the answer; if the connection drops before its end and the server made the stream
+// resumable, fetches the rest after the last event seen, up to MAX_RESUMES times.
+async function readAnswer(response, turn, view, signal) {
+  const streamId = response.headers.get("x-stream-id");
+  let parser = new SSEParser();
+  let body = response;
+  let failure = null;
+  for (let attempt = 0; ; attempt += 1) {
+    if (body !== null) {
+      failure = null;
+      try {
+        await readBody(body, parser, turn, view);
+      } catch (error) {
+        if (signal.aborted) throw error;
+        failure = error;
+      }
+      if (turn.error || turn.done || (turn.finish && !failure)) return;
+      if (!failure && attempt > 0) return; // a resume that ended: the stream ended there
+    }
+    if (!streamId || attempt >= MAX_RESUMES) {
+      if (failure) throw failure;
+      return;
+    }
+    statusLine.textContent = "Connection lost: resuming the answer…";
+    await pause(RESUME_PAUSE_MS * 2 ** attempt, signal);
+    const last = parser.lastEventId || "0";
+    parser = new SSEParser(last);
+    body = null;
+    try {
+      const url = `/api/chat/streams/${encodeURIComponent(streamId)}?last_event_id=${encodeURIComponent(last)}`;
+      const resumed = await fetch(url, { signal });
+      if (resumed.ok) {
+        body = resumed;
+        turn.resumed += 1;
+        statusLine.textContent = "Answering…";
+      } else if (resumed.status < 500) {
+        turn.error = `The answer could not be resumed (${await httpErrorMessage(resumed)}).`;
+        return;
+      } else {
+        failure = new Error(await httpErrorMessage(resumed));
+      }
+    } catch (error) {
+      if (signal.aborted) throw error;
+      failure = error;
+    }
+  }
+}
+
 // --- The page -----------------------------------------------------------------------------
 
 const $ = (id) => document.getElementById(id);
@@ -158,6 +255,7 @@ const statusLine = $("status");
 
 const conversation = []; // the conversation, sent with each request
 let controller = null; // the AbortController of the answer streaming now
+let streaming = null; // the X-Stream-Id of that answer, for Stop
 let conversationId = null; // its id in the history (null: a new chat, named at its first turn)
 // Bumped whenever the page switches conversation, so that the late end of an answer from
 // the previous one leaves the new one alone.
@@ -261,6 +359,7 @@ async function ask(text) {
     usage: null,
     error: null,
     outcome: "completed",
+    resumed: 0,
   };
   controller = new AbortController();
   const { signal } = controller;
@@ -275,6 +374,7 @@ async function ask(text) {
     }
     const response = await fetch("/api/chat", {
       method: "POST",
+      headers: { "X-Resumable": "1" },
       body: JSON.stringify(request),
       signal,
     });
@@ -283,24 +383,8 @@ async function ask(text) {
     if (!response.ok) {
       turn.error = await httpErrorMessage(response);
     } else {
-      const reader = response.body.getReader();
-      const decoder = new TextDecoder();
-      const parser = new SSEParser();
-      for (;;) {
-        const { value, done } = await reader.read();
-        const events = done
-          ? parser.feed(decoder.decode()).concat(parser.end())
-          : parser.feed(decoder.decode(value, { stream: true }));
-        for (const data of events) {
-          applyFrame(data, turn, view);
-          if (turn.error) break;
-        }
-        if (done) break;
-        if (turn.error) {
-          await reader.cancel().catch(() => {});
-          break;
-        }
-      }
+      streaming = response.headers.get("x-stream-id");
+      await readAnswer(response, turn, view, signal);
       if (!turn.error && !turn.done && !turn.finish) {
         // A bare close after the finish chunk is a complete answer; without either, the
         // connection was cut and the answer may be incomplete.
@@ -312,6 +396,7 @@ async function ask(text) {
     else turn.error = `The connection failed: ${error.message || error}`;
   } finally {
     controller = null;
+    streaming = null;
   }
   if (turn.error) {
     turn.outcome = "error";
@@ -332,6 +417,12 @@ async function ask(text) {
 }
 
 function stopAnswer() {
+  // A resumable stream outlives its connection: ask the server to stop the upstream too.
+  if (streaming) {
+    const url = `/api/chat/streams/${encodeURIComponent(streaming)}`;
+    fetch(url, { method: "DELETE", keepalive: true }).catch(() => {});
+    streaming = null;
+  }
   if (controller) controller.abort();
 }
 
