@@ -157,8 +157,29 @@ def _chatproxy_app(upstream: str) -> object:
     return Starlette(routes=proxy.routes("/api/chat"), lifespan=proxy.lifespan)
 
 
+def _log_gc_pauses(path: str) -> None:
+    # SOAK_GC_LOG=FILE: every garbage collection of 5 ms or more, one line each.
+    import gc
+
+    started: list[float] = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        took = time.perf_counter() - started[0]
+        if took >= 0.005:
+            with open(path, "a") as f:
+                f.write(f"{time.monotonic():.3f} gen{info['generation']} {took * 1000:.1f} ms\n")
+
+    gc.callbacks.append(callback)
+
+
 def _serve(kind: str, upstream_port: int, port: int) -> None:
     import uvicorn
+
+    if os.environ.get("SOAK_GC_LOG"):
+        _log_gc_pauses(f"{os.environ['SOAK_GC_LOG']}.{kind}")
 
     upstream = f"http://127.0.0.1:{upstream_port}"
     app = _naive_app(upstream) if kind == "naive" else _chatproxy_app(upstream)
@@ -223,6 +244,23 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _machine_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    total = sum(values[:8])  # guest time is already in user
+    return total - idle, total
+
+
+def _procs_running() -> int:
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("procs_running"):
+                return int(line.split()[1])
+    return 0
+
+
 def _rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -241,6 +279,7 @@ class StreamResult:
     ok: bool = False
     problem: str = ""
     latencies_us: list[int] = field(default_factory=list)
+    arrivals_ns: list[int] = field(default_factory=list)  # when each latency was measured
     gaps_us: list[int] = field(default_factory=list)
 
 
@@ -335,6 +374,7 @@ async def _one_stream(
                     return
                 expect += 1
                 result.latencies_us.append((now - int(t_s)) // 1000)
+                result.arrivals_ns.append(now)
                 if last_arrival is not None:
                     result.gaps_us.append((now - last_arrival) // 1000)
                 last_arrival = now
@@ -362,17 +402,39 @@ class LoadReport:
     latency_p99_ms: float
     gap_p50_ms: float
     gap_p99_ms: float
+    # The same latency split by when the event arrived: while streams were still opening
+    # (the ramp and 1 s after it), and after; and its p99 in each 5 s window of the run.
+    latency_p99_ramp_ms: float
+    latency_p99_steady_ms: float
+    latency_p99_by_5s_ms: list[float]
     cpu_core_pct: float
     rss_kib_per_stream: float
     loadgen_cpu_core_pct: float
+    upstream_cpu_core_pct: float
+    # The machine during the run (other sessions share it): every CPU's busy time in % of
+    # one core (200 = both cores busy), what of it was not this test's three processes, and
+    # the mean number of runnable tasks (above 2, something waits for a core).
+    machine_busy_core_pct: float
+    others_busy_core_pct: float
+    runnable_mean: float
     seconds: float
+    run: int = 1  # which round of `compare`
 
 
-def run_load(target: Target, streams: int, rate: float, duration: float, ramp: float) -> LoadReport:
+def run_load(
+    target: Target,
+    streams: int,
+    rate: float,
+    duration: float,
+    ramp: float,
+    upstream_pid: int | None = None,
+) -> LoadReport:
     count = int(rate * duration)
     pids = target.pids
+    up_pids = [upstream_pid] if upstream_pid else []
+    runnable: list[int] = []
 
-    async def main() -> tuple[list[StreamResult], float, float, int, int]:
+    async def main() -> tuple[list[StreamResult], float, float, int, int, int]:
         rss0 = sum(_rss_kib(p) for p in pids)
         peak = rss0
         results = [StreamResult() for _ in range(streams)]
@@ -383,6 +445,7 @@ def run_load(target: Target, streams: int, rate: float, duration: float, ramp: f
             nonlocal peak
             while not stop.is_set():
                 peak = max(peak, sum(_rss_kib(p) for p in pids))
+                runnable.append(_procs_running())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.25)
 
@@ -392,18 +455,35 @@ def run_load(target: Target, streams: int, rate: float, duration: float, ramp: f
 
         sampling = asyncio.ensure_future(sampler())
         started = time.monotonic()
+        started_ns = time.monotonic_ns()
         cpu0 = sum(_cpu_seconds(p) for p in pids)
         await asyncio.gather(*(launch(i) for i in range(streams)))
         wall = time.monotonic() - started
         cpu = sum(_cpu_seconds(p) for p in pids) - cpu0
+        upstream_cpu[0] = sum(_cpu_seconds(p) for p in up_pids)
         stop.set()
         await sampling
-        return results, wall, cpu, peak, rss0
+        return results, wall, cpu, peak, rss0, started_ns
 
+    upstream_cpu = [0.0]
+    up0 = sum(_cpu_seconds(p) for p in up_pids)
+    busy0, total0 = _machine_jiffies()
     self_cpu0 = time.process_time()
-    results, wall, cpu, peak, rss0 = asyncio.run(main())
+    results, wall, cpu, peak, rss0, started_ns = asyncio.run(main())
     self_cpu = time.process_time() - self_cpu0
+    busy1, total1 = _machine_jiffies()
+    ncpu = os.cpu_count() or 1
+    machine = 100 * ncpu * (busy1 - busy0) / max(1, total1 - total0)
+    up_cpu = upstream_cpu[0] - up0
     lat = [v for r in results for v in r.latencies_us]
+    ramp_end = started_ns + int((ramp + 1.0) * 1e9)
+    ramp_lat: list[int] = []
+    steady_lat: list[int] = []
+    windows: dict[int, list[int]] = {}
+    for r in results:
+        for value, at in zip(r.latencies_us, r.arrivals_ns, strict=True):
+            (ramp_lat if at < ramp_end else steady_lat).append(value)
+            windows.setdefault((at - started_ns) // 5_000_000_000, []).append(value)
     gaps = [v for r in results for v in r.gaps_us]
     problems = [f"s{i}: {r.problem}" for i, r in enumerate(results) if not r.ok]
     return LoadReport(
@@ -415,43 +495,63 @@ def run_load(target: Target, streams: int, rate: float, duration: float, ramp: f
         latency_p99_ms=_pct(lat, 0.99),
         gap_p50_ms=_pct(gaps, 0.5),
         gap_p99_ms=_pct(gaps, 0.99),
+        latency_p99_ramp_ms=_pct(ramp_lat, 0.99),
+        latency_p99_steady_ms=_pct(steady_lat, 0.99),
+        latency_p99_by_5s_ms=[_pct(windows[k], 0.99) for k in sorted(windows)],
         cpu_core_pct=100 * cpu / wall if pids else float("nan"),
         rss_kib_per_stream=(peak - rss0) / streams if pids else float("nan"),
         loadgen_cpu_core_pct=100 * self_cpu / wall,
+        upstream_cpu_core_pct=100 * up_cpu / wall,
+        machine_busy_core_pct=machine,
+        others_busy_core_pct=machine - 100 * (cpu + self_cpu + up_cpu) / wall,
+        runnable_mean=sum(runnable) / len(runnable) if runnable else float("nan"),
         seconds=wall,
     )
 
 
 def compare(
-    targets: list[str], streams: int, rate: float, duration: float, ramp: float
+    targets: list[str],
+    streams: int,
+    rate: float,
+    duration: float,
+    ramp: float,
+    rounds: int = 1,
 ) -> list[LoadReport]:
-    """Run the load against each target in turn (same upstream), one report each."""
+    """Run the load against each target in turn (same upstream), `rounds` times over.
+
+    Rounds interleave the targets, so a burst of load from elsewhere on the machine lands
+    on one run, not on every run of one target. Each run gets a fresh target process.
+    """
     reports = []
-    with start_upstream(1.0 / rate) as (upstream_port, _):
-        for name in targets:
-            with start_target(name, upstream_port) as target:
-                # warm up: a few short streams (pools, imports)
-                run_load(target, 5, rate, 1.0, 0.0)
-                report = run_load(target, streams, rate, duration, ramp)
-                print(json.dumps(report.__dict__), file=sys.stderr, flush=True)
-                reports.append(report)
+    with start_upstream(1.0 / rate) as (upstream_port, upstream_pid):
+        for run in range(1, rounds + 1):
+            for name in targets:
+                with start_target(name, upstream_port) as target:
+                    # warm up: a few short streams (pools, imports)
+                    run_load(target, 5, rate, 1.0, 0.0)
+                    report = run_load(target, streams, rate, duration, ramp, upstream_pid)
+                    report.run = run
+                    print(json.dumps(report.__dict__), file=sys.stderr, flush=True)
+                    reports.append(report)
     return reports
 
 
 def markdown(reports: list[LoadReport]) -> str:
-    direct = next((r for r in reports if r.target == "direct"), None)
     lines = [
-        "| target | streams ok | latency p50 ms | latency p99 ms | added p50 ms | added p99 ms "
-        "| gap p99 ms | CPU % of a core | RSS KiB/stream |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| target | run | streams ok | latency p50 ms | p99 ms | p99 after the ramp ms "
+        "| added p50 ms | added p99 ms | CPU % of a core | RSS KiB/stream "
+        "| others' CPU % of a core | runnable tasks |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in reports:
+        direct = next((d for d in reports if d.target == "direct" and d.run == r.run), None)
         a50 = r.latency_p50_ms - direct.latency_p50_ms if direct else float("nan")
         a99 = r.latency_p99_ms - direct.latency_p99_ms if direct else float("nan")
         lines.append(
-            f"| {r.target} | {r.ok}/{r.streams} | {r.latency_p50_ms:.1f} | {r.latency_p99_ms:.1f} "
-            f"| {a50:+.1f} | {a99:+.1f} | {r.gap_p99_ms:.1f} | {r.cpu_core_pct:.0f} "
-            f"| {r.rss_kib_per_stream:.1f} |"
+            f"| {r.target} | {r.run} | {r.ok}/{r.streams} | {r.latency_p50_ms:.1f} "
+            f"| {r.latency_p99_ms:.1f} | {r.latency_p99_steady_ms:.1f} | {a50:+.1f} | {a99:+.1f} "
+            f"| {r.cpu_core_pct:.0f} | {r.rss_kib_per_stream:.1f} | {r.others_busy_core_pct:.0f} "
+            f"| {r.runnable_mean:.1f} |"
         )
     return "\n".join(lines)
 
