@@ -30,7 +30,7 @@ from tokenhub_stream._chunks import ChunkParser
 from tokenhub_stream._config import DEFAULT_MAX_EVENT_BYTES
 from tokenhub_stream._proxy_core import EventSplitter
 
-from .conftest import EXAMPLES
+from .conftest import EXAMPLES, figure
 
 FUZZ = settings(
     max_examples=EXAMPLES,
@@ -264,6 +264,7 @@ def test_memory_million_keepalives_decoder_and_parser_stay_small() -> None:
             assert not parser.feed_text(chunk)
 
     growth = _peak_growth(run)
+    figure("frame layer: traced peak growth over 1M keep-alives (bytes)", growth)
     assert growth < LIMIT + CONSTANT, growth
     assert parser.error is None and not decoder.has_pending
 
@@ -294,6 +295,8 @@ def test_memory_never_ending_line_is_refused_within_the_limit(where: str) -> Non
                     return
 
     growth = _peak_growth(run)
+    figure(f"frame layer ({where}): never-ending line, bytes fed before the error", fed)
+    figure(f"frame layer ({where}): never-ending line, traced peak growth (bytes)", growth)
     assert isinstance(error, ProtocolError) and "max_event_bytes" in str(error)
     assert fed <= LIMIT + CHUNK
     assert growth < LIMIT + CONSTANT, growth
@@ -316,6 +319,7 @@ def test_memory_one_frame_over_max_event_bytes(pieces: int) -> None:
                 return
 
     growth = _peak_growth(run)
+    figure(f"frame layer: one frame over the limit in {pieces} piece(s), growth (bytes)", growth)
     assert isinstance(parser.error, ProtocolError)
     assert parser.message().content == "before"
     # Beyond the frame itself (already in memory when it arrives as one chunk):
@@ -334,6 +338,8 @@ def test_event_splitter_million_keepalives_forwarded_not_held() -> None:
             held = max(held, len(splitter.pending))
 
     growth = _peak_growth(run)
+    figure("proxy splitter: bytes held over 1M keep-alives", held)
+    figure("proxy splitter: traced peak growth over 1M keep-alives (bytes)", growth)
     assert held < CHUNK and growth < CONSTANT, (held, growth)
 
 
@@ -350,6 +356,7 @@ def test_event_splitter_never_ending_line_is_bounded() -> None:
         except TokenHubError:
             break
         held = max(held, len(splitter.pending))
+    figure("proxy splitter: never-ending line, most bytes held", held)
     assert held <= DEFAULT_MAX_EVENT_BYTES, held
 
 
