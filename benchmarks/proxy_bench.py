@@ -179,10 +179,14 @@ def _chatproxy_app(upstream: str, transport_name: str = "default") -> object:
 
     from tokenhub_stream.asgi import ChatProxy
 
-    transport: httpx.AsyncBaseTransport | None = None  # the default: httpx-aiohttp on asyncio
+    transport: httpx.AsyncBaseTransport | None = None  # the default: aiohttp on asyncio
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
     if transport_name == "httpx":
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
         transport = httpx.AsyncHTTPTransport(limits=limits)
+    elif transport_name == "httpx-aiohttp":  # the default before 2026-11-28
+        from httpx_aiohttp import AiohttpTransport
+
+        transport = AiohttpTransport(limits=limits, trust_env=False)
     proxy = ChatProxy(
         api_key=KEY, base_url=upstream + "/v1", keepalive_interval=None, transport=transport
     )
@@ -195,7 +199,7 @@ def _serve_app(kind: str, upstream: str, port: int, loop: str, http: str, probe:
     if kind == "naive":
         app = _naive_app(upstream)
     else:
-        app = _chatproxy_app(upstream, "httpx" if kind.endswith("-httpx") else "default")
+        app = _chatproxy_app(upstream, kind.partition("-")[2] or "default")
     with _probe(probe):
         uvicorn.run(
             app,  # type: ignore[arg-type]

@@ -80,6 +80,7 @@ from ._proxy_resume import (
     StreamBuffer,
     StreamInfo,
 )
+from ._proxy_upstream import AiohttpUpstream, UpstreamResponse
 from ._tool_loop import DEFAULT_MAX_TURNS
 
 try:
@@ -304,9 +305,11 @@ class ChatProxy:
             `None` disables them.
         timeout: the upstream timeouts (`read` is also the idle limit of a stream).
         max_connections: size of the outbound connection pool.
-        transport: an `httpx.AsyncBaseTransport` for the upstream. Default: httpx-aiohttp's
-            `AiohttpTransport` when it is installed and the server runs on asyncio
-            (measured several times cheaper at hundreds of streams), else httpx's own.
+        transport: an `httpx.AsyncBaseTransport` for the upstream. Default: aiohttp's pool
+            and C parser, called directly, when httpx-aiohttp (the `asgi` extra) is
+            installed and the server runs on asyncio (measured several times cheaper at
+            hundreds of streams), else httpx's own. The tool loop uses httpx-aiohttp's
+            `AiohttpTransport` on the same terms.
         tools: run the tool loop server-side with these tools (a `ToolSet`, `Tool`s or
             functions): the browser gets content deltas only, tool progress as SSE
             comments, and one `[DONE]`; a body with `tools`/`tool_choice` is a 400.
@@ -411,6 +414,9 @@ class ChatProxy:
         self._max_connections = max_connections
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
+        # The default upstream on asyncio (aiohttp without httpx); None: use _get_client().
+        self._upstream: AiohttpUpstream | None = None
+        self._upstream_chosen = transport is not None
         self.tools = tool_set
         self.max_tool_turns = max_tool_turns
         if resumable and stream_buffer is None:
@@ -453,6 +459,10 @@ class ChatProxy:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
+        upstream, self._upstream = self._upstream, None
+        self._upstream_chosen = self._transport is not None
+        if upstream is not None:
+            await upstream.aclose()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: object) -> AsyncIterator[None]:
@@ -723,12 +733,10 @@ class ChatProxy:
         turn: _Turn,
         tg: anyio.abc.TaskGroup,
     ) -> None:
-        client = self._get_client()
         headers = dict(self._headers)
         headers["accept"] = "text/event-stream" if stream else "application/json"
-        request = client.build_request("POST", self._url, headers=headers, content=content)
         try:
-            response = await client.send(request, stream=True)
+            response = await self._send_upstream(headers, content)
         except Exception as exc:
             _log_upstream_failure(turn, exc)
             if _is_timeout(exc):
@@ -758,6 +766,19 @@ class ChatProxy:
             if turn.resume is not None:  # the end marker, also after a cut or a timeout
                 with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
                     await turn.resume.close()
+
+    async def _send_upstream(self, headers: dict[str, str], content: bytes) -> UpstreamResponse:
+        if not self._upstream_chosen:
+            # Measured in docs/performance.md: aiohttp without httpx's per-request objects
+            # and per-chunk generators, when no transport was given and this is asyncio.
+            self._upstream = AiohttpUpstream.create(self._max_connections, self._timeout)
+            self._upstream_chosen = True
+        upstream = self._upstream
+        if upstream is not None:
+            return await upstream.send(self._url, headers, content)
+        client = self._get_client()
+        request = client.build_request("POST", self._url, headers=headers, content=content)
+        return await client.send(request, stream=True)
 
     async def _fail_before(
         self, send: Send, turn: _Turn, status: int, message: str, code: str
@@ -789,7 +810,7 @@ class ChatProxy:
         turn.bytes_sent += len(body)
         turn.ttfb = time.perf_counter() - turn.started
 
-    async def _upstream_status(self, response: httpx.Response, send: Send, turn: _Turn) -> None:
+    async def _upstream_status(self, response: UpstreamResponse, send: Send, turn: _Turn) -> None:
         status = response.status_code
         raw = await _read_capped(response, _MAX_ERROR_BODY)
         upstream_message, upstream_type, upstream_code = _upstream_error(self._redact(raw))
@@ -819,7 +840,7 @@ class ChatProxy:
         turn.error = rejection.message
         await self._send_start_error(send, turn, rejection)
 
-    async def _relay_json(self, response: httpx.Response, send: Send, turn: _Turn) -> None:
+    async def _relay_json(self, response: UpstreamResponse, send: Send, turn: _Turn) -> None:
         try:
             raw = await response.aread()
         except Exception as exc:
@@ -845,7 +866,7 @@ class ChatProxy:
             turn.bytes_sent += len(body)
 
     async def _relay_stream(
-        self, response: httpx.Response, send: Send, turn: _Turn, tg: anyio.abc.TaskGroup
+        self, response: UpstreamResponse, send: Send, turn: _Turn, tg: anyio.abc.TaskGroup
     ) -> None:
         turn.status = 200
         start_headers = [
@@ -1071,7 +1092,7 @@ def _fast_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport | None:
     return cast(httpx.AsyncBaseTransport, transport)
 
 
-def _raw_chunks(response: httpx.Response) -> AsyncGenerator[bytes, None]:
+def _raw_chunks(response: UpstreamResponse) -> AsyncGenerator[bytes, None]:
     # aiter_raw() is an async generator typed as an iterator; closing it explicitly frees
     # the connection at once instead of when the garbage collector gets to it.
     return cast("AsyncGenerator[bytes, None]", response.aiter_raw())
@@ -1136,7 +1157,7 @@ async def _send_error(send: Send, rejection: ProxyRejection, request_id: str | N
     await _send_simple(send, rejection.status, body, headers)
 
 
-async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+async def _read_capped(response: UpstreamResponse, limit: int) -> bytes:
     if response.is_stream_consumed:  # a response built in memory (httpx.MockTransport)
         return response.content[:limit]
     parts: list[bytes] = []

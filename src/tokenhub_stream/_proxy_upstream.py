@@ -1,0 +1,150 @@
+"""The proxy's default upstream on asyncio: aiohttp's pool and C parser, without httpx.
+
+`ChatProxy` used to reach aiohttp through httpx (`httpx_aiohttp.AiohttpTransport` behind an
+`httpx.AsyncClient`). Measured under `benchmarks/proxy_bench.py` at 500 streams, that
+layering cost per request an `httpx.Request`, an `httpx.Response` and two parsed header
+lists, and per chunk three more async generators (httpx's `aiter_raw`, its bound stream,
+httpx-aiohttp's iterator). This talks to aiohttp directly and hands the relay an object with
+the few `httpx.Response` members it reads (`UpstreamResponse`). Errors are mapped to httpx's
+exception classes exactly as httpx-aiohttp maps them, so every error path of the proxy keeps
+its status and log line. A `transport=` given to `ChatProxy`, and trio, still go through
+httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import httpx
+
+if TYPE_CHECKING:
+    import aiohttp
+
+__all__: list[str] = []
+
+_KEEPALIVE_EXPIRY = httpx.Limits(max_connections=None).keepalive_expiry  # httpx's 5 s
+
+
+class UpstreamResponse(Protocol):
+    """What the relay reads of an upstream response; `httpx.Response` has all of it."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def is_stream_consumed(self) -> bool: ...
+
+    @property
+    def content(self) -> bytes: ...
+
+    def aiter_raw(self) -> AsyncIterator[bytes]: ...
+
+    async def aread(self) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+class AiohttpUpstream:
+    """One aiohttp session (its pool of `max_connections`) for the proxy's upstream calls."""
+
+    def __init__(self, max_connections: int, timeout: httpx.Timeout, module: Any) -> None:
+        self._aiohttp = module
+        self._map = importlib.import_module("httpx_aiohttp.transport").map_aiohttp_exceptions
+        self._limit = max_connections
+        self._timeout = module.ClientTimeout(
+            sock_connect=timeout.connect, sock_read=timeout.read, connect=timeout.pool
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def create(cls, max_connections: int, timeout: httpx.Timeout) -> AiohttpUpstream | None:
+        """The upstream if this runs on asyncio with aiohttp and httpx-aiohttp installed."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # not on asyncio (trio)
+            return None
+        try:
+            module = importlib.import_module("aiohttp")
+            importlib.import_module("httpx_aiohttp.transport")
+        except ImportError:
+            return None
+        return cls(max_connections, timeout, module)
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        session = self._session
+        if session is None:
+            aiohttp = self._aiohttp
+            # httpx's create_ssl_context() is what httpx-aiohttp used: certifi's bundle.
+            connector = aiohttp.TCPConnector(
+                limit=self._limit,
+                keepalive_timeout=_KEEPALIVE_EXPIRY,
+                ssl=httpx.create_ssl_context(trust_env=False),
+            )
+            session = self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, auto_decompress=False, trust_env=False
+            )
+        return session
+
+    async def send(self, url: str, headers: Mapping[str, str], content: bytes) -> AiohttpResponse:
+        session = self._get_session()
+        with self._map():
+            response = await session.post(
+                url, data=content, headers=headers, allow_redirects=False, compress=False
+            )
+        return AiohttpResponse(response, self._map)
+
+    async def aclose(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+
+class AiohttpResponse:
+    """An aiohttp response shaped like the parts of `httpx.Response` the relay uses."""
+
+    __slots__ = ("_map", "_response", "is_stream_consumed")
+
+    def __init__(self, response: aiohttp.ClientResponse, map_errors: Any) -> None:
+        self._response = response
+        self._map = map_errors
+        self.is_stream_consumed = False
+
+    @property
+    def status_code(self) -> int:
+        return self._response.status
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._response.headers
+
+    @property
+    def content(self) -> bytes:
+        raise httpx.ResponseNotRead()
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        # readany(): whatever the socket delivered since the last call, one chunk per wakeup.
+        self.is_stream_consumed = True
+        reader = self._response.content
+        with self._map():
+            while True:
+                chunk = await reader.readany()
+                if not chunk:
+                    return
+                yield chunk
+
+    async def aread(self) -> bytes:
+        self.is_stream_consumed = True
+        with self._map():
+            return await self._response.read()
+
+    async def aclose(self) -> None:
+        # Released to the pool when read to its end; an unfinished body closes the
+        # connection (aiohttp's should_close), so the upstream stops generating.
+        with self._map():
+            await self._response.__aexit__(None, None, None)
