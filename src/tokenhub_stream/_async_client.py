@@ -20,6 +20,7 @@ from ._base import (
     StreamState,
     TimeoutTypes,
     async_sleep,
+    generator_done,
     is_event_stream,
     parse_completion,
     raw_chunks,
@@ -109,7 +110,7 @@ class AsyncChatStream(StreamState):
         """Close the upstream connection (at once if the body was not read to its end)."""
         self._record_exit(None)
         consumer, self._consumer = self._consumer, None
-        if consumer is not None:
+        if consumer is not None and not generator_done(consumer):
             with AsyncShield():
                 await _close_generator(consumer)
         await self._release()
@@ -188,6 +189,10 @@ class AsyncChatStream(StreamState):
             self._timer.stop()
         response, self._response = self._response, None
         chunks, self._chunks = self._chunks, None
+        if chunks is not None and generator_done(chunks):
+            chunks = None  # read to its end: nothing to close
+        if chunks is None and (response is None or response.is_closed):
+            return
         with AsyncShield():
             if chunks is not None:
                 await _close_generator(chunks)
@@ -435,7 +440,11 @@ class AsyncClient(BaseClient):
 
     async def _send(self, call: Call) -> httpx.Response:
         request = self._http.build_request(
-            "POST", call.url, content=call.body, headers=call.headers, timeout=call.httpx_timeout()
+            "POST",
+            self._httpx_url(call.url),
+            content=call.body,
+            headers=call.headers,
+            extensions=call.request_extensions(),
         )
         return await self._http.send(request, stream=True)
 

@@ -8,6 +8,7 @@ import contextlib
 import json
 import random
 import time
+import weakref
 from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
@@ -93,6 +94,19 @@ class Call:
         header_wait = _min(t.first_token, t.total)
         return httpx.Timeout(connect=t.connect, read=header_wait, write=t.connect, pool=t.connect)
 
+    def request_extensions(self) -> dict[str, object]:
+        """httpx's request extensions: the timeout dict (a fresh one per request: `_start`
+        loosens its read timeout). Cheaper than passing `timeout=` to `build_request`."""
+        as_dict = _TIMEOUT_DICTS.get(self.timeout)
+        if as_dict is None:
+            as_dict = _TIMEOUT_DICTS[self.timeout] = self.httpx_timeout().as_dict()
+            if len(_TIMEOUT_DICTS) > 64:  # many per-call timeouts: keep the cache small
+                _TIMEOUT_DICTS.clear()
+        return {"timeout": dict(as_dict)}
+
+
+_TIMEOUT_DICTS: dict[Timeout, dict[str, float | None]] = {}
+
 
 def _min(*values: float | None) -> float | None:
     present = [v for v in values if v is not None]
@@ -146,6 +160,14 @@ class BaseClient:
         self.drain_timeout = drain_timeout
         self.headers = dict(headers or {})
         self._redact = redactor(self._api_key)
+        self._last_url: tuple[str, httpx.URL] | None = None
+
+    def _httpx_url(self, url: str) -> httpx.URL:
+        """`url` parsed once: every request of a client goes to the same endpoint."""
+        last = self._last_url
+        if last is None or last[0] != url:
+            last = self._last_url = (url, httpx.URL(url))
+        return last[1]
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} base_url={self.base_url!r}>"
@@ -255,9 +277,25 @@ def watch_response(
 ) -> bool:
     """Hand the response's socket to the watchdog; False without one (mock transports)."""
     stream = response.extensions.get("network_stream")
-    get_info = getattr(stream, "get_extra_info", None)
-    sock = get_info("socket") if get_info is not None else None
-    return sock is not None and watchdog.watch(timer, sock, total_deadline)
+    if stream is None:
+        return False
+    try:
+        sock = _SOCKETS.get(stream)
+    except TypeError:  # not weak-referenceable
+        sock = None
+    if sock is None:
+        get_info = getattr(stream, "get_extra_info", None)
+        sock = get_info("socket") if get_info is not None else None
+        if sock is None:
+            return False
+        # A network stream keeps its socket for life and is reused by every request on
+        # its pooled connection; anyio's lookup builds a dict of attributes each time.
+        with contextlib.suppress(TypeError):
+            _SOCKETS[stream] = sock
+    return watchdog.watch(timer, sock, total_deadline)
+
+
+_SOCKETS: weakref.WeakKeyDictionary[object, object] = weakref.WeakKeyDictionary()
 
 
 class CompletionDeadline:
@@ -303,6 +341,12 @@ class CompletionDeadline:
             self._timer.stop()
 
 
+def generator_done(generator: object) -> bool:
+    """True for a generator, sync or async, that ran to its end or was closed (closing
+    it again would do nothing)."""
+    return getattr(generator, "ag_frame", 0) is None or getattr(generator, "gi_frame", 0) is None
+
+
 def is_event_stream(response: httpx.Response) -> bool:
     ctype = response.headers.get("content-type")
     return ctype is None or "event-stream" in ctype
@@ -314,11 +358,23 @@ def raw_chunks(response: httpx.Response) -> AsyncIterable[bytes] | Iterable[byte
 
     `response.stream` is the transport's byte stream (public in httpx's transport API);
     reading it directly skips `aiter_raw()`'s extra generator layer per chunk. The shells
-    close the response themselves, as `aiter_raw()` would.
+    close the response themselves, as `aiter_raw()` would. httpx's client wraps that
+    stream in a `BoundSyncStream`/`BoundAsyncStream` whose iterator only re-yields the
+    wrapped one's chunks (its `close()` also times the response): iterate the wrapped
+    stream, one generator layer (~0.3 µs a chunk) less; `response.close()` still closes
+    through the wrapper.
     """
     if not wants_raw(response):
         return None
-    return response.stream
+    stream = response.stream
+    if type(stream).__name__ in _BOUND_STREAMS:
+        inner = getattr(stream, "_stream", None)
+        if isinstance(inner, httpx.SyncByteStream | httpx.AsyncByteStream):
+            return inner
+    return stream
+
+
+_BOUND_STREAMS = ("BoundSyncStream", "BoundAsyncStream")
 
 
 def wants_raw(response: httpx.Response) -> bool:
@@ -370,10 +426,23 @@ class StreamState:
 
     def _start(self, response: httpx.Response) -> None:
         """The upstream answered 2xx with an event stream: set up parsing and deadlines."""
+        request_id = request_id_of(response.headers)
+        parser = self._parser
+        sent_at = self._sent_at
+        if (
+            sent_at is None
+            or self._had_response
+            or parser.last_event_at is not None
+            or parser.ended_at is not None
+            or parser.error is not None
+        ):
+            self._parser = self._new_parser(request_id)  # a retry: start afresh
+        else:  # the parser made with the stream has seen nothing yet: reuse it
+            parser.started_at = sent_at
+            parser.request_id = request_id
         self._had_response = True
         self.response = response
         t = self._call.timeout
-        self._parser = self._new_parser(request_id_of(response.headers))
         timeouts = response.request.extensions.get("timeout")
         if isinstance(timeouts, dict):
             # httpcore reads the body's read timeout when the body starts: loosen it to a

@@ -70,6 +70,8 @@ class StreamTimer:
         return when
 
     def stop(self) -> None:
+        if self._stopped:  # only ever set to True, under the lock
+            return
         with watchdog.lock:
             self._stopped = True
             self._sock = None
