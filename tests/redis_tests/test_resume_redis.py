@@ -219,3 +219,18 @@ async def test_issue_7_stream_resumed_on_another_process_is_byte_exact(redis_url
     assert fake.requests[1].completed and not fake.requests[1].disconnected
     assert as_bob.status_code == 404  # another principal: as if it did not exist
     assert nobody.status_code == 401
+
+
+async def test_redis_stream_buffer_live_stream_of_a_dead_worker_expires(redis_url: str) -> None:
+    async with RedisStreamBuffer(redis_url, live_ttl=0.4) as buffer:
+        await buffer.create("s", "o")
+        await buffer.append("s", [(1, b"a")])
+        await buffer.append("s", [(2, b"b")])
+        info = await buffer.info("s")
+        assert info is not None and info.last_id == 2 and not info.ended
+        # No event and no end marker for longer than live_ttl: the keys are gone.
+        await anyio.sleep(0.7)
+        assert await buffer.info("s") is None
+        with pytest.raises(LookupError):
+            async for _ in buffer.read("s", 0, idle=30):
+                pass
