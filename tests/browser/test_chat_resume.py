@@ -152,3 +152,26 @@ def test_chat_page_stop_is_not_resumed(page: Page, upstream: RunningUpstream) ->
         answer.and_(page.locator('.msg.assistant[data-state="stopped"]')).wait_for()
         page.wait_for_timeout(600)  # longer than the first resume pause
     assert len(fake.requests) == 1
+
+
+def test_chat_page_sse_parser_last_event_id_counts_complete_events(
+    page: Page, upstream: RunningUpstream
+) -> None:
+    with chat_page(page, upstream, events=100):
+        result = page.evaluate(
+            """async () => {
+                const {SSEParser} = await import("/chat.js");
+                const p = new SSEParser();
+                const seen = [];
+                p.feed("data: a\\nid: 1\\n\\ndata: b\\nid: 2\\n");
+                seen.push(p.lastEventId);  // event 2 is not complete: still 1
+                p.feed("\\n: keep-alive\\n\\n");
+                seen.push(p.lastEventId);  // complete now; a comment keeps it
+                p.feed("data: c\\r\\nid: 3\\n\\r\\n");
+                seen.push(p.lastEventId);
+                const resumed = new SSEParser("3");
+                seen.push(resumed.lastEventId);
+                return seen;
+            }"""
+        )
+    assert result == ["1", "2", "3", "3"]
