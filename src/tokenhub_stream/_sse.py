@@ -126,6 +126,17 @@ class SSEDecoder:
         Real upstreams write one whole `data: ...\n\n` event per network chunk; that
         shape, with no partial state pending, is decoded without the line machinery.
         """
+        if not self._clean and self._bom_head == b"" and chunk and chunk[0] != 0xEF:
+            # The stream's first bytes are no BOM: the check is done, and the first
+            # event may take the fast path too.
+            self._bom_head = None
+            self._clean = not (
+                self._pending
+                or self._data
+                or self._event
+                or self._skip_lf
+                or self._failed is not None
+            )
         if (
             self._clean
             and chunk.startswith(b"data: ")

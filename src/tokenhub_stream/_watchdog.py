@@ -10,6 +10,13 @@ returns at once and the shell raises `StreamTimeout(kind)`.
 
 Deadlines are checked under one lock, and `StreamTimer.stop()` takes it too, so a
 socket that has gone back to the pool is never touched.
+
+Waking the thread costs the streaming thread a futex call and a GIL hand-off, so a new
+deadline wakes it only when it falls before the time the thread already sleeps until.
+While streams are open the thread sleeps at most `_TICK` at a time; a stream's next
+deadline (first token, idle, or the drain after `[DONE]`, 50 ms by default) then rarely
+needs a wake-up of its own, and none is ever missed or late: the thread waits exactly
+until the earliest deadline whenever that comes before its next tick.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ if TYPE_CHECKING:
     from ._chunks import ChunkParser
 
 __all__ = ["StreamTimer", "watchdog"]
+
+_TICK = 0.05  # the longest sleep while deadlines are pending or were lately
+_IDLE_EXIT = 30.0  # the thread ends after this long without a deadline
 
 
 class StreamTimer:
@@ -84,6 +94,9 @@ class _Watchdog:
         self._heap: list[tuple[float, int, StreamTimer, float | None]] = []
         self._counter = itertools.count()
         self._thread: threading.Thread | None = None
+        # When the thread's current wait ends (only read under the lock; stale while the
+        # thread runs, which is harmless: it looks at the heap before it waits again).
+        self._sleep_until = 0.0
 
     def watch(self, timer: StreamTimer, sock: object, total_deadline: float | None) -> bool:
         """Start watching; False when there is no socket to interrupt (mock transports)."""
@@ -108,28 +121,35 @@ class _Watchdog:
         when = timer.next_check(total_deadline, time.monotonic())
         if when is None:
             return
-        first = not self._heap or when < self._heap[0][0]
         heapq.heappush(self._heap, (when, next(self._counter), timer, total_deadline))
-        if first:
+        if when < self._sleep_until:
             self._wake.notify()
 
     def _run(self) -> None:
         heap = self._heap
+        idle_since: float | None = None
         with self.lock:
             while True:
-                if not heap:
-                    self._wake.wait(30.0)
-                    if not heap:
-                        self._thread = None
-                        return
-                    continue
-                when, _, timer, total = heap[0]
                 now = time.monotonic()
+                if not heap:
+                    if idle_since is None:
+                        idle_since = now
+                    elif now - idle_since >= _IDLE_EXIT:
+                        self._thread = None
+                        self._sleep_until = 0.0
+                        return
+                    self._sleep_until = now + _TICK
+                    self._wake.wait(_TICK)
+                    continue
+                idle_since = None
+                when, _, timer, total = heap[0]
                 if timer._stopped:
                     heapq.heappop(heap)
                     continue
                 if when > now:
-                    self._wake.wait(when - now)
+                    wait = min(when - now, _TICK)
+                    self._sleep_until = now + wait
+                    self._wake.wait(wait)
                     continue
                 heapq.heappop(heap)
                 nxt = timer.next_deadline(total)
