@@ -691,13 +691,26 @@ class ChatProxy:
         await self._race(exchange, receive, send, turn)
 
     async def _race(self, exchange: Exchange, receive: Receive, send: Send, turn: _Turn) -> None:
-        # The exchange runs against the client's `http.disconnect` in one task group.
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope, turn)
+        # The exchange runs against the client's `http.disconnect` in one task group. It
+        # runs in the child task and the watcher in this one: every upstream chunk resumes
+        # the exchange's task, and a child's coroutine chain is a handful of frames deep
+        # where this task's runs through the server and every middleware. Its exception is
+        # re-raised here as itself, not as an exception group.
+        failure: list[Exception] = []
+
+        async def run(tg: anyio.abc.TaskGroup) -> None:
             try:
                 await exchange(send, turn, tg)
+            except Exception as exc:
+                failure.append(exc)
             finally:
                 tg.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, tg)
+            await self._watch_disconnect(receive, tg.cancel_scope, turn)
+        if failure:
+            raise failure[0]
         resumable = turn.resume is not None and turn.resume.announced
         if turn.client_gone and turn.outcome == "completed" and not resumable:
             turn.outcome = "client_disconnect"
