@@ -660,8 +660,10 @@ class ChatProxy:
             body = dict(rewritten)
         model = body.get("model")
         turn.model = model if isinstance(model, str) else "-"
-        messages = body.get("messages")
-        turn.messages = list(messages) if isinstance(messages, list) else []
+        if self.on_complete is not None or self._usage_limiter() is not None:
+            # Only a record needs them: a long conversation is not held for the whole stream.
+            messages = body.get("messages")
+            turn.messages = list(messages) if isinstance(messages, list) else []
         return outgoing_body(body, self.allowed_fields, stream), stream
 
     async def _read_body(self, receive: Receive) -> bytes:
