@@ -4,6 +4,13 @@ Run (inside the project's virtualenv; nginx is used if it is on PATH):
 
     python benchmarks/proxy_bench.py                       # 1, 100 and 500 streams
     python benchmarks/proxy_bench.py --streams 1 100 --targets direct chatproxy
+    python benchmarks/proxy_bench.py --streams 500 --targets chatproxy --profile /tmp/prof
+    python benchmarks/proxy_bench.py --streams 100 --targets chatproxy --tracemalloc /tmp/tm
+
+Targets: direct, nginx, naive, chatproxy-httpx (ChatProxy over httpx's own transport),
+chatproxy-httpx-aiohttp (over httpx-aiohttp's transport, the default until 2026-11-28) and
+chatproxy (its default: aiohttp called directly). `--profile` and `--tracemalloc` slow the
+proxy they watch, so their runs' columns are not comparable with plain runs.
 
 Every process runs on this machine, on loopback only:
 
