@@ -263,7 +263,7 @@ def _probe(spec: str) -> Iterator[None]:
                     f.write(f"== grew by {by}: {total / 1024:.0f} KiB\n")
                     for stat in stats[:top]:
                         f.write(f"{stat.size_diff / 1024:9.1f} KiB {stat.count_diff:7d} blocks\n")
-                        lines = stat.traceback.format(limit=-12 if by == "traceback" else 1)
+                        lines = stat.traceback.format(limit=12 if by == "traceback" else 1)
                         f.write("\n".join("    " + line for line in lines) + "\n")
 
         signal.signal(signal.SIGUSR1, snapshot)
