@@ -487,6 +487,8 @@ class Row:
     short_s: float  # median seconds for all short streams
     long_cpu: float = 0.0  # median CPU seconds of the client for one long stream
     short_cpu: float = 0.0  # ... for all short streams
+    long_best: float = 0.0  # the fastest repetition (least disturbed by other processes)
+    short_best: float = 0.0
     note: str = ""
 
 
@@ -550,8 +552,8 @@ def goals(rows: list[Row]) -> list[str]:
     sdk = {r.spec.kind: r for r in rows if r.spec.family == "openai"}
     out = [
         "| tokenhub_stream | kind | shape | × floor | limit | ok | openai ÷ this | ≥6x "
-        "| CPU × floor |",
-        "|---|---|---|--:|--:|---|--:|---|--:|",
+        "| CPU × floor | best ÷ best floor |",
+        "|---|---|---|--:|--:|---|--:|---|--:|--:|",
     ]
     bounds: list[str] = []
     for r in rows:
@@ -559,7 +561,7 @@ def goals(rows: list[Row]) -> list[str]:
         if r.spec.family != "tokenhub_stream" or kind not in floor or kind not in sdk:
             continue
         limit = 1.3 if r.spec.json == "orjson" else 1.5
-        for shape, mine, base, slow, cpu, cpu_base in (
+        for shape, mine, base, slow, cpu, cpu_base, best, best_base in (
             (
                 "long",
                 r.long_s,
@@ -567,6 +569,8 @@ def goals(rows: list[Row]) -> list[str]:
                 sdk[kind].long_s,
                 r.long_cpu,
                 floor[kind].long_cpu,
+                r.long_best,
+                floor[kind].long_best,
             ),
             (
                 "short",
@@ -575,15 +579,18 @@ def goals(rows: list[Row]) -> list[str]:
                 sdk[kind].short_s,
                 r.short_cpu,
                 floor[kind].short_cpu,
+                r.short_best,
+                floor[kind].short_best,
             ),
         ):
             ratio, speedup = mine / base, slow / mine
             variant = "orjson" if r.spec.json == "orjson" else "stdlib json"
             cpu_ratio = _fmt_ratio(cpu / cpu_base) if cpu_base else "–"
+            best_ratio = _fmt_ratio(best / best_base) if best_base else "–"
             out.append(
                 f"| {variant} | {kind} | {shape} | {ratio:.2f}x | {limit}x "
                 f"| {'yes' if ratio <= limit else 'NO'} | {speedup:.1f}x "
-                f"| {'yes' if speedup >= 6.0 else 'NO'} | {cpu_ratio} |"
+                f"| {'yes' if speedup >= 6.0 else 'NO'} | {cpu_ratio} | {best_ratio} |"
             )
     for kind in floor:
         if kind in sdk:
@@ -660,6 +667,8 @@ def orchestrate(args: argparse.Namespace) -> int:
             median(spec.key, "short_s"),
             long_cpu=median(spec.key, "long_cpu"),
             short_cpu=median(spec.key, "short_cpu"),
+            long_best=min(samples[spec.key]["long_s"]),
+            short_best=min(samples[spec.key]["short_s"]),
         )
         for spec in specs
         if spec.key in samples and spec.key not in dropped
@@ -688,6 +697,8 @@ def orchestrate(args: argparse.Namespace) -> int:
     if met:
         print()
         print("Goal: ≤1.3x the httpx-raw floor with orjson, ≤1.5x without; ≥6x faster than openai.")
+        print("`× floor` compares medians (the goal's measure); `best ÷ best floor` compares the")
+        print("fastest repetitions, the least disturbed by other processes on the machine.")
         print()
         print("\n".join(met))
     if notes:
