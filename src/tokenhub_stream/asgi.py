@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import inspect
 import logging
@@ -687,9 +688,8 @@ class ChatProxy:
     async def _forward(
         self, content: bytes, stream: bool, receive: Receive, send: Send, turn: _Turn
     ) -> None:
-        async def exchange(send: Send, turn: _Turn, tg: anyio.abc.TaskGroup) -> None:
-            await self._exchange(content, stream, send, turn, tg)
-
+        # A partial, not a closure: one coroutine (and one frame per chunk's resume) less.
+        exchange = functools.partial(self._exchange, content, stream)
         await self._race(exchange, receive, send, turn)
 
     async def _race(self, exchange: Exchange, receive: Receive, send: Send, turn: _Turn) -> None:
