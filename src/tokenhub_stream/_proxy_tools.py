@@ -160,8 +160,14 @@ class ToolExchange:
             tools=self._tools,
             model=self._model,
             max_turns=proxy.max_tool_turns,
-            # Usage for on_complete and the JSON answer; the stream shows it when asked.
-            include_usage=self._send_usage or not self._stream or proxy.on_complete is not None,
+            # Usage for on_complete, a UsageLimiter's budget and the JSON answer; the stream
+            # shows it only when asked.
+            include_usage=(
+                self._send_usage
+                or not self._stream
+                or proxy.on_complete is not None
+                or proxy._usage_limiter() is not None
+            ),
             **self._params,
         )
         completed = False

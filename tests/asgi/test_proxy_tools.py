@@ -21,7 +21,7 @@ import pytest
 from openai.types.chat import ChatCompletionUserMessageParam
 from starlette.applications import Starlette
 
-from tokenhub_stream import AsyncClient
+from tokenhub_stream import AsyncClient, Usage
 from tokenhub_stream.asgi import ChatProxy, CompletionRecord
 from tokenhub_stream.testing import (
     FakeChatUpstream,
@@ -488,6 +488,36 @@ async def test_on_complete_gets_the_final_answer(upstream: Upstream) -> None:
     assert record.messages == MESSAGES
     assert record.usage is not None and record.usage.total_tokens
     assert record.bytes_sent == len(response.content)
+
+
+class CountingBudget:
+    """A UsageLimiter double: lets everything through and keeps what `record` gets."""
+
+    def __init__(self) -> None:
+        self.recorded: list[tuple[str, Usage]] = []
+
+    async def acquire(self, key: str) -> float | None:
+        return None
+
+    async def record(self, key: str, usage: Usage) -> None:
+        self.recorded.append((key, usage))
+
+
+async def test_a_usage_limiter_gets_the_usage_without_on_complete(upstream: Upstream) -> None:
+    # A budget counts tokens even when nobody set on_complete or asked for usage in the body.
+    budget = CountingBudget()
+    upstream[0].enqueue(tool_turn(), answer_turn())
+    with proxied(upstream, rate_limiter=budget) as url, anyio.fail_after(10):
+        async with httpx.AsyncClient(timeout=5) as client:
+            response = await client.post(f"{url}{PATH}", json={"messages": MESSAGES})
+        await eventually(lambda: bool(budget.recorded))
+    assert response.status_code == 200
+    assert b'"usage"' not in response.content  # the browser did not ask for it
+    (_, usage), *rest = budget.recorded
+    assert not rest
+    assert usage.total_tokens
+    sent = [r.json for r in upstream[0].requests[-2:]]
+    assert all(j is not None and j["stream_options"] == {"include_usage": True} for j in sent)
 
 
 async def test_disconnect_while_second_turn_streams_closes_upstream(upstream: Upstream) -> None:
