@@ -207,6 +207,13 @@ def _serve_app(kind: str, upstream: str, port: int, loop: str, http: str, probe:
         app = _naive_app(upstream)
     else:
         app = _chatproxy_app(upstream, kind.partition("-")[2] or "default")
+    threshold = os.environ.get("PROXY_BENCH_GC_THRESHOLD")
+    if threshold:  # --gc-threshold: what is alive at startup is never scanned again
+        import gc
+
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(int(threshold))
     with _probe(probe):
         uvicorn.run(
             app,  # type: ignore[arg-type]
@@ -578,7 +585,15 @@ def main() -> None:
         "streams and writes DIR/<target>-<k>.txt, what grew from idle to all streams open "
         "(slows the proxy; the other columns are then meaningless)",
     )
+    parser.add_argument(
+        "--gc-threshold",
+        type=int,
+        metavar="N",
+        help="in the Python proxies: gc.freeze() after startup and generation 0 threshold N",
+    )
     args = parser.parse_args()
+    if args.gc_threshold:
+        os.environ["PROXY_BENCH_GC_THRESHOLD"] = str(args.gc_threshold)
     targets = [t for t in args.targets if t != "nginx" or shutil.which("nginx")]
     print(f"# {CHUNKS} chunks x {PACE * 1000:.0f} ms per stream; loop={args.loop} http={args.http}")
     print(
