@@ -169,8 +169,12 @@ def _log_gc_pauses(path: str) -> None:
             return
         took = time.perf_counter() - started[0]
         if took >= 0.005:
+            tracked = len(gc.get_objects())  # after the pause: not part of the measured time
             with open(path, "a") as f:
-                f.write(f"{time.monotonic():.3f} gen{info['generation']} {took * 1000:.1f} ms\n")
+                f.write(
+                    f"{time.monotonic():.3f} gen{info['generation']} {took * 1000:.1f} ms"
+                    f" {tracked} tracked objects\n"
+                )
 
     gc.callbacks.append(callback)
 
