@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tokenhub_stream import (
     APIError,
@@ -473,3 +475,236 @@ def test_chunks_fast_path_json_backends(backend: str, monkeypatch: pytest.Monkey
     )
     assert out == ["h\u00e9", "a\ufffd\ufffd\ufffdb", "c\ufffdd"]
     assert p.error is None and p.finish_reason == "stop"
+
+
+# --- the template fast path: a chunk that repeats the last plain one but for its content
+
+
+@pytest.fixture(params=["orjson", "stdlib"])
+def json_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    from tokenhub_stream import _chunks
+
+    backend: str = request.param
+    if backend == "stdlib":
+        monkeypatch.setattr(_chunks, "_loads_event", _chunks._stdlib_loads_event)
+        monkeypatch.setattr(_chunks, "loads", json.loads)
+        monkeypatch.setattr(_chunks, "_TEMPLATE_U_ESCAPES", True)
+    else:
+        pytest.importorskip("orjson")
+    return backend
+
+
+def _plain(content: object, **extra: object) -> bytes:
+    # Compact, like OpenAI, vLLM and the benchmark: the template is learned from these.
+    obj = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
+        **extra,
+    }
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def _reference(chunks: list[bytes]) -> tuple[list[str], ChunkParser]:
+    # The same parser with the template never learned: the plain JSON hot path.
+    parser = ChunkParser()
+    parser._template_next = 1 << 62
+    out: list[str] = []
+    for c in chunks:
+        out.extend(parser.feed_text(c))
+    parser.feed_eof()
+    return out, parser
+
+
+def _same_as_reference(chunks: list[bytes]) -> tuple[list[str], ChunkParser]:
+    out, parser = texts(*chunks)
+    ref_out, ref = _reference(chunks)
+    assert out == ref_out
+    assert parser.message() == ref.message()
+    assert (parser.usage, parser.finish_reason, parser.done) == (
+        ref.usage,
+        ref.finish_reason,
+        ref.done,
+    )
+    assert type(parser.error) is type(ref.error)
+    events = ChunkParser()  # the general path, which never takes a fast path
+    expected = [
+        e.text for c in chunks for e in events.feed_events(c) if isinstance(e, ContentDelta)
+    ]
+    assert out == expected
+    return out, parser
+
+
+def test_chunks_template_learned_and_used(json_backend: str) -> None:
+    parser = ChunkParser()
+    assert parser.feed_text(chunk({"role": "assistant", "content": ""})) == []
+    assert parser.feed_text(_plain("Hel")) == ["Hel"]
+    assert parser._template is not None  # learned from the first plain chunk
+    assert parser.feed_text(_plain("lo")) == ["lo"]
+    assert parser.feed_text(_plain("")) == []
+    assert parser.feed_text(_plain(" w\u00f6rld")) == [" w\u00f6rld"]
+    assert parser.message().content == "Hello w\u00f6rld"
+    assert parser.first_token_at is not None and parser.last_event_at is not None
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        'say "hi"',
+        "back\\slash\\",
+        "ends with a backslash \\",
+        "\\u0041 is not an escape here",
+        "line\nbreak\r\n\ttab",
+        "\u00e9\u4e2d\U0001f600",
+        '","finish_reason":"stop"}]}',  # looks like the suffix
+        "\x7f\u2028",
+    ],
+)
+def test_chunks_template_escapes_in_content(content: str, json_backend: str) -> None:
+    chunks = [_plain("a"), _plain(content), _plain("b")]
+    out, _ = _same_as_reference(chunks)
+    assert out == ["a", content, "b"]
+    # \uXXXX escapes for everything that is not ASCII
+    escaped = [
+        b"data: " + json.dumps(json.loads(c[6:]), separators=(",", ":")).encode() + b"\n\n"
+        for c in chunks
+    ]
+    assert _same_as_reference(escaped)[0] == ["a", content, "b"]
+
+
+@pytest.mark.parametrize(
+    "middle",
+    [
+        b'x"y',  # an unescaped quote: not one string literal
+        b"x\ny",  # a raw line feed splits the SSE line
+        b"x\ry",
+        b"x\x01y",  # a raw control character is invalid JSON
+        b"x\\qy",  # an invalid escape
+        b"x\\",  # escapes the closing quote
+        b"x\xffy",  # invalid UTF-8: U+FFFD
+        b"x\xed\xa0\x80y",  # an encoded lone surrogate: U+FFFD
+        b"x\\ud800y",  # an escaped lone surrogate: each backend as without the template
+        b"\\ud83d\\ude00",  # an escaped surrogate pair
+    ],
+)
+def test_chunks_template_odd_middles_match_the_general_path(
+    middle: bytes, json_backend: str
+) -> None:
+    first = _plain("a")
+    odd = first.replace(b'"content":"a"', b'"content":"' + middle + b'"')
+    _same_as_reference([first, odd, _plain("b"), chunk({}, "stop")])
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        _plain(None),  # content null
+        _plain(5),  # a wrong type: ProtocolError
+        _plain("x", usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}),
+        _plain("x", extra_field=[1, 2]),
+        _plain("x").replace(b'"finish_reason":null', b'"finish_reason":"stop"'),
+        _plain("x").replace(b'"index":0', b'"index":1'),
+        _plain("x").replace(b'"content":"x"', b'"content":"x","reasoning_content":"r"'),
+        _plain("x").replace(b'"content":"x"', b'"content":"x","reasoning":"r"'),
+        _plain("x").replace(b'"content":"x"', b'"reasoning_content":"r","content":"x"'),
+        _plain("x").replace(
+            b'"content":"x"',
+            b'"content":"x","tool_calls":[{"index":0,"id":"t","function":{"name":"f"}}]',
+        ),
+        _plain("x").replace(b'"content":"x"', b'"content":"x","content":"y"'),
+        _plain("x").replace(b'"choices":[', b'"choices":[{"index":1,"delta":{"content":"B"}},'),
+        _plain("x").replace(b'"choices":[', b'"error":{"message":"boom","code":500},"choices":['),
+        _plain("x").replace(b'"id":"c1"', b'"id":"c2"'),
+        _plain("x").replace(b'"c1"', b'"c1 "'),
+        _plain("x").replace(b"data: ", b"data:"),
+        _plain("x")[:-1],  # an unfinished event
+        _plain("x") + b": keep-alive\n",
+        _plain("x") + _plain("y"),
+        _plain("x").replace(b"\n\n", b"\r\n\r\n"),
+        b'data: {"object":"error","message":"overloaded","code":529}\n\n',
+        DONE,
+    ],
+)
+def test_chunks_template_other_shapes_match_the_general_path(
+    other: bytes, json_backend: str
+) -> None:
+    _same_as_reference([_plain("a"), other, _plain("b"), chunk({}, "stop"), DONE])
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        # another "content" key before the delta's: the probe finds it is not the delta's
+        b'data: {"meta":{"content":"a"},"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n',
+        # a key that ends in `"content` through an escaped quote
+        b'data: {"k\\"content":"a","choices":[{"index":0,"delta":{"content":"a"}}]}\n\n',
+        # the delta's key written with an escape
+        b'data: {"choices":[{"index":0,"delta":{"\\u0063ontent":"a"}}],"x":{"content":"a"}}\n\n',
+        # a repeated key: the last one counts
+        b'data: {"choices":[{"index":0,"delta":{"content":"z","content":"a"}}]}\n\n',
+    ],
+)
+def test_chunks_template_misleading_content_keys(first: bytes, json_backend: str) -> None:
+    # The same chunk with only that other "a" changed must still yield the delta's "a".
+    second = first.replace(b'"a"', b'"b"', 1)
+    _, parser = _same_as_reference([first, second, first, second])
+    assert parser._template is None
+
+
+def test_chunks_template_respects_max_event_bytes_and_state(json_backend: str) -> None:
+    parser = ChunkParser(max_event_bytes=len(_plain("a")) - 8)
+    assert parser.feed_text(_plain("a")) == ["a"]
+    assert parser.feed_text(_plain("b")) == ["b"]
+    assert parser._template is not None
+    assert parser.feed_text(_plain("ab")) == []
+    assert isinstance(parser.error, ProtocolError)
+    # a partial line pending: the next chunk continues it, it is no new event
+    parser = ChunkParser()
+    assert parser.feed_text(_plain("a")) == ["a"]
+    assert parser.feed_text(_plain("a")) == ["a"]
+    assert parser._template is not None
+    assert parser.feed_text(b"data: {") == []
+    assert parser.feed_text(_plain("b")) == []
+    assert isinstance(parser.error, ProtocolError)
+    # stopped by [DONE]
+    parser = ChunkParser()
+    assert parser.feed_text(_plain("a")) == ["a"]
+    assert parser.feed_text(DONE) == []
+    assert parser.feed_text(_plain("b")) == []
+
+
+def test_chunks_template_relearned_when_the_chunks_change(json_backend: str) -> None:
+    # `created` changing every second, or a per-chunk id: a new template now and then,
+    # never a wrong delta.
+    chunks = [_plain(f"t{i}", created=i // 20) for i in range(100)]
+    out, parser = _same_as_reference(chunks)
+    assert out == [f"t{i}" for i in range(100)]
+    assert parser._template is not None and b'"created":4' in parser._template[1]
+    varying = [_plain(f"t{i}", obfuscation="x" * (i % 7)) for i in range(100)]
+    assert _same_as_reference(varying)[0] == [f"t{i}" for i in range(100)]
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(
+        st.one_of(
+            st.text(max_size=12),
+            st.sampled_from(['"', "\\", "\n", "\\u0041", "\ud800", "\U0001f600", ""]),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    st.booleans(),
+    st.sampled_from([(",", ":"), (", ", ": ")]),
+)
+def test_chunks_template_any_content_matches_the_general_path(
+    json_backend: str, contents: list[str], ascii_only: bool, separators: tuple[str, str]
+) -> None:
+    chunks = []
+    for content in contents:
+        obj = {"id": "x", "choices": [{"index": 0, "delta": {"content": content}}]}
+        text = json.dumps(obj, ensure_ascii=ascii_only, separators=separators)
+        chunks.append(b"data: " + text.encode("utf-8", "surrogatepass") + b"\n\n")
+    _same_as_reference([*chunks, chunk({}, "stop")])

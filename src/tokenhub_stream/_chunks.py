@@ -79,6 +79,17 @@ Redact = Callable[[str], str]
 
 _UNPARSED: Any = object()  # `_feed_datas`: the first event is not parsed yet
 
+# The C string scanner `json.loads` itself uses (`json.decoder.scanstring`, missing from
+# typeshed): (text after an opening quote, 0) -> (decoded string, index after its
+# closing quote); ValueError on a control character or a bad escape, as json.loads.
+scanstring: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
+
+# orjson rejects a lone surrogate escape (`\ud800`) where the stdlib keeps it: with
+# orjson, a template hit whose content has a `\u` escape is parsed in full instead.
+_TEMPLATE_U_ESCAPES = JSON_BACKEND == "stdlib"
+_TEMPLATE_PROBE = "tokenhub-probe"
+_TEMPLATE_EVERY = 16  # content deltas between two attempts to learn a template
+
 
 class _ToolCallBuilder:
     __slots__ = ("arguments", "extra", "id", "name", "type")
@@ -118,6 +129,8 @@ class ChunkParser:
         "_reasoning",
         "_redact",
         "_tc_by_index",
+        "_template",
+        "_template_next",
         "_tool_fragments",
         "_tool_calls",
         "_usage_raw",
@@ -157,6 +170,10 @@ class ChunkParser:
         self._tc_by_index: dict[int, _ToolCallBuilder] = {}
         self._last_tc: _ToolCallBuilder | None = None
         self._tool_fragments = 0
+        # (prefix, suffix) of the last plain content chunk around its content's string
+        # literal; see `_learn_template`.
+        self._template: tuple[bytes, bytes] | None = None
+        self._template_next = 0
         self._usage_raw: Mapping[str, object] | None = None
         self.usage: Usage | None = None
         self.role = "assistant"
@@ -188,6 +205,38 @@ class ChunkParser:
     def feed_text(self, chunk: bytes) -> list[str]:
         """Decode `chunk`; return the content deltas it completed."""
         decoder = self._decoder
+        # Hottest path: the chunk is the last plain content chunk with only the content
+        # string changed (an upstream repeats id, model, created, ... in every chunk).
+        # The prefix and suffix were part of a whole event that parsed as a plain content
+        # delta, and a JSON lexer is in the same state after the same prefix, so if the
+        # middle is one valid string literal body, the event is that same object with
+        # this content: only the literal needs decoding, not the ~200 bytes around it.
+        template = self._template
+        if (
+            template is not None
+            and chunk.startswith(template[0])
+            and chunk.endswith(template[1])
+            and decoder._clean
+            and not self.stopped
+            and len(chunk) - 8 <= decoder._max
+        ):
+            start = len(template[0])
+            stop = len(chunk) - len(template[1]) + 1  # after the closing quote
+            if stop > start:
+                try:
+                    literal = chunk[start:stop].decode()
+                    content, end = scanstring(literal, 0)
+                except ValueError:  # invalid UTF-8, a control character, a bad escape
+                    pass  # the paths below report it, or decode it as the spec says
+                else:
+                    if end == len(literal) and (_TEMPLATE_U_ESCAPES or "\\u" not in literal):
+                        self.last_event_at = now = self.clock()
+                        if not content:
+                            return []
+                        self._content.append(content)
+                        if self.first_token_at is None:
+                            self.first_token_at = now
+                        return [content]
         # Hot path: one whole `data: {...}` event per chunk, no partial state pending
         # (SSEDecoder.feed_data's guard, inlined to save a call per event), holding one
         # plain content delta for choice 0 and nothing else. The JSON parser reads the
@@ -220,6 +269,8 @@ class ChunkParser:
                     and "x_groq" not in obj
                 ):
                     self.last_event_at = now = self.clock()
+                    if len(self._content) >= self._template_next:
+                        self._learn_template(chunk, content)
                     if not content:
                         return []
                     self._content.append(content)
@@ -239,6 +290,46 @@ class ChunkParser:
         if not datas:
             return []
         return self._feed_datas(datas)
+
+    def _learn_template(self, chunk: bytes, content: str) -> None:
+        # `chunk` is one whole event that parsed as a plain content delta for choice 0.
+        # Find its content's string literal and keep what surrounds it, unless anything
+        # is in doubt: the key written another way, or found somewhere else than
+        # `choices[0].delta` (a probe with another literal in its place must parse to
+        # that content), a repeated key.
+        self._template_next = len(self._content) + _TEMPLATE_EVERY
+        key = chunk.find(b'"content":')
+        if key < 0:
+            return
+        start = key + 10
+        while chunk[start] in b" \t":
+            start += 1
+        if chunk[start] != 34:  # '"': a string literal starts here
+            return
+        start += 1
+        stop = start
+        while True:  # the closing quote: the first one not escaped by a backslash
+            stop = chunk.find(b'"', stop)
+            if stop < 0:
+                return
+            escapes = 0
+            while chunk[stop - 1 - escapes] == 92:  # "\\"
+                escapes += 1
+            if escapes % 2 == 0:
+                break
+            stop += 1
+        prefix, suffix = chunk[:start], chunk[stop:]
+        probe = prefix[6:] + _TEMPLATE_PROBE.encode() + suffix[:-2]
+        try:
+            literal = chunk[start : stop + 1].decode()
+            if scanstring(literal, 0) != (content, len(literal)):
+                return
+            obj = _loads_event(probe)
+            if obj["choices"][0]["delta"]["content"] != _TEMPLATE_PROBE:
+                return
+        except (KeyError, TypeError, ValueError, IndexError, RecursionError):
+            return
+        self._template = (prefix, suffix)
 
     def _feed_datas(self, datas: tuple[bytes] | list[str], parsed: object = _UNPARSED) -> list[str]:
         # The general path of feed_text: every event's data, any shape. `parsed` is the
