@@ -8,9 +8,11 @@ Run (inside the project's virtualenv; nginx is used if it is on PATH):
     python benchmarks/proxy_bench.py --streams 100 --targets chatproxy --tracemalloc /tmp/tm
 
 Targets: direct, nginx, naive, chatproxy-httpx (ChatProxy over httpx's own transport),
-chatproxy-httpx-aiohttp (over httpx-aiohttp's transport, the default until 2026-11-28) and
-chatproxy (its default: aiohttp called directly). `--profile` and `--tracemalloc` slow the
-proxy they watch, so their runs' columns are not comparable with plain runs.
+chatproxy-httpx-aiohttp (over httpx-aiohttp's transport, the default until 2026-11-28),
+chatproxy-aiohttp (aiohttp called directly, the default until 2026-11-28 later that day and
+the fallback without httptools) and chatproxy (its default: our HTTP/1.1 client on
+httptools). `--profile` and `--tracemalloc` slow the proxy they watch, so their runs'
+columns are not comparable with plain runs.
 
 Every process runs on this machine, on loopback only:
 
@@ -186,7 +188,7 @@ def _chatproxy_app(upstream: str, transport_name: str = "default") -> object:
 
     from tokenhub_stream.asgi import ChatProxy
 
-    transport: httpx.AsyncBaseTransport | None = None  # the default: aiohttp on asyncio
+    transport: httpx.AsyncBaseTransport | None = None  # the default: ours on httptools
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
     if transport_name == "httpx":
         transport = httpx.AsyncHTTPTransport(limits=limits)
@@ -197,6 +199,13 @@ def _chatproxy_app(upstream: str, transport_name: str = "default") -> object:
     proxy = ChatProxy(
         api_key=KEY, base_url=upstream + "/v1", keepalive_interval=None, transport=transport
     )
+    if transport_name == "aiohttp":  # the fallback without httptools (private: no option)
+        import aiohttp
+
+        from tokenhub_stream._proxy_upstream import AiohttpUpstream
+
+        proxy._upstream = AiohttpUpstream(proxy._max_connections, proxy._timeout, aiohttp)
+        proxy._upstream_chosen = True
     return Starlette(routes=proxy.routes("/api/chat"), lifespan=proxy.lifespan)
 
 

@@ -1,20 +1,23 @@
-"""The proxy's default upstream on asyncio: aiohttp's pool and C parser, without httpx.
+"""The proxy's upstream clients on asyncio, and the choice between them.
 
-`ChatProxy` used to reach aiohttp through httpx (`httpx_aiohttp.AiohttpTransport` behind an
-`httpx.AsyncClient`). Measured under `benchmarks/proxy_bench.py` at 500 streams, that
-layering cost per request an `httpx.Request`, an `httpx.Response` and two parsed header
-lists, and per chunk three more async generators (httpx's `aiter_raw`, its bound stream,
-httpx-aiohttp's iterator). This talks to aiohttp directly and hands the relay an object with
-the few `httpx.Response` members it reads (`UpstreamResponse`). Errors are mapped to httpx's
-exception classes exactly as httpx-aiohttp maps them, so every error path of the proxy keeps
-its status and log line. A `transport=` given to `ChatProxy`, and trio, still go through
-httpx.
+`default_upstream` picks, when no `transport=` was given and the server runs on asyncio:
+our HTTP/1.1 client on httptools' C parser (`_proxy_http.py`) when httptools is installed,
+else aiohttp called directly (`AiohttpUpstream`, below), else none (the proxy then uses
+httpx). Both hand the relay an object with the few `httpx.Response` members it reads
+(`UpstreamResponse`) and raise httpx's exception classes, so every error path of the proxy
+keeps its status and log line. Measured in docs/performance.md ("Proxy benchmark").
+
+`AiohttpUpstream` replaced httpx-aiohttp's `AiohttpTransport` behind an `httpx.AsyncClient`,
+which cost per request an `httpx.Request`, an `httpx.Response` and two parsed header lists,
+and per chunk three more async generators. Its errors are mapped exactly as httpx-aiohttp
+maps them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.util
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -48,6 +51,29 @@ class UpstreamResponse(Protocol):
     async def aread(self) -> bytes: ...
 
     async def aclose(self) -> None: ...
+
+
+class Upstream(Protocol):
+    """A pool the proxy POSTs through; `send` returns once the headers are in."""
+
+    async def send(
+        self, url: str, headers: Mapping[str, str], content: bytes
+    ) -> UpstreamResponse: ...
+
+    async def aclose(self) -> None: ...
+
+
+def default_upstream(max_connections: int, timeout: httpx.Timeout) -> Upstream | None:
+    """Our httptools client, else aiohttp, on asyncio; None: use httpx (trio, neither)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # not on asyncio (trio)
+        return None
+    if importlib.util.find_spec("httptools") is not None:
+        from ._proxy_http import HttpUpstream
+
+        return HttpUpstream(max_connections, timeout)
+    return AiohttpUpstream.create(max_connections, timeout)
 
 
 class AiohttpUpstream:

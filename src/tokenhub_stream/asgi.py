@@ -81,7 +81,7 @@ from ._proxy_resume import (
     StreamBuffer,
     StreamInfo,
 )
-from ._proxy_upstream import AiohttpUpstream, UpstreamResponse
+from ._proxy_upstream import Upstream, UpstreamResponse, default_upstream
 from ._tool_loop import DEFAULT_MAX_TURNS
 
 try:
@@ -306,11 +306,11 @@ class ChatProxy:
             `None` disables them.
         timeout: the upstream timeouts (`read` is also the idle limit of a stream).
         max_connections: size of the outbound connection pool.
-        transport: an `httpx.AsyncBaseTransport` for the upstream. Default: aiohttp's pool
-            and C parser, called directly, when httpx-aiohttp (the `asgi` extra) is
-            installed and the server runs on asyncio (measured several times cheaper at
-            hundreds of streams), else httpx's own. The tool loop uses httpx-aiohttp's
-            `AiohttpTransport` on the same terms.
+        transport: an `httpx.AsyncBaseTransport` for the upstream. Default, when the
+            server runs on asyncio: a small HTTP/1.1 client of ours on httptools' C parser
+            (the `asgi` extra), else aiohttp's pool called directly, else httpx's own; all
+            measured in docs/performance.md. Under trio, or with `transport=`, httpx. The
+            tool loop uses httpx-aiohttp's `AiohttpTransport` on asyncio, else httpx.
         tools: run the tool loop server-side with these tools (a `ToolSet`, `Tool`s or
             functions): the browser gets content deltas only, tool progress as SSE
             comments, and one `[DONE]`; a body with `tools`/`tool_choice` is a 400.
@@ -415,8 +415,9 @@ class ChatProxy:
         self._max_connections = max_connections
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
-        # The default upstream on asyncio (aiohttp without httpx); None: use _get_client().
-        self._upstream: AiohttpUpstream | None = None
+        # The default upstream on asyncio (our httptools client, else aiohttp without
+        # httpx); None: use _get_client().
+        self._upstream: Upstream | None = None
         self._upstream_chosen = transport is not None
         self.tools = tool_set
         self.max_tool_turns = max_tool_turns
@@ -784,9 +785,9 @@ class ChatProxy:
 
     async def _send_upstream(self, headers: dict[str, str], content: bytes) -> UpstreamResponse:
         if not self._upstream_chosen:
-            # Measured in docs/performance.md: aiohttp without httpx's per-request objects
-            # and per-chunk generators, when no transport was given and this is asyncio.
-            self._upstream = AiohttpUpstream.create(self._max_connections, self._timeout)
+            # Measured in docs/performance.md: no httpx objects per request or generators
+            # per chunk, when no transport was given and this is asyncio.
+            self._upstream = default_upstream(self._max_connections, self._timeout)
             self._upstream_chosen = True
         upstream = self._upstream
         if upstream is not None:

@@ -1,13 +1,19 @@
-"""ChatProxy's default upstream on asyncio: aiohttp called directly (`_proxy_upstream.py`)."""
+"""ChatProxy's upstreams on asyncio: ours on httptools (the default) and aiohttp (its fallback).
+
+`test_proxy_http.py` tests our client on its own; these run both through ChatProxy.
+"""
 
 from __future__ import annotations
 
+import importlib
 import time
 
 import anyio
 import httpx
 import pytest
 
+from tokenhub_stream._proxy_http import HttpUpstream
+from tokenhub_stream._proxy_upstream import AiohttpUpstream
 from tokenhub_stream.asgi import ChatProxy
 from tokenhub_stream.testing import Script
 
@@ -17,16 +23,30 @@ from .test_proxy_uvicorn import MESSAGES, Upstream, starlette_app
 pytestmark = pytest.mark.anyio
 
 
-async def test_default_upstream_is_aiohttp_without_httpx(upstream: Upstream) -> None:
-    # The servers in these tests run on asyncio, so every uvicorn test goes through this
-    # path; here it is checked by name, with the bytes passed through unchanged.
+UPSTREAMS = ["httptools", "aiohttp"]
+
+
+def use_upstream(proxy: ChatProxy, kind: str) -> None:
+    """Make `proxy` send through `kind` (the default picks httptools when installed)."""
+    if kind == "aiohttp":
+        module = importlib.import_module("aiohttp")
+        proxy._upstream = AiohttpUpstream(proxy._max_connections, proxy._timeout, module)
+    else:
+        proxy._upstream = HttpUpstream(proxy._max_connections, proxy._timeout)
+    proxy._upstream_chosen = True
+
+
+@pytest.mark.parametrize("kind", UPSTREAMS)
+async def test_upstream_passes_bytes_without_httpx(upstream: Upstream, kind: str) -> None:
+    # The servers in these tests run on asyncio, so every uvicorn test goes through the
+    # default; here each upstream is checked, with the bytes passed through unchanged.
     app, running = upstream
     app.enqueue(Script(text="hello there"))
     proxy = ChatProxy(api_key=KEY, base_url=running.base_url, keepalive_interval=None)
+    use_upstream(proxy, kind)
     with serve(starlette_app(proxy, "/api/chat")) as url, anyio.fail_after(5):
         async with httpx.AsyncClient(timeout=5) as client:
             response = await client.post(f"{url}/api/chat", json={"messages": MESSAGES})
-        assert type(proxy._upstream).__name__ == "AiohttpUpstream"
         assert proxy._client is None  # no httpx client was built for the passthrough
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/event-stream"
@@ -36,7 +56,8 @@ async def test_default_upstream_is_aiohttp_without_httpx(upstream: Upstream) -> 
     assert_no_key(response.content, response.headers)
 
 
-async def test_idle_limit_is_per_gap_not_per_stream(upstream: Upstream) -> None:
+@pytest.mark.parametrize("kind", UPSTREAMS)
+async def test_idle_limit_is_per_gap_not_per_stream(upstream: Upstream, kind: str) -> None:
     # The idle timer fires once per `read` seconds and re-arms while chunks keep coming:
     # a stream far longer than the limit, with every gap well inside it, completes.
     app, running = upstream
@@ -47,6 +68,7 @@ async def test_idle_limit_is_per_gap_not_per_stream(upstream: Upstream) -> None:
         keepalive_interval=None,
         timeout=httpx.Timeout(5.0, read=0.4),
     )
+    use_upstream(proxy, kind)
     with serve(starlette_app(proxy, "/api/chat")) as url, anyio.fail_after(10):
         start = time.monotonic()
         async with httpx.AsyncClient(timeout=5) as client:
@@ -59,7 +81,8 @@ async def test_idle_limit_is_per_gap_not_per_stream(upstream: Upstream) -> None:
     assert all(f"d{i} ".encode() in response.content for i in range(12))
 
 
-async def test_idle_limit_fires_after_the_last_chunk(upstream: Upstream) -> None:
+@pytest.mark.parametrize("kind", UPSTREAMS)
+async def test_idle_limit_fires_after_the_last_chunk(upstream: Upstream, kind: str) -> None:
     # Chunks for longer than the limit, then silence: the error frame comes one limit
     # after the last chunk, not one limit after the headers.
     app, running = upstream
@@ -71,6 +94,7 @@ async def test_idle_limit_fires_after_the_last_chunk(upstream: Upstream) -> None
         keepalive_interval=None,
         timeout=httpx.Timeout(5.0, read=read),
     )
+    use_upstream(proxy, kind)
     with serve(starlette_app(proxy, "/api/chat")) as url, anyio.fail_after(10):
         async with httpx.AsyncClient(timeout=5) as client:
             async with client.stream(

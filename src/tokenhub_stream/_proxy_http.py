@@ -1,0 +1,605 @@
+"""The proxy's default upstream on asyncio: a small HTTP/1.1 client on httptools' C parser.
+
+Measured under `benchmarks/proxy_bench.py` (docs/performance.md, "Proxy benchmark"), the
+relay's per-stream cost was mostly in the client layers: aiohttp's response, stream
+readers and deques held about 10 KiB per open stream, and every chunk went through its
+reader's wakeups. This client is one `asyncio.Protocol` per connection and one response
+object per request: `data_received` feeds httptools (llhttp, what uvicorn uses) and hands
+the bytes of each read straight to the future the relay is awaiting.
+
+What it does, and nothing more (the proxy sends one POST to one fixed URL):
+
+- keep-alive pools per (scheme, host, port), each bounded by `max_connections`; requests
+  wait for a free connection up to `timeout.pool`; idle connections expire after httpx's
+  5 s; TLS with httpx's default context (certifi's bundle);
+- Content-Length, chunked and close-delimited bodies, passed through undecoded (the proxy
+  sends `Accept-Encoding: identity`);
+- `timeout.connect`, and `timeout.read` as an idle limit: one timer per stream that only
+  counts time the reader spends waiting, so time spent writing to a slow client is not
+  upstream silence;
+- back-pressure: reading pauses once `_HIGH_WATER` bytes wait unread, so a slow client
+  holds a bounded buffer;
+- closing an unfinished response closes its socket at once (the upstream stops
+  generating: nobody pays for tokens nobody reads); a response read to its end returns
+  its connection to the pool.
+
+Errors are httpx's exception classes (`ConnectError`, `ConnectTimeout`, `PoolTimeout`,
+`ReadTimeout`, `ReadError`, `RemoteProtocolError`), so every error path of the proxy keeps
+its status and log line. Neither the request head (it carries the key) nor any header
+value appears in a repr or an exception message. A POST is never retried: a stale
+keep-alive connection is an error, as with httpx and aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ssl
+from collections.abc import Mapping
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+import httpx
+
+__all__ = ["HttpResponse", "HttpUpstream"]
+
+_KEEPALIVE_EXPIRY = httpx.Limits(max_connections=None).keepalive_expiry or 5.0  # httpx's 5 s
+# Unread body bytes above which the socket stops being read until the reader catches up.
+_HIGH_WATER = 64 * 1024
+_Origin = tuple[str, str, int]
+
+
+class HttpUpstream:
+    """Keep-alive HTTP/1.1 pools, one per origin, for the proxy's upstream POSTs."""
+
+    def __init__(self, max_connections: int, timeout: httpx.Timeout) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be positive")
+        self._limit = max_connections
+        self._timeout = timeout
+        self._pools: dict[_Origin, _Pool] = {}
+        # url -> (its pool, the request line and Host header); the proxy uses one url.
+        self._routes: dict[str, tuple[_Pool, bytes]] = {}
+        self._ssl: ssl.SSLContext | None = None
+
+    def __repr__(self) -> str:
+        return f"HttpUpstream(origins={sorted(self._pools)!r}, limit={self._limit})"
+
+    async def send(self, url: str, headers: Mapping[str, str], content: bytes) -> HttpResponse:
+        """POST `content` to `url`; return once the response's headers have arrived.
+
+        Raises:
+            httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout: no connection.
+            httpx.ReadTimeout: no response headers within `timeout.read`.
+            httpx.ReadError, httpx.RemoteProtocolError: the connection broke, or the
+                response is not HTTP/1.1.
+        """
+        route = self._routes.get(url)
+        if route is None:
+            route = self._routes[url] = self._route(url)
+        pool, start = route
+        parts = [start]
+        for name, value in headers.items():
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                raise httpx.LocalProtocolError("a header contains a line break")
+            parts.append(f"{name}: {value}\r\n".encode("latin-1"))
+        parts.append(b"content-length: %d\r\n\r\n" % len(content))
+        connection = await pool.acquire()
+        response = HttpResponse(connection, self._timeout.read)
+        try:
+            await response.start(b"".join(parts), content)
+        except BaseException:
+            response.close()
+            raise
+        return response
+
+    async def aclose(self) -> None:
+        """Close every connection, idle or busy (their responses then fail)."""
+        pools, self._pools = self._pools, {}
+        self._routes.clear()
+        for pool in pools.values():
+            pool.close()
+
+    def _route(self, url: str) -> tuple[_Pool, bytes]:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise httpx.UnsupportedProtocol("the upstream URL must be http:// or https://")
+        host = parts.hostname
+        port = parts.port or (443 if scheme == "https" else 80)
+        origin = (scheme, host, port)
+        pool = self._pools.get(origin)
+        if pool is None:
+            context = None
+            if scheme == "https":
+                if self._ssl is None:
+                    self._ssl = httpx.create_ssl_context(trust_env=False)
+                context = self._ssl
+            pool = self._pools[origin] = _Pool(origin, self._limit, self._timeout, context)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        authority = parts.netloc.rpartition("@")[2]  # userinfo is never sent
+        start = f"POST {target} HTTP/1.1\r\nhost: {authority}\r\n".encode("ascii")
+        return pool, start
+
+
+class _Pool:
+    """Connections to one origin: at most `limit` open, idle ones reused most recent first."""
+
+    def __init__(
+        self,
+        origin: _Origin,
+        limit: int,
+        timeout: httpx.Timeout,
+        context: ssl.SSLContext | None,
+    ) -> None:
+        self.origin = origin
+        self._limit = limit
+        self._timeout = timeout
+        self._ssl = context
+        self._open = 0  # connections counted against the limit: connecting, busy or idle
+        self._idle: list[_Connection] = []  # in the order they became idle
+        self._all: set[_Connection] = set()
+        # Each waiter is handed an idle connection, or None: a slot to connect in.
+        self._waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    async def acquire(self) -> _Connection:
+        idle = self._idle
+        if idle:
+            now = asyncio.get_running_loop().time()
+            while idle:
+                connection = idle.pop()
+                if connection.closed:
+                    continue  # its slot came back when it closed
+                if now - connection.idle_since < _KEEPALIVE_EXPIRY:
+                    return connection
+                connection.close()  # expired; its slot comes back when it has closed
+        if self._open < self._limit and not self._waiters:
+            self._open += 1
+            return await self._connect()
+        handed = await self._wait()
+        return handed if handed is not None else await self._connect()
+
+    async def _wait(self) -> _Connection | None:
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[_Connection | None] = loop.create_future()
+        self._waiters.append(waiter)
+        limit = self._timeout.pool
+        timer = None if limit is None else loop.call_later(limit, _expire, waiter)
+        try:
+            return await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._give_back(waiter.result())  # handed over just as we were cancelled
+            with contextlib.suppress(ValueError):  # still queued: timed out or cancelled
+                self._waiters.remove(waiter)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _give_back(self, connection: _Connection | None) -> None:
+        if connection is None:
+            self._open -= 1
+            self._free_slot()
+        else:
+            self.release(connection)
+
+    async def _connect(self) -> _Connection:
+        # The caller holds a slot (self._open was counted for it). Once connected, the
+        # connection gives it back when it closes (lost()).
+        loop = asyncio.get_running_loop()
+        _, host, port = self.origin
+        connection = _Connection(self)
+        try:
+            async with asyncio.timeout(self._timeout.connect):
+                await loop.create_connection(
+                    lambda: connection,
+                    host,
+                    port,
+                    ssl=self._ssl,
+                    server_hostname=host if self._ssl is not None else None,
+                )
+        except BaseException as exc:
+            if connection.transport is None:
+                self._open -= 1
+                self._free_slot()
+            else:
+                connection.close()
+            if isinstance(exc, TimeoutError):
+                raise httpx.ConnectTimeout("timed out connecting to the upstream") from exc
+            if isinstance(exc, OSError):  # refused, unreachable, DNS, TLS (ssl.SSLError)
+                raise httpx.ConnectError(f"could not connect to the upstream: {exc}") from exc
+            raise
+        if connection.closed:
+            raise httpx.ConnectError("the upstream closed the connection at once")
+        return connection
+
+    def release(self, connection: _Connection) -> None:
+        """Take back a connection whose response was read to its end."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(connection)
+                return
+        connection.idle_since = asyncio.get_running_loop().time()
+        self._idle.append(connection)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(_KEEPALIVE_EXPIRY, self._sweep)
+
+    def made(self, connection: _Connection) -> None:
+        self._all.add(connection)
+
+    def lost(self, connection: _Connection) -> None:
+        """A connection closed (either side): its slot is free again."""
+        if connection in self._all:
+            self._all.discard(connection)
+            self._open -= 1
+            self._free_slot()
+
+    def _free_slot(self) -> None:
+        while self._waiters and self._open < self._limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._open += 1
+                waiter.set_result(None)
+
+    def _sweep(self) -> None:
+        # Idle connections past the expiry are closed, so the server never sees us
+        # send on a connection it may be closing.
+        self._sweeper = None
+        now = asyncio.get_running_loop().time()
+        keep: list[_Connection] = []
+        for connection in self._idle:
+            if connection.closed:
+                continue
+            if now - connection.idle_since >= _KEEPALIVE_EXPIRY:
+                connection.close()
+            else:
+                keep.append(connection)
+        self._idle = keep
+        if keep:
+            delay = keep[0].idle_since + _KEEPALIVE_EXPIRY - now
+            self._sweeper = asyncio.get_running_loop().call_later(delay, self._sweep)
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self._idle.clear()
+        for connection in list(self._all):
+            connection.close()
+
+
+def _expire(waiter: asyncio.Future[_Connection | None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(httpx.PoolTimeout("timed out waiting for an upstream connection"))
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream socket; bytes go to the response being read, if any."""
+
+    __slots__ = ("_pool", "closed", "idle_since", "response", "transport")
+
+    def __init__(self, pool: _Pool) -> None:
+        self._pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.response: HttpResponse | None = None
+        self.closed = False
+        self.idle_since = 0.0
+
+    def __repr__(self) -> str:
+        return f"<_Connection origin={self._pool.origin!r} closed={self.closed}>"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's is not a subclass of asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
+        self._pool.made(self)
+
+    def data_received(self, data: bytes) -> None:
+        response = self.response
+        if response is None:
+            self.close()  # bytes nobody asked for: the connection cannot be trusted
+        else:
+            response.feed(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        response, self.response = self.response, None
+        if response is not None:
+            response.lost(exc)
+        self._pool.lost(self)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def release(self) -> None:
+        self.response = None
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return
+        self._pool.release(self)
+
+
+_HEADERS, _BODY, _COMPLETE, _FAILED = range(4)
+
+
+class HttpResponse:
+    """An upstream response shaped like the parts of `httpx.Response` the relay reads.
+
+    It is its own body iterator: `__anext__` returns a future that `data_received` sets
+    with everything that arrived in one read, so a chunk costs no coroutine of ours.
+    """
+
+    __slots__ = (
+        "_connection",
+        "_error",
+        "_framed",
+        "_idle",
+        "_informational",
+        "_keep_alive",
+        "_loop",
+        "_parser",
+        "_paused",
+        "_pending",
+        "_pending_size",
+        "_state",
+        "_timer",
+        "_waiter",
+        "_waiting_since",
+        "headers",
+        "is_stream_consumed",
+        "status_code",
+    )
+
+    def __init__(self, connection: _Connection, idle: float | None) -> None:
+        self._connection: _Connection | None = connection
+        self._loop = asyncio.get_running_loop()
+        # Dropped once the response is settled: it holds this object (a reference cycle).
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        self._idle = idle
+        self._timer: asyncio.TimerHandle | None = None
+        self._waiter: asyncio.Future[bytes] | None = None
+        self._waiting_since = 0.0  # loop time the reader began waiting; 0: not waiting
+        self._state = _HEADERS
+        self._error: Exception | None = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._paused = False
+        self._framed = False
+        self._informational = False
+        self._keep_alive = False
+        self.status_code = 0
+        self.headers: dict[str, str] = {}
+        self.is_stream_consumed = False
+        connection.response = self
+
+    def __repr__(self) -> str:
+        return f"<HttpResponse [{self.status_code}]>"
+
+    @property
+    def content(self) -> bytes:
+        raise httpx.ResponseNotRead()
+
+    # --- the reader's side ------------------------------------------------------------------
+
+    async def start(self, head: bytes, content: bytes) -> None:
+        connection = self._connection
+        assert connection is not None and connection.transport is not None
+        connection.transport.write(head + content)
+        waiter = self._waiter = self._loop.create_future()
+        self._waiting_since = self._loop.time()
+        if self._idle is not None:
+            self._timer = self._loop.call_later(self._idle, self._check_idle)
+        await waiter  # set (with b"") when the headers are in, or failed
+
+    def aiter_raw(self) -> HttpResponse:
+        if self.is_stream_consumed:
+            raise httpx.StreamConsumed()
+        self.is_stream_consumed = True
+        return self
+
+    def __aiter__(self) -> HttpResponse:
+        return self
+
+    def __anext__(self) -> asyncio.Future[bytes]:
+        # Not a coroutine: a future, already done when bytes are waiting, else set by
+        # data_received. The end of the body is StopAsyncIteration set as its exception.
+        waiter: asyncio.Future[bytes] = self._loop.create_future()
+        if self._pending:
+            waiter.set_result(self._take())
+        elif self._state == _BODY:
+            self._waiter = waiter
+            self._waiting_since = self._loop.time()
+        else:
+            waiter.set_exception(self._end())
+        return waiter
+
+    async def aread(self) -> bytes:
+        parts = [chunk async for chunk in self.aiter_raw()]
+        return b"".join(parts)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        # Unfinished: the socket closes now, so the upstream sees the disconnect and stops
+        # generating. Finished: the connection is back in the pool already.
+        self._settle()
+        self._waiter = None
+        self._pending.clear()
+        connection, self._connection = self._connection, None
+        if self._state in (_HEADERS, _BODY):
+            self._state = _FAILED
+            self._error = httpx.StreamClosed()
+            if connection is not None:
+                connection.response = None
+                connection.close()
+
+    def _take(self) -> bytes:
+        pending = self._pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        self._pending_size = 0
+        if self._paused:
+            self._paused = False
+            connection = self._connection
+            if connection is not None and connection.transport is not None:
+                connection.transport.resume_reading()
+        return data
+
+    def _end(self) -> BaseException:
+        if self._state == _COMPLETE:
+            return StopAsyncIteration()
+        assert self._error is not None
+        return self._error
+
+    def _check_idle(self) -> None:
+        # One timer per stream, not one re-armed per read: it fires once per `idle`
+        # seconds and looks at how long the reader has been waiting.
+        assert self._idle is not None
+        since = self._waiting_since
+        now = self._loop.time()
+        if since and now - since >= self._idle:
+            self._timer = None
+            self._fail(httpx.ReadTimeout("the upstream sent nothing within the read timeout"))
+            return
+        self._timer = self._loop.call_at((since or now) + self._idle, self._check_idle)
+
+    # --- the connection's side --------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:
+            return
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(httpx.RemoteProtocolError("the upstream switched protocols"))
+            return
+        except httptools.HttpParserError as exc:
+            if self._state != _COMPLETE:
+                self._fail(httpx.RemoteProtocolError(f"invalid HTTP response: {exc}"))
+                return
+            self._keep_alive = False  # bytes after the response: do not reuse
+        if self._state == _COMPLETE:
+            self._finish()
+        self._wake()
+
+    def lost(self, exc: Exception | None) -> None:
+        self._connection = None
+        if self._state == _BODY and not self._framed and exc is None:
+            self._state = _COMPLETE  # a close-delimited body ends with the connection
+            self._settle()
+        elif self._state == _HEADERS:
+            self._fail(_broken(exc, "the upstream closed the connection without a response"))
+        elif self._state == _BODY:
+            self._fail(_broken(exc, "the upstream closed the connection mid-body"))
+        self._wake()
+
+    def _fail(self, error: Exception) -> None:
+        if self._state in (_COMPLETE, _FAILED):
+            return
+        self._state = _FAILED
+        self._error = error
+        self._settle()
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.response = None
+            connection.close()
+        self._wake()
+
+    def _finish(self) -> None:
+        # Read to its end: the connection goes back to the pool (or closes).
+        self._settle()
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        if self._paused:
+            self._paused = False
+            assert connection.transport is not None
+            connection.transport.resume_reading()
+        if self._keep_alive:
+            connection.release()
+        else:
+            connection.response = None
+            connection.close()
+
+    def _settle(self) -> None:
+        self._parser = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is None:
+            return
+        body = self.is_stream_consumed  # else start() is waiting for the headers
+        if self._state == (_BODY if body else _HEADERS) and not (body and self._pending):
+            return
+        self._waiter = None
+        self._waiting_since = 0.0
+        if waiter.done():  # the reader was cancelled
+            return
+        if body and self._pending:
+            waiter.set_result(self._take())
+        elif self._state == _FAILED:
+            waiter.set_exception(self._end())
+        elif body:
+            waiter.set_exception(StopAsyncIteration())
+        else:
+            waiter.set_result(b"")
+
+    # --- httptools callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._state == _COMPLETE:
+            raise httpx.RemoteProtocolError("bytes after the response")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        previous = self.headers.get(key)
+        self.headers[key] = text if previous is None else f"{previous}, {text}"
+
+    def on_headers_complete(self) -> None:
+        assert self._parser is not None
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:  # an interim answer (103 Early Hints): the real one follows
+            self._informational = True
+            self.headers = {}
+            return
+        self.status_code = status
+        headers = self.headers
+        self._framed = (
+            "content-length" in headers or "chunked" in headers.get("transfer-encoding", "").lower()
+        )
+        self._state = _BODY
+
+    def on_body(self, body: bytes) -> None:
+        self._pending.append(body)
+        self._pending_size += len(body)
+        if self._pending_size > _HIGH_WATER and not self._paused:
+            connection = self._connection
+            if connection is not None and connection.transport is not None:
+                self._paused = True
+                connection.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        assert self._parser is not None
+        self._keep_alive = self._parser.should_keep_alive()
+        self._state = _COMPLETE
+
+
+def _broken(exc: Exception | None, message: str) -> Exception:
+    if isinstance(exc, OSError):
+        error: Exception = httpx.ReadError(f"{message}: {exc.strerror or type(exc).__name__}")
+        error.__cause__ = exc
+        return error
+    return httpx.RemoteProtocolError(message)
