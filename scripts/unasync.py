@@ -21,6 +21,8 @@ SUBS = [
     ("arun_tools", "run_tools_sync"),
     ("async for event in client.run_tools", "for event in client.run_tools"),
     ("AsyncClient", "Client"),
+    ("AsyncHTTPTransport", "HTTPTransport"),
+    ("handle_async_request", "handle_request"),
     ("AsyncShield", "SyncShield"),
     ("async_sleep", "sync_sleep"),
     ("AsyncIterator", "Iterator"),

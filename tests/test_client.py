@@ -511,3 +511,57 @@ def test_client_module_level_max_event_bytes_is_a_client_option(mock: respx.Mock
         with ts.stream_chat_sync(MESSAGES, base_url=URL, max_event_bytes=100) as stream:
             list(stream)
     assert "max_event_bytes" not in json.loads(route.calls.last.request.content)
+
+
+@both
+def test_client_own_pool_sends_to_its_transport(mock: respx.MockRouter, sync: bool) -> None:
+    # Our own pool skips `httpx.Client.send()`: the request must still be the one
+    # `build_request` makes (httpx's default headers, ours over them, no duplicates), and
+    # the response and errors must carry it.
+    route = mock.post(URL + "/chat/completions").mock(return_value=ok(sse("a")))
+    texts, stream = collect(sync, extra_headers={"User-Agent": "mine/1"})
+    assert texts == ["a"]
+    request = route.calls.last.request
+    assert request.headers.get_list("accept") == ["text/event-stream"]
+    assert request.headers.get_list("accept-encoding") == ["identity"]
+    assert request.headers.get_list("user-agent") == ["mine/1"]
+    assert request.headers["content-type"] == "application/json"
+    assert request.headers["host"] == "upstream.test"
+    assert request.headers["connection"] == "keep-alive"
+    assert int(request.headers["content-length"]) == len(request.content)
+    assert stream.response.request.url == URL + "/chat/completions"
+    client = (ts.Client if sync else ts.AsyncClient)(base_url=URL)
+    assert client._transport is not None
+    mock.post(URL + "/chat/completions").mock(side_effect=httpx.ConnectError("refused"))
+    with pytest.raises(TransportError) as info:
+        collect(sync, max_retries=0)
+    cause = info.value.__cause__
+    assert isinstance(cause, httpx.ConnectError) and cause.request.method == "POST"
+
+
+@both
+@pytest.mark.parametrize(
+    ("env", "url"),
+    [({"HTTPS_PROXY": "http://proxy.test:3128"}, URL), ({}, "http://user:pw@upstream.test/v1")],
+)
+def test_client_send_when_a_proxy_or_url_credentials_apply(
+    mock: respx.MockRouter,
+    monkeypatch: pytest.MonkeyPatch,
+    sync: bool,
+    env: dict[str, str],
+    url: str,
+) -> None:
+    # A proxy from the environment or basic auth from the URL: httpx's `send()` applies
+    # them, so our own pool uses it too; a client passed in always goes through `send()`.
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if sync:
+        assert ts.Client(base_url=url)._transport is None
+        assert ts.Client(base_url=URL, http_client=httpx.Client())._transport is None
+    else:
+        assert ts.AsyncClient(base_url=url)._transport is None
+        assert ts.AsyncClient(base_url=URL, http_client=httpx.AsyncClient())._transport is None
+    if not env:
+        route = mock.post(URL + "/chat/completions").mock(return_value=ok(sse("a")))
+        assert collect(sync, client_kwargs={"base_url": url})[0] == ["a"]
+        assert route.calls.last.request.headers["authorization"].startswith("Basic ")

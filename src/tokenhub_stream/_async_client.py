@@ -20,6 +20,8 @@ from ._base import (
     StreamState,
     TimeoutTypes,
     async_sleep,
+    direct_request,
+    direct_transport_ok,
     generator_done,
     is_event_stream,
     parse_completion,
@@ -278,7 +280,14 @@ class AsyncClient(BaseClient):
             headers=headers,
         )
         self._owns_http = http_client is None
+        # Our own pool: requests go straight to its transport when nothing that
+        # `send()` adds could apply (see `direct_transport_ok`).
+        self._transport: httpx.AsyncHTTPTransport | None = None
+        if http_client is None and direct_transport_ok(self.base_url):
+            self._transport = httpx.AsyncHTTPTransport()
+            http_client = httpx.AsyncClient(transport=self._transport)
         self._http = http_client if http_client is not None else httpx.AsyncClient()
+        self._default_headers = dict(self._http.headers)
 
     async def __aenter__(self) -> Self:
         return self
@@ -439,9 +448,19 @@ class AsyncClient(BaseClient):
             await async_sleep(delay)
 
     async def _send(self, call: Call) -> httpx.Response:
+        url = self._httpx_url(call.url)
+        if self._transport is not None:
+            request = direct_request(url, call, self._default_headers)
+            try:
+                response = await self._transport.handle_async_request(request)
+            except httpx.RequestError as exc:
+                exc.request = request  # as `send()` does
+                raise
+            response.request = request
+            return response
         request = self._http.build_request(
             "POST",
-            self._httpx_url(call.url),
+            url,
             content=call.body,
             headers=call.headers,
             extensions=call.request_extensions(),

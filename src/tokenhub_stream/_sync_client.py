@@ -19,6 +19,8 @@ from ._base import (
     StreamState,
     SyncShield,
     TimeoutTypes,
+    direct_request,
+    direct_transport_ok,
     generator_done,
     is_event_stream,
     parse_completion,
@@ -277,7 +279,14 @@ class Client(BaseClient):
             headers=headers,
         )
         self._owns_http = http_client is None
+        # Our own pool: requests go straight to its transport when nothing that
+        # `send()` adds could apply (see `direct_transport_ok`).
+        self._transport: httpx.HTTPTransport | None = None
+        if http_client is None and direct_transport_ok(self.base_url):
+            self._transport = httpx.HTTPTransport()
+            http_client = httpx.Client(transport=self._transport)
         self._http = http_client if http_client is not None else httpx.Client()
+        self._default_headers = dict(self._http.headers)
 
     def __enter__(self) -> Self:
         return self
@@ -438,9 +447,19 @@ class Client(BaseClient):
             sync_sleep(delay)
 
     def _send(self, call: Call) -> httpx.Response:
+        url = self._httpx_url(call.url)
+        if self._transport is not None:
+            request = direct_request(url, call, self._default_headers)
+            try:
+                response = self._transport.handle_request(request)
+            except httpx.RequestError as exc:
+                exc.request = request  # as `send()` does
+                raise
+            response.request = request
+            return response
         request = self._http.build_request(
             "POST",
-            self._httpx_url(call.url),
+            url,
             content=call.body,
             headers=call.headers,
             extensions=call.request_extensions(),
