@@ -144,23 +144,36 @@ class _Pool:
         # Each waiter is handed an idle connection, or None: a slot to connect in.
         self._waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
 
     async def acquire(self) -> _Connection:
+        while True:
+            connection = self._take_idle()
+            if connection is not None:
+                return connection
+            if self._open < self._limit and not self._waiters:
+                self._open += 1
+                return await self._connect()
+            handed = await self._wait()
+            if handed is None:
+                return await self._connect()
+            if not handed.closed:
+                return handed
+            # It closed while being handed over; its slot came back then: try again.
+
+    def _take_idle(self) -> _Connection | None:
         idle = self._idle
-        if idle:
-            now = asyncio.get_running_loop().time()
-            while idle:
-                connection = idle.pop()
-                if connection.closed:
-                    continue  # its slot came back when it closed
-                if now - connection.idle_since < _KEEPALIVE_EXPIRY:
-                    return connection
-                connection.close()  # expired; its slot comes back when it has closed
-        if self._open < self._limit and not self._waiters:
-            self._open += 1
-            return await self._connect()
-        handed = await self._wait()
-        return handed if handed is not None else await self._connect()
+        if not idle:
+            return None
+        now = asyncio.get_running_loop().time()
+        while idle:
+            connection = idle.pop()
+            if connection.closed:
+                continue  # its slot came back when it closed
+            if now - connection.idle_since < _KEEPALIVE_EXPIRY:
+                return connection
+            connection.close()  # expired; its slot comes back when it has closed
+        return None
 
     async def _wait(self) -> _Connection | None:
         loop = asyncio.get_running_loop()
@@ -219,6 +232,9 @@ class _Pool:
 
     def release(self, connection: _Connection) -> None:
         """Take back a connection whose response was read to its end."""
+        if self._closed:
+            connection.close()
+            return
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -265,6 +281,7 @@ class _Pool:
             self._sweeper = asyncio.get_running_loop().call_later(delay, self._sweep)
 
     def close(self) -> None:
+        self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

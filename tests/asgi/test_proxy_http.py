@@ -314,7 +314,7 @@ async def test_proxy_http_pool_limit_and_pool_timeout() -> None:
             start = time.monotonic()
             with pytest.raises(httpx.PoolTimeout):
                 await client.send(server.url, HEADERS, b"{}")
-            assert 0.15 <= time.monotonic() - start < 1.0
+            assert 0.15 <= time.monotonic() - start < 2.0
             # A waiter gets the connection as soon as the first response has ended.
             waiting = asyncio.ensure_future(fetch(client, server.url))
             await asyncio.sleep(0.05)
@@ -436,7 +436,7 @@ async def test_proxy_http_connect_timeout() -> None:
         start = time.monotonic()
         with anyio.fail_after(5), pytest.raises(httpx.ConnectTimeout):
             await client.send(server.url, HEADERS, b"{}")
-        assert time.monotonic() - start < 1.0
+        assert time.monotonic() - start < 2.0
         with anyio.fail_after(2):
             await server.disconnected.wait()
         assert [pool._open for pool in client._pools.values()] == [0]
@@ -484,7 +484,7 @@ async def test_proxy_http_idle_timeout_fires_after_silence() -> None:
             await server.disconnected.wait()
         await response.aclose()
         await client.aclose()
-    assert 0.25 <= silent < 0.8, silent
+    assert 0.25 <= silent < 1.5, silent
 
 
 async def test_proxy_http_time_spent_writing_is_not_upstream_silence() -> None:
