@@ -11,7 +11,8 @@ What it does, and nothing more (the proxy sends one POST to one fixed URL):
 
 - keep-alive pools per (scheme, host, port), each bounded by `max_connections`; requests
   wait for a free connection up to `timeout.pool`; idle connections expire after httpx's
-  5 s; TLS with httpx's default context (certifi's bundle);
+  5 s; the host's addresses are cached for 10 s (aiohttp's default), tried in order; TLS
+  with httpx's default context (certifi's bundle);
 - Content-Length, chunked and close-delimited bodies, passed through undecoded (the proxy
   sends `Accept-Encoding: identity`);
 - `timeout.connect`, and `timeout.read` as an idle limit: one timer per stream that only
@@ -35,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import socket
 import ssl
 from collections.abc import Mapping
 from typing import cast
@@ -48,6 +50,7 @@ __all__ = ["HttpResponse", "HttpUpstream"]
 _KEEPALIVE_EXPIRY = httpx.Limits(max_connections=None).keepalive_expiry or 5.0  # httpx's 5 s
 # Unread body bytes above which the socket stops being read until the reader catches up.
 _HIGH_WATER = 64 * 1024
+_DNS_TTL = 10.0  # aiohttp's default ttl_dns_cache
 _Origin = tuple[str, str, int]
 
 
@@ -145,6 +148,9 @@ class _Pool:
         self._waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        self._resolved: list[tuple[int, str]] = []  # (family, address) for the host
+        self._resolved_until = 0.0
+        self._resolving: asyncio.Task[list[tuple[int, str]]] | None = None
 
     async def acquire(self) -> _Connection:
         while True:
@@ -208,13 +214,21 @@ class _Pool:
         connection = _Connection(self)
         try:
             async with asyncio.timeout(self._timeout.connect):
-                await loop.create_connection(
-                    lambda: connection,
-                    host,
-                    port,
-                    ssl=self._ssl,
-                    server_hostname=host if self._ssl is not None else None,
-                )
+                addresses = await self._addresses()
+                for i, (family, address) in enumerate(addresses):
+                    try:
+                        await loop.create_connection(
+                            lambda: connection,
+                            address,
+                            port,
+                            family=family,
+                            ssl=self._ssl,
+                            server_hostname=host if self._ssl is not None else None,
+                        )
+                        break
+                    except OSError:
+                        if i + 1 == len(addresses):
+                            raise
         except BaseException as exc:
             if connection.transport is None:
                 self._open -= 1
@@ -229,6 +243,32 @@ class _Pool:
         if connection.closed:
             raise httpx.ConnectError("the upstream closed the connection at once")
         return connection
+
+    async def _addresses(self) -> list[tuple[int, str]]:
+        # Cached for _DNS_TTL, and one lookup shared by concurrent connects (as aiohttp
+        # does): the opening burst of hundreds of streams makes one getaddrinfo call, not
+        # one per connection in the default executor.
+        loop = asyncio.get_running_loop()
+        if self._resolved and loop.time() < self._resolved_until:
+            return self._resolved
+        resolving = self._resolving
+        if resolving is None or resolving.done():
+            resolving = self._resolving = loop.create_task(self._resolve())
+            resolving.add_done_callback(_retrieve)
+        return await asyncio.shield(resolving)
+
+    async def _resolve(self) -> list[tuple[int, str]]:
+        loop = asyncio.get_running_loop()
+        _, host, port = self.origin
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses: list[tuple[int, str]] = list(
+            dict.fromkeys((int(info[0]), str(info[4][0])) for info in infos)
+        )
+        if not addresses:
+            raise OSError(f"no address for {host}")
+        self._resolved = addresses
+        self._resolved_until = loop.time() + _DNS_TTL
+        return addresses
 
     def release(self, connection: _Connection) -> None:
         """Take back a connection whose response was read to its end."""
@@ -288,6 +328,12 @@ class _Pool:
         self._idle.clear()
         for connection in list(self._all):
             connection.close()
+
+
+def _retrieve(task: asyncio.Task[list[tuple[int, str]]]) -> None:
+    # A lookup whose callers were all cancelled: its error must not be logged as lost.
+    if not task.cancelled():
+        task.exception()
 
 
 def _expire(waiter: asyncio.Future[_Connection | None]) -> None:

@@ -443,6 +443,56 @@ async def test_proxy_http_connect_timeout() -> None:
         await client.aclose()
 
 
+async def test_proxy_http_resolves_a_name_once_for_a_burst(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lookups: list[str] = []
+    resolve = _proxy_http._Pool._resolve
+
+    async def counted(pool: _proxy_http._Pool) -> list[tuple[int, str]]:
+        lookups.append(pool.origin[1])
+        return await resolve(pool)
+
+    monkeypatch.setattr(_proxy_http._Pool, "_resolve", counted)
+    raw = OK_HEAD + b"content-length: 2\r\n\r\nok"
+    async with serving(raw) as server:
+        url = server.url.replace("127.0.0.1", "localhost")
+        client = upstream_client()
+        with anyio.fail_after(5):
+            results = await asyncio.gather(*(fetch(client, url) for _ in range(5)))
+        await client.aclose()
+    assert [data for _, data in results] == [b"ok"] * 5
+    assert server.connections == 5
+    assert lookups == ["localhost"]
+    assert b"host: localhost:" in server.requests[0]
+
+
+async def test_proxy_http_tries_each_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def addresses(pool: _proxy_http._Pool) -> list[tuple[int, str]]:
+        # Nothing listens on 127.0.0.2 (the server is bound to 127.0.0.1): refused.
+        return [(socket.AF_INET, "127.0.0.2"), (socket.AF_INET, "127.0.0.1")]
+
+    monkeypatch.setattr(_proxy_http._Pool, "_resolve", addresses)
+    async with serving(OK_HEAD + b"content-length: 2\r\n\r\nok") as server:
+        client = upstream_client()
+        with anyio.fail_after(5):
+            _, data = await fetch(client, server.url)
+        await client.aclose()
+    assert data == b"ok"
+
+
+async def test_proxy_http_lookup_failure_is_connect_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def addresses(pool: _proxy_http._Pool) -> list[tuple[int, str]]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(_proxy_http._Pool, "_resolve", addresses)
+    client = upstream_client()
+    with anyio.fail_after(5), pytest.raises(httpx.ConnectError) as caught:
+        await client.send("http://upstream.invalid/v1/chat/completions", HEADERS, b"{}")
+    assert isinstance(caught.value.__cause__, socket.gaierror)
+    await client.aclose()
+
+
 # --- timeouts ------------------------------------------------------------------------------
 
 
