@@ -408,6 +408,36 @@ async def test_proxy_http_bytes_after_the_response_stop_reuse() -> None:
     assert server.connections == 2
 
 
+async def test_proxy_http_bytes_on_an_idle_connection_close_it() -> None:
+    async def handler(
+        server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await read_request(server, reader)
+        writer.write(OK_HEAD + b"content-length: 2\r\n\r\nok")
+        await asyncio.sleep(0.05)
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\n")  # nobody asked
+        await wait_closed(server, reader)
+
+    async with raw_server(handler) as server:
+        client = upstream_client()
+        with anyio.fail_after(5):
+            await fetch(client, server.url)
+            await server.disconnected.wait()  # the client closed it
+            _, data = await fetch(client, server.url)
+        await client.aclose()
+    assert data == b"ok"
+    assert server.connections == 2
+
+
+async def test_proxy_http_switching_protocols_is_remote_protocol_error() -> None:
+    raw = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+    async with serving(raw) as server:
+        client = upstream_client()
+        with anyio.fail_after(5), pytest.raises(httpx.RemoteProtocolError):
+            await client.send(server.url, HEADERS, b"{}")
+        await client.aclose()
+
+
 # --- connecting ----------------------------------------------------------------------------
 
 
