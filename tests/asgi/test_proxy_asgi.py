@@ -256,6 +256,27 @@ async def test_chatproxy_rate_limiter(mock_upstream: MockUpstream) -> None:
     assert len(mock_upstream.requests) == 2
 
 
+async def test_chatproxy_sees_a_reassigned_rate_limiter(mock_upstream: MockUpstream) -> None:
+    # The proxy keeps whether its limiter also counts usage; reassigning `rate_limiter`
+    # (a plain limiter, then a usage limiter, then none) must be seen on the next request.
+    recorded: list[object] = []
+
+    class Budget:
+        async def acquire(self, key: str) -> float | None:
+            return None
+
+        async def record(self, key: str, usage: object) -> None:
+            recorded.append(usage)
+
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n'
+    proxy = make_proxy(mock_upstream, rate_limiter=InMemoryRateLimiter(rate=100, burst=100))
+    for limiter in (proxy.rate_limiter, Budget(), None):
+        proxy.rate_limiter = limiter
+        mock_upstream.responses.append(sse_response([usage, b"data: [DONE]\n\n"]))
+        assert (await post(proxy)).status_code == 200
+    assert len(recorded) == 1  # the budget's request only
+
+
 async def test_chatproxy_on_request_rewrites_then_allow_list(mock_upstream: MockUpstream) -> None:
     def on_request(request: Request, body: dict[str, object]) -> dict[str, object]:
         messages = [{"role": "system", "content": "Be brief."}, *body["messages"]]  # type: ignore[misc]
