@@ -640,6 +640,8 @@ def test_chunks_template_other_shapes_match_the_general_path(
         b'data: {"k\\"content":"a","choices":[{"index":0,"delta":{"content":"a"}}]}\n\n',
         # the delta's key written with an escape
         b'data: {"choices":[{"index":0,"delta":{"\\u0063ontent":"a"}}],"x":{"content":"a"}}\n\n',
+        # the delta's key written with an escape, and no other "content" key
+        b'data: {"choices":[{"index":0,"delta":{"\\u0063ontent":"a"}}]}\n\n',
         # a repeated key: the last one counts
         b'data: {"choices":[{"index":0,"delta":{"content":"z","content":"a"}}]}\n\n',
     ],
