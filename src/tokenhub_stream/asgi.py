@@ -37,6 +37,7 @@ import importlib
 import inspect
 import logging
 import secrets
+import sys
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -44,12 +45,13 @@ from collections.abc import (
     Awaitable,
     Callable,
     Collection,
+    Coroutine,
     Iterable,
     Mapping,
     MutableMapping,
 )
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, runtime_checkable
 
 import anyio
 import anyio.abc
@@ -81,6 +83,7 @@ from ._proxy_resume import (
     StreamBuffer,
     StreamInfo,
 )
+from ._proxy_ticker import KeepaliveTicker
 from ._proxy_upstream import Upstream, UpstreamResponse, default_upstream
 from ._tool_loop import DEFAULT_MAX_TURNS
 
@@ -246,6 +249,7 @@ class _Turn:
         "last_write",
         "writing",
         "ticker_writing",
+        "ticker_task",
         "collector",
         "response_done",
         "resume",
@@ -268,6 +272,7 @@ class _Turn:
         self.last_write = 0.0
         self.writing = False
         self.ticker_writing: anyio.Event | None = None
+        self.ticker_task: asyncio.Task[None] | None = None  # the native relay's keep-alive
         self.collector: TurnCollector | None = None
         self.response_done = False
         self.resume: ResumableStream | None = None
@@ -420,6 +425,10 @@ class ChatProxy:
         # httpx); None: use _get_client().
         self._upstream: Upstream | None = None
         self._upstream_chosen = transport is not None
+        # True once the upstream is our httptools client: its streams are relayed on plain
+        # asyncio tasks (_race_native) and its responses close synchronously.
+        self._native = False
+        self._tickers: dict[asyncio.AbstractEventLoop, KeepaliveTicker] = {}
         self.tools = tool_set
         self.max_tool_turns = max_tool_turns
         if resumable and stream_buffer is None:
@@ -464,6 +473,7 @@ class ChatProxy:
             await client.aclose()
         upstream, self._upstream = self._upstream, None
         self._upstream_chosen = self._transport is not None
+        self._native = False
         if upstream is not None:
             await upstream.aclose()
 
@@ -510,17 +520,7 @@ class ChatProxy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            path = _route_path(scope)
-            if path in ("", "/"):
-                await self._chat(scope, receive, send)
-            elif path.rstrip("/") == "/models":
-                await self._models(scope, send)
-            elif path.startswith("/streams/"):
-                from ._proxy_resume import serve_resume
-
-                await serve_resume(self, scope, receive, send, path[len("/streams/") :])
-            else:
-                await _send_error(send, ProxyRejection(404, "Not found.", code="not_found"))
+            await self._http(_route_path(scope), scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         elif kind == "websocket":
@@ -528,6 +528,18 @@ class ChatProxy:
             await send({"type": "websocket.close", "code": 1008})
         else:
             raise RuntimeError(f"ChatProxy cannot serve {kind!r} scopes")
+
+    async def _http(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+        if path in ("", "/"):
+            await self._chat(scope, receive, send)
+        elif path.rstrip("/") == "/models":
+            await self._models(scope, send)
+        elif path.startswith("/streams/"):
+            from ._proxy_resume import serve_resume
+
+            await serve_resume(self, scope, receive, send, path[len("/streams/") :])
+        else:
+            await _send_error(send, ProxyRejection(404, "Not found.", code="not_found"))
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -690,9 +702,76 @@ class ChatProxy:
     async def _forward(
         self, content: bytes, stream: bool, receive: Receive, send: Send, turn: _Turn
     ) -> None:
-        # A partial, not a closure: one coroutine (and one frame per chunk's resume) less.
-        exchange = functools.partial(self._exchange, content, stream)
-        await self._race(exchange, receive, send, turn)
+        self._choose_upstream()
+        if self._native and turn.resume is None:
+            # No task group: the exchange's `tg` is None on the native relay.
+            await self._race_native(
+                self._exchange(content, stream, send, turn, None), receive, turn
+            )
+        else:
+            # A partial, not a closure: one coroutine (and one frame per chunk's resume) less.
+            exchange = functools.partial(self._exchange, content, stream)
+            await self._race(exchange, receive, send, turn)
+
+    async def _race_native(
+        self, exchange: Coroutine[Any, Any, None], receive: Receive, turn: _Turn
+    ) -> None:
+        # _race on asyncio's own tasks, for our httptools client: anyio's task group, its
+        # cancel scopes and task-state entries, and a keep-alive task per stream were
+        # about 5 KiB of each open stream (docs/performance.md). The exchange runs in a
+        # child task, this task watches for `http.disconnect`; the child's end wakes this
+        # task with a cancel that is taken back (uncancel), as asyncio.timeout does.
+        host = asyncio.current_task()
+        assert host is not None
+        watching = True
+        woke = False
+
+        def finished(_: object) -> None:
+            nonlocal woke
+            if watching:
+                woke = True
+                host.cancel()
+
+        child = asyncio.get_running_loop().create_task(exchange)
+        child.add_done_callback(finished)
+        try:
+            await self._watch_native(receive, child, turn)
+        except BaseException as exc:
+            watching = False
+            ours = isinstance(exc, asyncio.CancelledError) and woke and host.uncancel() == 0
+            if not ours:
+                # Cancelled from outside (server shutdown), or receive() failed: the
+                # exchange goes too.
+                child.cancel()
+                await _join(child)
+                raise
+        finally:
+            watching = False
+            tick = turn.ticker_task
+            if tick is not None and not tick.done():
+                tick.cancel()
+        await _join(child)
+        if not child.cancelled():
+            failure = child.exception()
+            if failure is not None:
+                raise failure
+        if turn.client_gone and turn.outcome == "completed":
+            turn.outcome = "client_disconnect"
+
+    async def _watch_native(self, receive: Receive, child: asyncio.Task[None], turn: _Turn) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if turn.response_done:
+            return  # uvicorn's http.disconnect after a complete response (see below)
+        turn.client_gone = True
+        if turn.outcome == "completed":
+            turn.outcome = "client_disconnect"
+        if self.on_disconnect == "cancel" or turn.collector is None:
+            child.cancel()
+            return
+        await asyncio.sleep(self.finish_timeout)  # "finish", cut by the child's end
+        turn.outcome = "timeout"
+        child.cancel()
 
     async def _race(self, exchange: Exchange, receive: Receive, send: Send, turn: _Turn) -> None:
         # The exchange runs against the client's `http.disconnect` in one task group. It
@@ -748,7 +827,7 @@ class ChatProxy:
         stream: bool,
         send: Send,
         turn: _Turn,
-        tg: anyio.abc.TaskGroup,
+        tg: anyio.abc.TaskGroup | None,
     ) -> None:
         headers = dict(self._headers)
         headers["accept"] = "text/event-stream" if stream else "application/json"
@@ -777,19 +856,27 @@ class ChatProxy:
                 await self._relay_stream(response, send, turn, tg)
         finally:
             # Closing an unfinished response closes its connection: the upstream stops
-            # generating. Shielded, because this runs when the watcher cancelled us.
-            with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
-                await response.aclose()
+            # generating. Shielded, because this runs when the watcher cancelled us; our
+            # httptools client's close is synchronous and needs no shield.
+            if tg is None:
+                cast("_ClosesNow", response).close()
+            else:
+                with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
+                    await response.aclose()
             if turn.resume is not None:  # the end marker, also after a cut or a timeout
                 with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
                     await turn.resume.close()
 
-    async def _send_upstream(self, headers: dict[str, str], content: bytes) -> UpstreamResponse:
+    def _choose_upstream(self) -> None:
         if not self._upstream_chosen:
             # Measured in docs/performance.md: no httpx objects per request or generators
             # per chunk, when no transport was given and this is asyncio.
-            self._upstream = default_upstream(self._max_connections, self._timeout)
+            self._upstream = upstream = default_upstream(self._max_connections, self._timeout)
+            self._native = _is_native(upstream)
             self._upstream_chosen = True
+
+    async def _send_upstream(self, headers: dict[str, str], content: bytes) -> UpstreamResponse:
+        self._choose_upstream()
         upstream = self._upstream
         if upstream is not None:
             return await upstream.send(self._url, headers, content)
@@ -883,7 +970,11 @@ class ChatProxy:
             turn.bytes_sent += len(body)
 
     async def _relay_stream(
-        self, response: UpstreamResponse, send: Send, turn: _Turn, tg: anyio.abc.TaskGroup
+        self,
+        response: UpstreamResponse,
+        send: Send,
+        turn: _Turn,
+        tg: anyio.abc.TaskGroup | None,
     ) -> None:
         turn.status = 200
         start_headers = [
@@ -900,10 +991,16 @@ class ChatProxy:
                 resume = turn.resume = None
         await send({"type": "http.response.start", "status": 200, "headers": start_headers})
         if resume is not None:
+            assert tg is not None  # resumable streams take the anyio relay
             resume.announce(turn, tg.cancel_scope, self._live_streams)
         turn.last_write = time.monotonic()
+        ticker: KeepaliveTicker | None = None
         if self.keepalive_interval is not None:
-            tg.start_soon(self._keepalive, send, turn, self.keepalive_interval)
+            if tg is None:
+                ticker = self._ticker()
+                ticker.add(turn, send)
+            else:
+                tg.start_soon(self._keepalive, send, turn, self.keepalive_interval)
         splitter = EventSplitter()
         key = self._key_bytes
         collector = turn.collector
@@ -938,14 +1035,28 @@ class ChatProxy:
             else:
                 message = "The upstream stream broke off."
                 await self._fail_after(send, turn, "upstream_error", message, "upstream_error")
+        finally:
+            if ticker is not None:
+                ticker.discard(turn)
         if resume is not None:
             resume.mark_complete()
         if not turn.client_gone:
-            ticker = turn.ticker_writing
-            if ticker is not None:
-                await ticker.wait()
+            writing = turn.ticker_writing
+            if writing is not None:
+                await writing.wait()
             turn.response_done = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _ticker(self) -> KeepaliveTicker:
+        loop = asyncio.get_running_loop()
+        ticker = self._tickers.get(loop)
+        if ticker is None:
+            for old in [k for k in self._tickers if k.is_closed()]:
+                del self._tickers[old]
+            interval = self.keepalive_interval
+            assert interval is not None
+            ticker = self._tickers[loop] = KeepaliveTicker(self._keepalive_once, interval)
+        return ticker
 
     async def _fail_after(
         self, send: Send, turn: _Turn, outcome: Outcome, message: str, code: str
@@ -984,14 +1095,17 @@ class ChatProxy:
             if wait > 0:
                 await anyio.sleep(wait)
                 continue
-            done = turn.ticker_writing = anyio.Event()
-            try:
-                await send({"type": "http.response.body", "body": _KEEPALIVE, "more_body": True})
-            finally:
-                turn.ticker_writing = None
-                done.set()
-            turn.bytes_sent += len(_KEEPALIVE)
-            turn.last_write = time.monotonic()
+            await self._keepalive_once(send, turn)
+
+    async def _keepalive_once(self, send: Send, turn: _Turn) -> None:
+        done = turn.ticker_writing = anyio.Event()
+        try:
+            await send({"type": "http.response.body", "body": _KEEPALIVE, "more_body": True})
+        finally:
+            turn.ticker_writing = None
+            done.set()
+        turn.bytes_sent += len(_KEEPALIVE)
+        turn.last_write = time.monotonic()
 
     def _redact(self, data: bytes) -> bytes:
         if self._key_bytes is not None and self._key_bytes in data:
@@ -1075,12 +1189,27 @@ class _AtMountRoot:
         self._proxy = proxy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        child = dict(scope)
-        child["root_path"] = scope["path"]
-        await self._proxy(child, receive, send)
+        # The proxy's root, without a copy of the scope (a Route only passes "http").
+        await self._proxy._http("", scope, receive, send)
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+class _ClosesNow(Protocol):
+    def close(self) -> None: ...
+
+
+def _is_native(upstream: Upstream | None) -> bool:
+    # Imported only if default_upstream chose it (it needs httptools).
+    native = sys.modules.get(f"{__package__}._proxy_http")
+    return native is not None and isinstance(upstream, native.HttpUpstream)
+
+
+async def _join(task: asyncio.Task[None]) -> None:
+    # Wait for a task's end without taking its result or exception.
+    if not task.done():
+        await asyncio.wait((task,))
 
 
 def _is_timeout(exc: BaseException) -> bool:
