@@ -276,6 +276,10 @@ def validate_body(
     return out, stream
 
 
+# One encoder, not one per json.dumps() call with these options (~4 us per request).
+_ENCODE_BODY = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def outgoing_body(body: Mapping[str, object], allowed: Collection[str], stream: bool) -> bytes:
     out = {k: v for k, v in body.items() if k in allowed}
     out["stream"] = stream
@@ -283,7 +287,7 @@ def outgoing_body(body: Mapping[str, object], allowed: Collection[str], stream: 
         # OpenAI rejects stream_options on a non-streaming request.
         out.pop("stream_options", None)
     try:
-        return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
+        return _ENCODE_BODY(out).encode()
     except UnicodeEncodeError:  # a lone surrogate escape such as "\\ud800" parses, but is no text
         raise ProxyRejection(
             400, "The request body contains invalid Unicode.", code="invalid_body"

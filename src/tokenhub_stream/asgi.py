@@ -614,7 +614,14 @@ class ChatProxy:
                 turn.resume = ResumableStream(self.stream_buffer, owner, self.resume_ttl)
         try:
             if self.tools is None:
-                await self._forward(request_body, stream, receive, send, turn)
+                self._choose_upstream()
+                if self._native and turn.resume is None:
+                    # Called here, not through a helper: each coroutine frame on this
+                    # task's chain stays for the whole stream (docs/performance.md).
+                    relay = self._exchange(request_body, stream, send, turn, None)
+                    await self._race_native(relay, receive, turn)
+                else:
+                    await self._forward(request_body, stream, receive, send, turn)
             else:
                 from ._proxy_tools import ToolExchange
 
@@ -702,16 +709,9 @@ class ChatProxy:
     async def _forward(
         self, content: bytes, stream: bool, receive: Receive, send: Send, turn: _Turn
     ) -> None:
-        self._choose_upstream()
-        if self._native and turn.resume is None:
-            # No task group: the exchange's `tg` is None on the native relay.
-            await self._race_native(
-                self._exchange(content, stream, send, turn, None), receive, turn
-            )
-        else:
-            # A partial, not a closure: one coroutine (and one frame per chunk's resume) less.
-            exchange = functools.partial(self._exchange, content, stream)
-            await self._race(exchange, receive, send, turn)
+        # A partial, not a closure: one coroutine (and one frame per chunk's resume) less.
+        exchange = functools.partial(self._exchange, content, stream)
+        await self._race(exchange, receive, send, turn)
 
     async def _race_native(
         self, exchange: Coroutine[Any, Any, None], receive: Receive, turn: _Turn
@@ -720,7 +720,8 @@ class ChatProxy:
         # cancel scopes and task-state entries, and a keep-alive task per stream were
         # about 5 KiB of each open stream (docs/performance.md). The exchange runs in a
         # child task, this task watches for `http.disconnect`; the child's end wakes this
-        # task with a cancel that is taken back (uncancel), as asyncio.timeout does.
+        # task with a cancel that is taken back (uncancel), as asyncio.timeout does. The
+        # exchange's `tg` is None here.
         host = asyncio.current_task()
         assert host is not None
         watching = True
@@ -735,7 +736,21 @@ class ChatProxy:
         child = asyncio.get_running_loop().create_task(exchange)
         child.add_done_callback(finished)
         try:
-            await self._watch_native(receive, child, turn)
+            # The watcher, inline (one frame less per open stream).
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            # After a complete response uvicorn answers receive() with http.disconnect:
+            # that is not the client leaving (see _watch_disconnect).
+            if not turn.response_done:
+                turn.client_gone = True
+                if turn.outcome == "completed":
+                    turn.outcome = "client_disconnect"
+                if self.on_disconnect == "cancel" or turn.collector is None:
+                    child.cancel()
+                else:
+                    await asyncio.sleep(self.finish_timeout)  # "finish", cut by its end
+                    turn.outcome = "timeout"
+                    child.cancel()
         except BaseException as exc:
             watching = False
             ours = isinstance(exc, asyncio.CancelledError) and woke and host.uncancel() == 0
@@ -755,23 +770,6 @@ class ChatProxy:
             failure = child.exception()
             if failure is not None:
                 raise failure
-        if turn.client_gone and turn.outcome == "completed":
-            turn.outcome = "client_disconnect"
-
-    async def _watch_native(self, receive: Receive, child: asyncio.Task[None], turn: _Turn) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        if turn.response_done:
-            return  # uvicorn's http.disconnect after a complete response (see below)
-        turn.client_gone = True
-        if turn.outcome == "completed":
-            turn.outcome = "client_disconnect"
-        if self.on_disconnect == "cancel" or turn.collector is None:
-            child.cancel()
-            return
-        await asyncio.sleep(self.finish_timeout)  # "finish", cut by the child's end
-        turn.outcome = "timeout"
-        child.cancel()
 
     async def _race(self, exchange: Exchange, receive: Receive, send: Send, turn: _Turn) -> None:
         # The exchange runs against the client's `http.disconnect` in one task group. It
@@ -1190,7 +1188,7 @@ class _AtMountRoot:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The proxy's root, without a copy of the scope (a Route only passes "http").
-        await self._proxy._http("", scope, receive, send)
+        await self._proxy._chat(scope, receive, send)
 
 
 # --- helpers --------------------------------------------------------------------------------
