@@ -10,6 +10,7 @@ times a minute. The relay removes its stream when it ends.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -42,7 +43,9 @@ class KeepaliveTicker:
     def add(self, turn: _Turn, send: Send) -> None:
         self._streams[turn] = send
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            # Its own empty context: not a copy of the first request's context variables.
+            loop = asyncio.get_running_loop()
+            self._task = loop.create_task(self._run(), context=contextvars.Context())
 
     def discard(self, turn: _Turn) -> None:
         self._streams.pop(turn, None)

@@ -307,8 +307,8 @@ class ChatProxy:
         on_complete: `(CompletionRecord) -> None`, once per forwarded turn.
         on_disconnect: `"cancel"` closes the upstream when the client goes; `"finish"` reads
             it to its end (within `finish_timeout`) for `on_complete`, sending it nowhere.
-        keepalive_interval: seconds of upstream silence before a `: keep-alive` comment;
-            `None` disables them.
+        keepalive_interval: seconds of upstream silence before a `: keep-alive` comment
+            (sent within a quarter of it, at most 1 s, later); `None` disables them.
         timeout: the upstream timeouts (`read` is also the idle limit of a stream).
         max_connections: size of the outbound connection pool.
         transport: an `httpx.AsyncBaseTransport` for the upstream. Default, when the
