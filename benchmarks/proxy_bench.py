@@ -6,13 +6,17 @@ Run (inside the project's virtualenv; nginx is used if it is on PATH):
     python benchmarks/proxy_bench.py --streams 1 100 --targets direct chatproxy
     python benchmarks/proxy_bench.py --streams 500 --targets chatproxy --profile /tmp/prof
     python benchmarks/proxy_bench.py --streams 100 --targets chatproxy --tracemalloc /tmp/tm
+    python benchmarks/proxy_bench.py --burst 500 --targets direct nginx bare chatproxy
 
 Targets: direct, nginx, naive, chatproxy-httpx (ChatProxy over httpx's own transport),
 chatproxy-httpx-aiohttp (over httpx-aiohttp's transport, the default until 2026-11-28),
 chatproxy-aiohttp (aiohttp called directly, the default until 2026-11-28 later that day and
 the fallback without httptools) and chatproxy (its default: our HTTP/1.1 client on
 httptools). `--profile` and `--tracemalloc` slow the proxy they watch, so their runs'
-columns are not comparable with plain runs.
+columns are not comparable with plain runs. `--burst N` measures only the opening burst:
+N one-chunk streams at once, five times, with two more targets that have no upstream at all
+(`bare`, an ASGI app under uvicorn that writes its one event itself, and `bare-starlette`,
+the same app inside Starlette), what uvicorn and Starlette cost per request.
 
 Every process runs on this machine, on loopback only:
 
@@ -46,6 +50,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHUNKS = 100
@@ -209,11 +214,38 @@ def _chatproxy_app(upstream: str, transport_name: str = "default") -> object:
     return Starlette(routes=proxy.routes("/api/chat"), lifespan=proxy.lifespan)
 
 
+def _bare_app(kind: str) -> Any:
+    # --burst only: an app with no upstream that writes one event and [DONE] itself, what
+    # uvicorn (and Starlette) cost per request before any proxying.
+    async def bare(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        start = {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS}
+        await send(start)
+        await send({"type": "http.response.body", "body": _event(0), "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    if kind == "bare":
+        return bare
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    class Endpoint:  # an ASGI app as the endpoint, as ChatProxy.routes() mounts it
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            await bare(scope, receive, send)
+
+    return Starlette(routes=[Route("/api/chat", Endpoint())])
+
+
+_SSE_HEADERS = [(b"content-type", b"text/event-stream")]
+
+
 def _serve_app(kind: str, upstream: str, port: int, loop: str, http: str, probe: str) -> None:
     import uvicorn
 
     if kind == "naive":
         app = _naive_app(upstream)
+    elif kind.startswith("bare"):
+        app = _bare_app(kind)
     else:
         app = _chatproxy_app(upstream, kind.partition("-")[2] or "default")
     threshold = os.environ.get("PROXY_BENCH_GC_THRESHOLD")
@@ -469,6 +501,49 @@ async def _run_load(target: Target, streams: int) -> list[StreamResult]:
     return results
 
 
+def _burst(target: Target, streams: int) -> tuple[float, float]:
+    # Streams of one chunk ("max_tokens": 1, unpaced), all opened at once: the CPU per
+    # request and the TTFB p50 of the opening burst, without the relay of paced chunks.
+    async def one() -> float:
+        reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
+        start = time.monotonic()
+        writer.write(_request(target.port, target.path, max_tokens=1))
+        seen = b""
+        first = float("nan")
+        while b"[DONE]" not in seen:
+            data = await reader.read(65536)
+            if not data:
+                break
+            if first != first and b"data:" in data:  # nan: not yet
+                first = time.monotonic() - start
+            seen += data
+        writer.close()
+        return first
+
+    async def main() -> list[float]:
+        return await asyncio.gather(*(one() for _ in range(streams)))
+
+    cpu0 = sum(_cpu_seconds(p) for p in target.pids)
+    ttfbs = asyncio.run(main())
+    cpu = sum(_cpu_seconds(p) for p in target.pids) - cpu0
+    cpu_ms = 1000 * cpu / streams if target.pids else float("nan")
+    return cpu_ms, 1000 * _pct([t for t in ttfbs if t == t], 0.5)
+
+
+def _burst_main(args: argparse.Namespace, targets: list[str]) -> None:
+    print(f"# bursts of {args.burst} one-chunk streams, 5 per target; loop={args.loop}")
+    print("| target | CPU ms/request (5 bursts) | TTFB p50 ms (5 bursts) |")
+    print("| --- | ---: | ---: |")
+    with _start_upstream() as upstream_port:
+        for name in targets:
+            with _start_target(name, upstream_port, args.loop, args.http) as target:
+                _burst(target, 50)  # warm up
+                runs = [_burst(target, args.burst) for _ in range(5)]
+                cpu = " / ".join(f"{c:.2f}" for c, _ in runs)
+                ttfb = " / ".join(f"{t:.0f}" for _, t in runs)
+                print(f"| {name} | {cpu} | {ttfb} |", flush=True)
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -595,6 +670,13 @@ def main() -> None:
         "(slows the proxy; the other columns are then meaningless)",
     )
     parser.add_argument(
+        "--burst",
+        type=int,
+        metavar="N",
+        help="instead: bursts of N one-chunk streams, CPU per request and TTFB p50; "
+        "also targets bare (uvicorn, no upstream) and bare-starlette",
+    )
+    parser.add_argument(
         "--gc-threshold",
         type=int,
         metavar="N",
@@ -604,6 +686,9 @@ def main() -> None:
     if args.gc_threshold:
         os.environ["PROXY_BENCH_GC_THRESHOLD"] = str(args.gc_threshold)
     targets = [t for t in args.targets if t != "nginx" or shutil.which("nginx")]
+    if args.burst:
+        _burst_main(args, targets)
+        return
     print(f"# {CHUNKS} chunks x {PACE * 1000:.0f} ms per stream; loop={args.loop} http={args.http}")
     print(
         "| target | streams | CPU ms/stream | KiB/stream | TTFB p50 ms | TTFB p99 ms "
