@@ -15,9 +15,10 @@ What it does, and nothing more (the proxy sends one POST to one fixed URL):
   with httpx's default context (certifi's bundle);
 - Content-Length, chunked and close-delimited bodies, passed through undecoded (the proxy
   sends `Accept-Encoding: identity`);
-- `timeout.connect`, and `timeout.read` as an idle limit: one timer per stream that only
-  counts time the reader spends waiting, so time spent writing to a slow client is not
-  upstream silence;
+- `timeout.connect`, and `timeout.read` as an idle limit that only counts time the reader
+  spends waiting, so time spent writing to a slow client is not upstream silence: one
+  timer per client that looks at every open response a few times per limit (a timer per
+  response was 0.5 KiB of each open stream);
 - back-pressure: reading pauses once `_HIGH_WATER` bytes wait unread, so a slow client
   holds a bounded buffer;
 - closing an unfinished response closes its socket at once (the upstream stops
@@ -66,6 +67,8 @@ class HttpUpstream:
         # url -> (its pool, the request line and Host header); the proxy uses one url.
         self._routes: dict[str, tuple[_Pool, bytes]] = {}
         self._ssl: ssl.SSLContext | None = None
+        read = timeout.read
+        self._watch = None if read is None else _IdleWatch(read)
 
     def __repr__(self) -> str:
         return f"HttpUpstream(origins={sorted(self._pools)!r}, limit={self._limit})"
@@ -90,7 +93,7 @@ class HttpUpstream:
             parts.append(f"{name}: {value}\r\n".encode("latin-1"))
         parts.append(b"content-length: %d\r\n\r\n" % len(content))
         connection = await pool.acquire()
-        response = HttpResponse(connection, self._timeout.read)
+        response = HttpResponse(connection, self._watch)
         try:
             await response.start(b"".join(parts), content)
         except BaseException:
@@ -389,6 +392,52 @@ class _Connection(asyncio.Protocol):
 _HEADERS, _BODY, _COMPLETE, _FAILED = range(4)
 
 
+class _IdleWatch:
+    """The read timeout of every open response of one client, on one timer.
+
+    It looks every `idle / 4` seconds (at most every second) and fails each response whose
+    reader has been waiting for `idle` seconds: a timeout fires between `idle` and a
+    quarter of it (at most 1 s) later. Time the reader spends elsewhere (writing to a slow
+    client) is not waiting.
+    """
+
+    __slots__ = ("_idle", "_loop", "_responses", "_tick", "_timer")
+
+    def __init__(self, idle: float) -> None:
+        self._idle = idle
+        self._tick = min(1.0, idle / 4)
+        self._responses: set[HttpResponse] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, response: HttpResponse) -> None:
+        self._responses.add(response)
+        loop = response._loop
+        if self._timer is not None and self._loop is not loop:
+            # A client used from a new event loop: the old loop's timer may never fire.
+            if self._loop is not None and not self._loop.is_closed():
+                self._timer.cancel()
+            self._timer = None
+        if self._timer is None:
+            self._loop = loop
+            self._timer = loop.call_later(self._tick, self._check, loop)
+
+    def discard(self, response: HttpResponse) -> None:
+        self._responses.discard(response)
+
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        now = loop.time()
+        for response in list(self._responses):
+            since = response._waiting_since
+            if since and now - since >= self._idle:
+                response._fail(
+                    httpx.ReadTimeout("the upstream sent nothing within the read timeout")
+                )
+        if self._responses and not loop.is_closed():
+            self._timer = loop.call_later(self._tick, self._check, loop)
+
+
 class HttpResponse:
     """An upstream response shaped like the parts of `httpx.Response` the relay reads.
 
@@ -400,7 +449,6 @@ class HttpResponse:
         "_connection",
         "_error",
         "_framed",
-        "_idle",
         "_informational",
         "_keep_alive",
         "_loop",
@@ -409,21 +457,20 @@ class HttpResponse:
         "_pending",
         "_pending_size",
         "_state",
-        "_timer",
         "_waiter",
+        "_watch",
         "_waiting_since",
         "headers",
         "is_stream_consumed",
         "status_code",
     )
 
-    def __init__(self, connection: _Connection, idle: float | None) -> None:
+    def __init__(self, connection: _Connection, watch: _IdleWatch | None) -> None:
         self._connection: _Connection | None = connection
         self._loop = asyncio.get_running_loop()
         # Dropped once the response is settled: it holds this object (a reference cycle).
         self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
-        self._idle = idle
-        self._timer: asyncio.TimerHandle | None = None
+        self._watch = watch
         self._waiter: asyncio.Future[bytes] | None = None
         self._waiting_since = 0.0  # loop time the reader began waiting; 0: not waiting
         self._state = _HEADERS
@@ -454,8 +501,8 @@ class HttpResponse:
         connection.transport.write(head + content)
         waiter = self._waiter = self._loop.create_future()
         self._waiting_since = self._loop.time()
-        if self._idle is not None:
-            self._timer = self._loop.call_later(self._idle, self._check_idle)
+        if self._watch is not None:
+            self._watch.add(self)
         await waiter  # set (with b"") when the headers are in, or failed
 
     def aiter_raw(self) -> HttpResponse:
@@ -519,18 +566,6 @@ class HttpResponse:
         assert self._error is not None
         return self._error
 
-    def _check_idle(self) -> None:
-        # One timer per stream, not one re-armed per read: it fires once per `idle`
-        # seconds and looks at how long the reader has been waiting.
-        assert self._idle is not None
-        since = self._waiting_since
-        now = self._loop.time()
-        if since and now - since >= self._idle:
-            self._timer = None
-            self._fail(httpx.ReadTimeout("the upstream sent nothing within the read timeout"))
-            return
-        self._timer = self._loop.call_at((since or now) + self._idle, self._check_idle)
-
     # --- the connection's side --------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
@@ -592,9 +627,9 @@ class HttpResponse:
 
     def _settle(self) -> None:
         self._parser = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.discard(self)
 
     def _wake(self) -> None:
         waiter = self._waiter

@@ -235,7 +235,7 @@ async def test_proxy_http_bytes_split_at_every_offset(raw: bytes) -> None:
         for offset in range(1, len(raw)):
             connection = _proxy_http._Connection(pool)
             connection.connection_made(Transport())
-            response = HttpResponse(connection, 5.0)
+            response = HttpResponse(connection, _proxy_http._IdleWatch(5.0))
             started = asyncio.ensure_future(response.start(b"", b""))
             await asyncio.sleep(0)
             connection.data_received(raw[:offset])
@@ -565,6 +565,51 @@ async def test_proxy_http_idle_timeout_fires_after_silence() -> None:
         await response.aclose()
         await client.aclose()
     assert 0.25 <= silent < 1.5, silent
+
+
+async def test_proxy_http_one_idle_timer_for_all_streams() -> None:
+    # Three streams on one client with a 0.3 s read limit: the silent two time out, the
+    # one that keeps talking (every 0.1 s, for 1 s) does not; then no timer is left.
+    async def handler(
+        server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        request = await read_request(server, reader)
+        assert request is not None
+        writer.write(OK_HEAD + b"transfer-encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n")
+        await writer.drain()
+        if b"talk" in request:
+            for _ in range(10):
+                await asyncio.sleep(0.1)
+                writer.write(b"9\r\ndata: 2\n\n\r\n")
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        await wait_closed(server, reader)
+
+    async def read_all(client: HttpUpstream, body: bytes) -> str:
+        response = await client.send(server.url, HEADERS, body)
+        try:
+            async for _ in response.aiter_raw():
+                pass
+        except httpx.ReadTimeout:
+            return "timeout"
+        finally:
+            await response.aclose()
+        return "complete"
+
+    async with raw_server(handler) as server:
+        client = HttpUpstream(10, httpx.Timeout(5.0, read=0.3))
+        with anyio.fail_after(5):
+            outcomes = await asyncio.gather(
+                read_all(client, b"{}"), read_all(client, b'{"talk": 1}'), read_all(client, b"{}")
+            )
+        watch = client._watch
+        assert watch is not None
+        assert not watch._responses
+        await asyncio.sleep(0.2)  # its last look finds nothing and does not re-arm
+        assert watch._timer is None
+        await client.aclose()
+    assert list(outcomes) == ["timeout", "complete", "timeout"]
 
 
 async def test_proxy_http_time_spent_writing_is_not_upstream_silence() -> None:
