@@ -443,6 +443,11 @@ class ChatProxy:
             "accept-encoding": "identity",
             "user-agent": f"tokenhub_stream/{__version__}",
         }
+        # The upstream request's headers by `stream`, built once (never mutated after).
+        self._request_headers = {
+            stream: {**self._headers, "accept": accept}
+            for stream, accept in ((True, "text/event-stream"), (False, "application/json"))
+        }
 
     def __repr__(self) -> str:
         return f"ChatProxy(base_url={self.base_url!r}, default_model={self.default_model!r})"
@@ -724,17 +729,9 @@ class ChatProxy:
         # exchange's `tg` is None here.
         host = asyncio.current_task()
         assert host is not None
-        watching = True
-        woke = False
-
-        def finished(_: object) -> None:
-            nonlocal woke
-            if watching:
-                woke = True
-                host.cancel()
-
+        wake = _WakeHost(host)
         child = asyncio.get_running_loop().create_task(exchange)
-        child.add_done_callback(finished)
+        child.add_done_callback(wake)
         try:
             # The watcher, inline (one frame less per open stream).
             while (await receive())["type"] != "http.disconnect":
@@ -752,8 +749,8 @@ class ChatProxy:
                     turn.outcome = "timeout"
                     child.cancel()
         except BaseException as exc:
-            watching = False
-            ours = isinstance(exc, asyncio.CancelledError) and woke and host.uncancel() == 0
+            wake.watching = False
+            ours = isinstance(exc, asyncio.CancelledError) and wake.woke and host.uncancel() == 0
             if not ours:
                 # Cancelled from outside (server shutdown), or receive() failed: the
                 # exchange goes too.
@@ -761,7 +758,7 @@ class ChatProxy:
                 await _join(child)
                 raise
         finally:
-            watching = False
+            wake.watching = False
             tick = turn.ticker_task
             if tick is not None and not tick.done():
                 tick.cancel()
@@ -827,10 +824,8 @@ class ChatProxy:
         turn: _Turn,
         tg: anyio.abc.TaskGroup | None,
     ) -> None:
-        headers = dict(self._headers)
-        headers["accept"] = "text/event-stream" if stream else "application/json"
         try:
-            response = await self._send_upstream(headers, content)
+            response = await self._send_upstream(self._request_headers[stream], content)
         except Exception as exc:
             _log_upstream_failure(turn, exc)
             if _is_timeout(exc):
@@ -1192,6 +1187,25 @@ class _AtMountRoot:
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+class _WakeHost:
+    """The exchange task's done callback: cancels the watching task once (see _race_native).
+
+    A slotted object rather than a closure over three cells: it lives as long as the stream.
+    """
+
+    __slots__ = ("host", "watching", "woke")
+
+    def __init__(self, host: asyncio.Task[Any]) -> None:
+        self.host = host
+        self.watching = True
+        self.woke = False
+
+    def __call__(self, _: object) -> None:
+        if self.watching:
+            self.woke = True
+            self.host.cancel()
 
 
 class _ClosesNow(Protocol):
