@@ -11,12 +11,15 @@ Run (inside the project's virtualenv; nginx is used if it is on PATH):
 Targets: direct, nginx, naive, chatproxy-httpx (ChatProxy over httpx's own transport),
 chatproxy-httpx-aiohttp (over httpx-aiohttp's transport, the default until 2026-11-28),
 chatproxy-aiohttp (aiohttp called directly, the default until 2026-11-28 later that day and
-the fallback without httptools) and chatproxy (its default: our HTTP/1.1 client on
-httptools). `--profile` and `--tracemalloc` slow the proxy they watch, so their runs'
-columns are not comparable with plain runs. `--burst N` measures only the opening burst:
-N one-chunk streams at once, five times, with two more targets that have no upstream at all
-(`bare`, an ASGI app under uvicorn that writes its one event itself, and `bare-starlette`,
-the same app inside Starlette), what uvicorn and Starlette cost per request.
+the fallback without httptools), chatproxy (its default: our HTTP/1.1 client on
+httptools, mounted with `proxy.routes()` in Starlette) and chatproxy-asgi (the same proxy
+as uvicorn's whole app, no Starlette). `--profile` and `--tracemalloc` slow the proxy
+they watch, so their runs' columns are not comparable with plain runs.
+
+`--burst N` measures only the opening burst: N one-chunk streams at once, five times, with
+two more targets that have no upstream at all (`bare`, an ASGI app under uvicorn that
+writes its one event itself, and `bare-starlette`, the same app inside Starlette), what
+uvicorn and Starlette cost per request.
 
 Every process runs on this machine, on loopback only:
 
@@ -211,6 +214,8 @@ def _chatproxy_app(upstream: str, transport_name: str = "default") -> object:
 
         proxy._upstream = AiohttpUpstream(proxy._max_connections, proxy._timeout, aiohttp)
         proxy._upstream_chosen = True
+    if transport_name == "asgi":  # ChatProxy itself is the app, answering POST /
+        return proxy
     return Starlette(routes=proxy.routes("/api/chat"), lifespan=proxy.lifespan)
 
 
@@ -403,7 +408,7 @@ def _start_target(
     proc = subprocess.Popen(cmd)
     try:
         _wait_port(port)
-        yield Target(name, port, [proc.pid])
+        yield Target(name, port, [proc.pid], path="/" if name == "chatproxy-asgi" else "/api/chat")
     finally:
         # SIGINT, not SIGTERM: uvicorn re-raises the signal after its shutdown, and only
         # SIGINT (KeyboardInterrupt) lets the profiler's finally write its file.
