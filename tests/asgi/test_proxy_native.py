@@ -188,8 +188,10 @@ async def test_keepalive_between_events_from_the_ticker(upstream: Upstream) -> N
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_no_keepalive_while_the_upstream_keeps_talking(upstream: Upstream) -> None:
     app, _ = upstream
-    app.enqueue(Script(deltas=[f"d{i} " for i in range(20)], delay=0.02))
-    with proxied(upstream, keepalive_interval=0.2) as url, anyio.fail_after(10):
+    # 0.6 s of deltas 20 ms apart; the ticker looks every 0.2 s. Only a stall of 0.8 s
+    # would earn a comment; a ticker that ignored the writes would send two or three.
+    app.enqueue(Script(deltas=[f"d{i} " for i in range(30)], delay=0.02))
+    with proxied(upstream, keepalive_interval=0.8) as url, anyio.fail_after(10):
         async with httpx.AsyncClient(timeout=5) as client:
             response = await client.post(f"{url}/api/chat", json={"messages": MESSAGES})
     assert b"keep-alive" not in response.content
