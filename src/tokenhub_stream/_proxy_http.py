@@ -17,8 +17,8 @@ What it does, and nothing more (the proxy sends one POST to one fixed URL):
   sends `Accept-Encoding: identity`);
 - `timeout.connect`, and `timeout.read` as an idle limit that only counts time the reader
   spends waiting, so time spent writing to a slow client is not upstream silence: one
-  timer per client that looks at every open response a few times per limit (a timer per
-  response was 0.5 KiB of each open stream);
+  timer per client looks at every open response a few times per limit (`Sweep`; a timer
+  per response was 0.5 KiB of each open stream);
 - back-pressure: reading pauses once `_HIGH_WATER` bytes wait unread, so a slow client
   holds a bounded buffer;
 - closing an unfinished response closes its socket at once (the upstream stops
@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import socket
 import ssl
 from collections.abc import Mapping
@@ -45,6 +46,8 @@ from urllib.parse import urlsplit
 
 import httptools
 import httpx
+
+from ._proxy_sweep import Sweep
 
 __all__ = ["HttpResponse", "HttpUpstream"]
 
@@ -68,7 +71,9 @@ class HttpUpstream:
         self._routes: dict[str, tuple[_Pool, bytes]] = {}
         self._ssl: ssl.SSLContext | None = None
         read = timeout.read
-        self._watch = None if read is None else _IdleWatch(read)
+        self._watch: Sweep[HttpResponse, None] | None = (
+            None if read is None else Sweep(read, functools.partial(_expire_idle, read))
+        )
 
     def __repr__(self) -> str:
         return f"HttpUpstream(origins={sorted(self._pools)!r}, limit={self._limit})"
@@ -392,50 +397,15 @@ class _Connection(asyncio.Protocol):
 _HEADERS, _BODY, _COMPLETE, _FAILED = range(4)
 
 
-class _IdleWatch:
-    """The read timeout of every open response of one client, on one timer.
-
-    It looks every `idle / 4` seconds (at most every second) and fails each response whose
-    reader has been waiting for `idle` seconds: a timeout fires between `idle` and a
-    quarter of it (at most 1 s) later. Time the reader spends elsewhere (writing to a slow
-    client) is not waiting.
-    """
-
-    __slots__ = ("_idle", "_loop", "_responses", "_tick", "_timer")
-
-    def __init__(self, idle: float) -> None:
-        self._idle = idle
-        self._tick = min(1.0, idle / 4)
-        self._responses: set[HttpResponse] = set()
-        self._timer: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def add(self, response: HttpResponse) -> None:
-        self._responses.add(response)
-        loop = response._loop
-        if self._timer is not None and self._loop is not loop:
-            # A client used from a new event loop: the old loop's timer may never fire.
-            if self._loop is not None and not self._loop.is_closed():
-                self._timer.cancel()
-            self._timer = None
-        if self._timer is None:
-            self._loop = loop
-            self._timer = loop.call_later(self._tick, self._check, loop)
-
-    def discard(self, response: HttpResponse) -> None:
-        self._responses.discard(response)
-
-    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._timer = None
-        now = loop.time()
-        for response in list(self._responses):
-            since = response._waiting_since
-            if since and now - since >= self._idle:
-                response._fail(
-                    httpx.ReadTimeout("the upstream sent nothing within the read timeout")
-                )
-        if self._responses and not loop.is_closed():
-            self._timer = loop.call_later(self._tick, self._check, loop)
+def _expire_idle(idle: float, responses: list[tuple[HttpResponse, None]]) -> None:
+    # The read timeout's look (a Sweep per client): fail each response whose reader has
+    # been waiting for `idle` seconds. Time spent elsewhere (writing to a slow client) is
+    # not waiting.
+    now = asyncio.get_running_loop().time()
+    for response, _ in responses:
+        since = response._waiting_since
+        if since and now - since >= idle:
+            response._fail(httpx.ReadTimeout("the upstream sent nothing within the read timeout"))
 
 
 class HttpResponse:
@@ -465,7 +435,7 @@ class HttpResponse:
         "status_code",
     )
 
-    def __init__(self, connection: _Connection, watch: _IdleWatch | None) -> None:
+    def __init__(self, connection: _Connection, watch: Sweep[HttpResponse, None] | None) -> None:
         self._connection: _Connection | None = connection
         self._loop = asyncio.get_running_loop()
         # Dropped once the response is settled: it holds this object (a reference cycle).
@@ -502,7 +472,7 @@ class HttpResponse:
         waiter = self._waiter = self._loop.create_future()
         self._waiting_since = self._loop.time()
         if self._watch is not None:
-            self._watch.add(self)
+            self._watch.add(self, None)
         await waiter  # set (with b"") when the headers are in, or failed
 
     def aiter_raw(self) -> HttpResponse:

@@ -83,7 +83,7 @@ from ._proxy_resume import (
     StreamBuffer,
     StreamInfo,
 )
-from ._proxy_ticker import KeepaliveTicker
+from ._proxy_sweep import Sweep
 from ._proxy_upstream import Upstream, UpstreamResponse, default_upstream
 from ._tool_loop import DEFAULT_MAX_TURNS
 
@@ -428,7 +428,10 @@ class ChatProxy:
         # True once the upstream is our httptools client: its streams are relayed on plain
         # asyncio tasks (_race_native) and its responses close synchronously.
         self._native = False
-        self._tickers: dict[asyncio.AbstractEventLoop, KeepaliveTicker] = {}
+        # The native relay's keep-alives: one timer for every open stream (_proxy_sweep).
+        self._keepalives: Sweep[_Turn, Send] | None = (
+            None if keepalive_interval is None else Sweep(keepalive_interval, self._tick)
+        )
         self.tools = tool_set
         self.max_tool_turns = max_tool_turns
         if resumable and stream_buffer is None:
@@ -525,7 +528,17 @@ class ChatProxy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self._http(_route_path(scope), scope, receive, send)
+            path = _route_path(scope)
+            if path in ("", "/"):
+                await self._chat(scope, receive, send)
+            elif path.rstrip("/") == "/models":
+                await self._models(scope, send)
+            elif path.startswith("/streams/"):
+                from ._proxy_resume import serve_resume
+
+                await serve_resume(self, scope, receive, send, path[len("/streams/") :])
+            else:
+                await _send_error(send, ProxyRejection(404, "Not found.", code="not_found"))
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         elif kind == "websocket":
@@ -533,18 +546,6 @@ class ChatProxy:
             await send({"type": "websocket.close", "code": 1008})
         else:
             raise RuntimeError(f"ChatProxy cannot serve {kind!r} scopes")
-
-    async def _http(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
-        if path in ("", "/"):
-            await self._chat(scope, receive, send)
-        elif path.rstrip("/") == "/models":
-            await self._models(scope, send)
-        elif path.startswith("/streams/"):
-            from ._proxy_resume import serve_resume
-
-            await serve_resume(self, scope, receive, send, path[len("/streams/") :])
-        else:
-            await _send_error(send, ProxyRejection(404, "Not found.", code="not_found"))
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -987,13 +988,11 @@ class ChatProxy:
             assert tg is not None  # resumable streams take the anyio relay
             resume.announce(turn, tg.cancel_scope, self._live_streams)
         turn.last_write = time.monotonic()
-        ticker: KeepaliveTicker | None = None
-        if self.keepalive_interval is not None:
-            if tg is None:
-                ticker = self._ticker()
-                ticker.add(turn, send)
-            else:
-                tg.start_soon(self._keepalive, send, turn, self.keepalive_interval)
+        keepalives = self._keepalives if tg is None else None
+        if keepalives is not None:
+            keepalives.add(turn, send)
+        elif self.keepalive_interval is not None and tg is not None:
+            tg.start_soon(self._keepalive, send, turn, self.keepalive_interval)
         splitter = EventSplitter()
         key = self._key_bytes
         collector = turn.collector
@@ -1029,8 +1028,8 @@ class ChatProxy:
                 message = "The upstream stream broke off."
                 await self._fail_after(send, turn, "upstream_error", message, "upstream_error")
         finally:
-            if ticker is not None:
-                ticker.discard(turn)
+            if keepalives is not None:
+                keepalives.discard(turn)
         if resume is not None:
             resume.mark_complete()
         if not turn.client_gone:
@@ -1040,16 +1039,26 @@ class ChatProxy:
             turn.response_done = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    def _ticker(self) -> KeepaliveTicker:
+    def _tick(self, streams: list[tuple[_Turn, Send]]) -> None:
+        # The native relay's keep-alive look (self._keepalives): a stream silent for the
+        # whole interval gets its comment from a short task.
+        assert self.keepalive_interval is not None
+        due = time.monotonic() - self.keepalive_interval
         loop = asyncio.get_running_loop()
-        ticker = self._tickers.get(loop)
-        if ticker is None:
-            for old in [k for k in self._tickers if k.is_closed()]:
-                del self._tickers[old]
-            interval = self.keepalive_interval
-            assert interval is not None
-            ticker = self._tickers[loop] = KeepaliveTicker(self._keepalive_once, interval)
-        return ticker
+        for turn, send in streams:
+            if turn.last_write > due or turn.client_gone or turn.writing:
+                continue  # writing: the relay is on it; look again next time
+            tick = turn.ticker_task
+            if tick is None or tick.done():
+                turn.ticker_task = loop.create_task(self._tick_one(send, turn))
+
+    async def _tick_one(self, send: Send, turn: _Turn) -> None:
+        if turn.writing or turn.client_gone:
+            return  # the relay began a write since the look: no comment needed
+        try:
+            await self._keepalive_once(send, turn)
+        except Exception as exc:  # a gone client: the relay's watcher sees it
+            logger.debug("keep-alive not sent: %s", type(exc).__name__)
 
     async def _fail_after(
         self, send: Send, turn: _Turn, outcome: Outcome, message: str, code: str

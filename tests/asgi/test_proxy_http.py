@@ -235,7 +235,7 @@ async def test_proxy_http_bytes_split_at_every_offset(raw: bytes) -> None:
         for offset in range(1, len(raw)):
             connection = _proxy_http._Connection(pool)
             connection.connection_made(Transport())
-            response = HttpResponse(connection, _proxy_http._IdleWatch(5.0))
+            response = HttpResponse(connection, None)
             started = asyncio.ensure_future(response.start(b"", b""))
             await asyncio.sleep(0)
             connection.data_received(raw[:offset])
@@ -605,7 +605,7 @@ async def test_proxy_http_one_idle_timer_for_all_streams() -> None:
             )
         watch = client._watch
         assert watch is not None
-        assert not watch._responses
+        assert not watch._members
         await asyncio.sleep(0.2)  # its last look finds nothing and does not re-arm
         assert watch._timer is None
         await client.aclose()

@@ -1,7 +1,7 @@
 """The native relay: ChatProxy on asyncio with our httptools client, without anyio tasks.
 
 Its own race (the exchange in a child task, the disconnect watcher in the request's task),
-its keep-alive ticker (one task per event loop) and what happens when the request's task
+its keep-alives (one timer for all streams, `Sweep`) and what happens when the request's task
 is cancelled from outside or `receive()` fails, each against a real upstream on loopback.
 """
 
@@ -135,11 +135,12 @@ async def test_cancelling_the_request_task_closes_the_upstream_and_reraises(
         with pytest.raises(asyncio.CancelledError), anyio.fail_after(5):
             await task
         assert await wait_disconnected(upstream, 0, 1.0)
-        # The keep-alive ticker stops once its last stream is gone (it looks every
+        # The keep-alive timer stops once its last stream is gone (it looks every
         # 0.0125 s here).
         await asyncio.sleep(0.2)
-        assert proxy._tickers
-        assert all(t._task is None for t in proxy._tickers.values())
+        assert proxy._keepalives is not None
+        assert not proxy._keepalives._members
+        assert proxy._keepalives._timer is None
     finally:
         await proxy.aclose()
 
