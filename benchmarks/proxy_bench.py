@@ -509,30 +509,30 @@ async def _run_load(target: Target, streams: int) -> list[StreamResult]:
 def _burst(target: Target, streams: int) -> tuple[float, float]:
     # Streams of one chunk ("max_tokens": 1, unpaced), all opened at once: the CPU per
     # request and the TTFB p50 of the opening burst, without the relay of paced chunks.
-    async def one() -> float:
+    async def one() -> float | None:
         reader, writer = await asyncio.open_connection("127.0.0.1", target.port)
         start = time.monotonic()
         writer.write(_request(target.port, target.path, max_tokens=1))
         seen = b""
-        first = float("nan")
+        first: float | None = None
         while b"[DONE]" not in seen:
             data = await reader.read(65536)
             if not data:
                 break
-            if first != first and b"data:" in data:  # nan: not yet
+            if first is None and b"data:" in data:
                 first = time.monotonic() - start
             seen += data
         writer.close()
         return first
 
-    async def main() -> list[float]:
+    async def main() -> list[float | None]:
         return await asyncio.gather(*(one() for _ in range(streams)))
 
     cpu0 = sum(_cpu_seconds(p) for p in target.pids)
     ttfbs = asyncio.run(main())
     cpu = sum(_cpu_seconds(p) for p in target.pids) - cpu0
     cpu_ms = 1000 * cpu / streams if target.pids else float("nan")
-    return cpu_ms, 1000 * _pct([t for t in ttfbs if t == t], 0.5)
+    return cpu_ms, 1000 * _pct([t for t in ttfbs if t is not None], 0.5)
 
 
 def _burst_main(args: argparse.Namespace, targets: list[str]) -> None:
