@@ -12,8 +12,9 @@ Targets: direct, nginx, naive, chatproxy-httpx (ChatProxy over httpx's own trans
 chatproxy-httpx-aiohttp (over httpx-aiohttp's transport, the default until 2026-11-28),
 chatproxy-aiohttp (aiohttp called directly, the default until 2026-11-28 later that day and
 the fallback without httptools), chatproxy (its default: our HTTP/1.1 client on
-httptools, mounted with `proxy.routes()` in Starlette) and chatproxy-asgi (the same proxy
-as uvicorn's whole app, no Starlette). `--profile` and `--tracemalloc` slow the proxy
+httptools, mounted with `proxy.routes()` in Starlette), chatproxy-mw (the same proxy as
+`proxy.middleware()` of a Starlette app) and chatproxy-asgi (the same proxy as uvicorn's
+whole app, no Starlette). `--profile` and `--tracemalloc` slow the proxy
 they watch, so their runs' columns are not comparable with plain runs.
 
 `--burst N` measures only the opening burst: N one-chunk streams at once, five times, with
@@ -216,6 +217,15 @@ def _chatproxy_app(upstream: str, transport_name: str = "default") -> object:
         proxy._upstream_chosen = True
     if transport_name == "asgi":  # ChatProxy itself is the app, answering POST /
         return proxy
+    if transport_name == "mw":  # proxy.middleware(): ahead of the app's routing
+        from starlette.responses import PlainTextResponse
+        from starlette.routing import Route
+
+        async def page(request: Any) -> PlainTextResponse:
+            return PlainTextResponse("the app's own page")
+
+        middleware = [proxy.middleware("/api/chat")]
+        return Starlette(routes=[Route("/", page)], middleware=middleware, lifespan=proxy.lifespan)
     return Starlette(routes=proxy.routes("/api/chat"), lifespan=proxy.lifespan)
 
 

@@ -89,8 +89,10 @@ from ._tool_loop import DEFAULT_MAX_TURNS
 
 try:
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.routing import BaseRoute, Mount, Route
+    from starlette.types import ASGIApp
 except ImportError as exc:  # pragma: no cover
     raise ImportError(
         "tokenhub_stream.asgi needs Starlette: pip install 'tokenhub_stream[asgi]'"
@@ -473,6 +475,23 @@ class ChatProxy:
             Route(path, endpoint=_AtMountRoot(self), name="tokenhub_chat"),
             Mount(path, app=self, name="tokenhub_chat_mount"),
         ]
+
+    def middleware(self, path: str) -> Middleware:
+        """Starlette/FastAPI middleware serving the proxy at `path`, ahead of routing.
+
+        ```python
+        app = Starlette(routes=[...], middleware=[proxy.middleware("/api/chat")])
+        app = FastAPI(middleware=[proxy.middleware("/api/chat")], lifespan=proxy.lifespan)
+        ```
+
+        It answers what `routes(path)` answers (`path`, `path/`, `GET path/models`) and
+        passes every other request, and the lifespan, to the app. A stream then skips the
+        app's routing and exception handling: each open stream holds about 2.5 KiB less and
+        each event passes one `send` wrapper instead of three (docs/performance.md). Put
+        middleware the proxy's hooks rely on (sessions, say) before it in the list.
+        """
+        path = "/" + path.strip("/")
+        return Middleware(_Front, proxy=self, path=path)
 
     async def aclose(self) -> None:
         """Close the outbound connection pool."""
@@ -998,7 +1017,9 @@ class ChatProxy:
         collector = turn.collector
         # From here on the status is fixed: a failure ends the stream with an error frame.
         try:
-            async with contextlib.aclosing(_raw_chunks(response)) as chunks:
+            # try/finally rather than contextlib.aclosing: no object for the whole stream.
+            chunks = _raw_chunks(response)
+            try:
                 async for chunk in chunks:
                     out = splitter.feed(chunk)
                     if not out:
@@ -1011,6 +1032,8 @@ class ChatProxy:
                         out = await resume.tag(out)
                     if not turn.client_gone:
                         await self._write(send, turn, out)
+            finally:
+                await chunks.aclose()
             rest = self._redact(splitter.flush())
             if rest:
                 if collector is not None:
@@ -1190,9 +1213,37 @@ class _AtMountRoot:
     def __init__(self, proxy: ChatProxy) -> None:
         self._proxy = proxy
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # The proxy's root, without a copy of the scope (a Route only passes "http").
-        await self._proxy._chat(scope, receive, send)
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Coroutine[Any, Any, None]:
+        # The proxy's root, without a copy of the scope (a Route only passes "http"). Not
+        # async: the Route awaits _chat's own coroutine, one frame less for the whole stream.
+        return self._proxy._chat(scope, receive, send)
+
+
+class _Front:
+    """ASGI middleware: the proxy at one path, ahead of the app (ChatProxy.middleware)."""
+
+    def __init__(self, app: ASGIApp, *, proxy: ChatProxy, path: str) -> None:
+        self.app = app
+        self._proxy = proxy
+        self._path = path
+        self._below = path + "/"
+
+    def __repr__(self) -> str:
+        return f"<ChatProxy middleware at {self._path!r}>"
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not async: the server awaits the coroutine of whoever answers, so a stream's task
+        # holds no frame of this middleware.
+        if scope["type"] == "http":
+            path = _route_path(scope)
+            if path == self._path:
+                return self._proxy._chat(scope, receive, send)
+            if path.startswith(self._below):
+                # As a Mount would: the proxy sees the rest of the path below its root.
+                root = str(scope.get("root_path", ""))
+                child = dict(scope, root_path=root + self._path)
+                return self._proxy(child, receive, send)
+        return self.app(scope, receive, send)
 
 
 # --- helpers --------------------------------------------------------------------------------

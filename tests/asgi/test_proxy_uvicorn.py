@@ -6,7 +6,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from typing import cast
+from typing import Literal, cast
 
 import anyio
 import anyio.to_thread
@@ -14,7 +14,9 @@ import httpx
 import openai
 import pytest
 from starlette.applications import Starlette
-from starlette.routing import Mount
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
 
 from tokenhub_stream.asgi import ChatProxy
 from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, Script
@@ -31,24 +33,51 @@ def _raw_chunks(response: httpx.Response) -> AsyncGenerator[bytes, None]:
     return cast("AsyncGenerator[bytes, None]", response.aiter_raw())
 
 
-def starlette_app(proxy: ChatProxy, path: str, *, bare_mount: bool = False) -> Starlette:
+Mounting = Literal["routes", "middleware", "bare"]
+
+
+async def other_page(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("the app's own page")
+
+
+def starlette_app(proxy: ChatProxy, path: str, mount: Mounting = "routes") -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
         await proxy.aclose()  # the pool belongs to the server's event loop
 
-    routes = [Mount(path, app=proxy)] if bare_mount else proxy.routes(path)
-    return Starlette(routes=routes, lifespan=lifespan)
+    other = Route("/other", other_page)
+    if mount == "middleware":
+        return Starlette(routes=[other], middleware=[proxy.middleware(path)], lifespan=lifespan)
+    routes = [Mount(path, app=proxy)] if mount == "bare" else proxy.routes(path)
+    return Starlette(routes=[other, *routes], lifespan=lifespan)
+
+
+@pytest.fixture(params=["routes", "middleware"])
+def mount(request: pytest.FixtureRequest) -> Mounting:
+    """The two documented ways into a Starlette app: proxy.routes() and proxy.middleware()."""
+    return cast(Mounting, request.param)
 
 
 @contextlib.contextmanager
-def proxied(upstream: Upstream, path: str = "/api/chat", **kw: object) -> Iterator[str]:
+def proxied(
+    upstream: Upstream, path: str = "/api/chat", mount: Mounting = "routes", **kw: object
+) -> Iterator[str]:
     _, running = upstream
     options: dict[str, object] = {"base_url": running.base_url}
     options.update(kw)
     proxy = ChatProxy(api_key=KEY, **options)  # type: ignore[arg-type]
-    with serve(starlette_app(proxy, path)) as url:
+    with serve(starlette_app(proxy, path, mount)) as url:
         yield url
+
+
+def streamed_text(body: bytes) -> str:
+    text = ""
+    for line in body.decode().splitlines():
+        if line.startswith("data: {"):
+            choices = json.loads(line[6:])["choices"]
+            text += "".join(c["delta"].get("content") or "" for c in choices)
+    return text
 
 
 def browser_headers(url: str) -> dict[str, str]:
@@ -68,10 +97,12 @@ async def wait_disconnected(upstream: Upstream, index: int, timeout: float) -> b
     return await anyio.to_thread.run_sync(request.wait_disconnected, timeout)
 
 
-async def test_uvicorn_browser_request_streams_incrementally(upstream: Upstream) -> None:
+async def test_uvicorn_browser_request_streams_incrementally(
+    upstream: Upstream, mount: Mounting
+) -> None:
     app, _ = upstream
     app.enqueue(Script(deltas=["one", " two", " three", " four"], delay=0.2))
-    with proxied(upstream) as url:
+    with proxied(upstream, mount=mount) as url:
         async with httpx.AsyncClient(timeout=5) as client:
             with anyio.fail_after(5):
                 body = json.dumps({"messages": MESSAGES}).encode()
@@ -114,11 +145,13 @@ async def test_uvicorn_cross_site_post_is_refused(upstream: Upstream) -> None:
     assert upstream[0].requests == []
 
 
-async def test_uvicorn_disconnect_closes_upstream_20_trials(upstream: Upstream) -> None:
+async def test_uvicorn_disconnect_closes_upstream_20_trials(
+    upstream: Upstream, mount: Mounting
+) -> None:
     app, _ = upstream
     trials = 20
     app.enqueue(*[Script(text="word " * 400, delay=0.01) for _ in range(trials)])
-    with proxied(upstream) as url:
+    with proxied(upstream, mount=mount) as url:
         async with httpx.AsyncClient(timeout=5) as client:
             for i in range(trials):
                 with anyio.fail_after(5):
@@ -136,10 +169,10 @@ async def test_uvicorn_disconnect_closes_upstream_20_trials(upstream: Upstream) 
                     assert not app.requests[i].completed
 
 
-async def test_uvicorn_disconnect_before_first_token(upstream: Upstream) -> None:
+async def test_uvicorn_disconnect_before_first_token(upstream: Upstream, mount: Mounting) -> None:
     app, _ = upstream
     app.enqueue(Script(text="late", first_delay=30))
-    with proxied(upstream, keepalive_interval=None) as url:
+    with proxied(upstream, mount=mount, keepalive_interval=None) as url:
         async with httpx.AsyncClient(timeout=5) as client:
             with anyio.fail_after(5):
                 async with client.stream(
@@ -149,10 +182,12 @@ async def test_uvicorn_disconnect_before_first_token(upstream: Upstream) -> None
                 assert await wait_disconnected(upstream, 0, 1.0)
 
 
-async def test_uvicorn_keepalive_before_slow_first_token(upstream: Upstream) -> None:
+async def test_uvicorn_keepalive_before_slow_first_token(
+    upstream: Upstream, mount: Mounting
+) -> None:
     app, _ = upstream
     app.enqueue(Script(text="hi", first_delay=0.6))
-    with proxied(upstream, keepalive_interval=0.1) as url, anyio.fail_after(5):
+    with proxied(upstream, mount=mount, keepalive_interval=0.1) as url, anyio.fail_after(5):
         async with httpx.AsyncClient(timeout=5) as client:
             response = await client.post(f"{url}/api/chat", json={"messages": MESSAGES})
     body = response.content
@@ -229,10 +264,12 @@ async def test_uvicorn_connection_refused_is_502() -> None:
 
 # The SDK's async streams are written for asyncio (under trio they leak async generators).
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_uvicorn_openai_sdk_streams_through_proxy(upstream: Upstream) -> None:
+async def test_uvicorn_openai_sdk_streams_through_proxy(
+    upstream: Upstream, mount: Mounting
+) -> None:
     app, _ = upstream
     app.enqueue(Script(text="Hello from upstream"), Script(text="cut short", end="cut"))
-    with proxied(upstream, path="/v1/chat/completions") as url:
+    with proxied(upstream, path="/v1/chat/completions", mount=mount) as url:
         client = openai.AsyncOpenAI(
             base_url=f"{url}/v1", api_key="browser-has-no-key", max_retries=0
         )
@@ -254,8 +291,8 @@ async def test_uvicorn_openai_sdk_streams_through_proxy(upstream: Upstream) -> N
     assert app.requests[0].headers["authorization"] == f"Bearer {KEY}"
 
 
-async def test_uvicorn_models_route(upstream: Upstream) -> None:
-    with proxied(upstream, allowed_models=["gpt-4o-mini"]) as url, anyio.fail_after(5):
+async def test_uvicorn_models_route(upstream: Upstream, mount: Mounting) -> None:
+    with proxied(upstream, mount=mount, allowed_models=["gpt-4o-mini"]) as url, anyio.fail_after(5):
         async with httpx.AsyncClient(timeout=5) as client:
             response = await client.get(f"{url}/api/chat/models")
     assert response.json()["data"][0]["id"] == "gpt-4o-mini"
@@ -264,7 +301,7 @@ async def test_uvicorn_models_route(upstream: Upstream) -> None:
 async def test_uvicorn_bare_mount_redirects_exact_path(upstream: Upstream) -> None:
     # Why routes() exists: a bare Mount answers the exact path with a 307.
     proxy = ChatProxy(api_key=KEY, base_url=upstream[1].base_url)
-    app = starlette_app(proxy, "/api/chat", bare_mount=True)
+    app = starlette_app(proxy, "/api/chat", "bare")
     with serve(app) as url, anyio.fail_after(5):
         async with httpx.AsyncClient(timeout=5) as client:
             response = await client.post(f"{url}/api/chat", json={"messages": MESSAGES})
@@ -273,10 +310,19 @@ async def test_uvicorn_bare_mount_redirects_exact_path(upstream: Upstream) -> No
             assert slash.status_code == 200
 
 
-async def test_uvicorn_fastapi_mount(upstream: Upstream) -> None:
-    fastapi = pytest.importorskip("fastapi")
+async def test_uvicorn_fastapi_mount(upstream: Upstream, mount: Mounting) -> None:
+    import fastapi
+
     proxy = ChatProxy(api_key=KEY, base_url=upstream[1].base_url)
-    api = fastapi.FastAPI(routes=proxy.routes("/api/chat"), lifespan=proxy.lifespan)
+    if mount == "routes":
+        api = fastapi.FastAPI(routes=proxy.routes("/api/chat"), lifespan=proxy.lifespan)
+    else:
+        api = fastapi.FastAPI(middleware=[proxy.middleware("/api/chat")], lifespan=proxy.lifespan)
+
+    @api.get("/other")
+    async def other() -> dict[str, str]:
+        return {"page": "fastapi's own"}
+
     upstream[0].enqueue(Script(text="via fastapi"))
     with serve(api) as url, anyio.fail_after(5):
         async with httpx.AsyncClient(timeout=5) as client:
@@ -285,6 +331,39 @@ async def test_uvicorn_fastapi_mount(upstream: Upstream) -> None:
                 f"{url}/api/chat", content=body, headers=browser_headers(url)
             )
             models = await client.get(f"{url}/api/chat/models")
+            page = await client.get(f"{url}/other")
     assert response.status_code == 200
+    assert streamed_text(response.content) == "via fastapi"
     assert response.content.endswith(b"data: [DONE]\n\n")
     assert models.status_code == 200
+    assert page.json() == {"page": "fastapi's own"}
+
+
+async def test_uvicorn_middleware_passes_the_rest_to_the_app(upstream: Upstream) -> None:
+    upstream[0].enqueue(Script(text="slash"))
+    with proxied(upstream, mount="middleware") as url, anyio.fail_after(5):
+        async with httpx.AsyncClient(timeout=5) as client:
+            page = await client.get(f"{url}/other")
+            slash = await client.post(f"{url}/api/chat/", json={"messages": MESSAGES})
+            below = await client.get(f"{url}/api/chat/nothing-here")
+            beside = await client.post(f"{url}/api/chatty", json={"messages": MESSAGES})
+            wrong = await client.get(f"{url}/api/chat")
+    assert page.text == "the app's own page"
+    assert slash.status_code == 200 and streamed_text(slash.content) == "slash"
+    # Below the path the proxy answers (its own JSON 404); beside it, the app does.
+    assert below.status_code == 404 and below.json()["error"]["code"] == "not_found"
+    assert beside.status_code == 404 and beside.text == "Not Found"
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert len(upstream[0].requests) == 1
+
+
+async def test_middleware_honours_root_path(upstream: Upstream) -> None:
+    # Behind a path-stripping proxy (uvicorn --root-path), as Starlette's own routing does.
+    proxy = ChatProxy(api_key=KEY, base_url=upstream[1].base_url, allowed_models=["m1"])
+    app = Starlette(middleware=[proxy.middleware("/api/chat")])
+    transport = httpx.ASGITransport(app, root_path="/prefix")
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        models = await client.get("/prefix/api/chat/models")
+        beside = await client.get("/prefix/api/chatty/models")
+    assert models.json()["data"][0]["id"] == "m1"
+    assert beside.status_code == 404 and beside.text == "Not Found"
