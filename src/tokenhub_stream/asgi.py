@@ -21,6 +21,8 @@ Deliberate divergences from the usual Starlette streaming endpoint, with reasons
   instead of a truncated answer that looks complete.
 - `ChatProxy.routes(path)` instead of a bare `Mount`: Starlette's `Mount` answers an exact
   `POST /api/chat` with a 307 to `/api/chat/`, which `fetch` follows as a GET.
+  `ChatProxy.middleware(path)` serves the same requests ahead of the app's routing: every
+  open stream holds the coroutine chain above the proxy, and this one is shorter.
 - No CORS headers at all; cross-site requests are refused (403) instead.
 - The one exception to byte-exact passthrough: with `tools=`, the proxy runs the tool loop
   itself and writes its own `chat.completion.chunk` frames (content deltas only, tool
@@ -288,6 +290,7 @@ class ChatProxy:
                       allowed_models=["gpt-4o-mini"], max_tokens_cap=2048)
     app = Starlette(routes=proxy.routes("/api/chat"))      # POST /api/chat, GET /api/chat/models
     app = FastAPI(routes=proxy.routes("/v1/chat/completions"))  # for the openai SDK
+    app = FastAPI(middleware=[proxy.middleware("/api/chat")])  # ahead of routing: leaner
     ```
 
     Args:
