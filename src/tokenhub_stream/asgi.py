@@ -1229,10 +1229,8 @@ class _Front:
         self.app = app
         self._proxy = proxy
         self._path = path
-        self._below = path + "/"
-
-    def __repr__(self) -> str:
-        return f"<ChatProxy middleware at {self._path!r}>"
+        self._base = path.rstrip("/")  # "" for "/": then every path is below it
+        self._below = self._base + "/"
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # Not async: the server awaits the coroutine of whoever answers, so a stream's task
@@ -1244,7 +1242,7 @@ class _Front:
             if path.startswith(self._below):
                 # As a Mount would: the proxy sees the rest of the path below its root.
                 root = str(scope.get("root_path", ""))
-                child = dict(scope, root_path=root + self._path)
+                child = dict(scope, root_path=root + self._base)
                 return self._proxy(child, receive, send)
         return self.app(scope, receive, send)
 

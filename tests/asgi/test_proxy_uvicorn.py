@@ -367,3 +367,17 @@ async def test_middleware_honours_root_path(upstream: Upstream) -> None:
         beside = await client.get("/prefix/api/chatty/models")
     assert models.json()["data"][0]["id"] == "m1"
     assert beside.status_code == 404 and beside.text == "Not Found"
+
+
+async def test_middleware_at_the_root_takes_every_path(upstream: Upstream) -> None:
+    # As Mount("/", app=proxy) does: the proxy is the app, its /models included.
+    proxy = ChatProxy(api_key=KEY, base_url=upstream[1].base_url, allowed_models=["m1"])
+    app = Starlette(routes=[Route("/other", other_page)], middleware=[proxy.middleware("/")])
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        models = await client.get("/models")
+        other = await client.get("/other")
+        wrong = await client.get("/")
+    assert models.json()["data"][0]["id"] == "m1"
+    assert other.status_code == 404 and other.json()["error"]["code"] == "not_found"
+    assert wrong.status_code == 405
