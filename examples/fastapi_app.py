@@ -51,10 +51,12 @@ proxy = ChatProxy(
     on_request=add_system_prompt,
 )
 
-app = FastAPI(lifespan=proxy.lifespan)
-# routes() instead of app.mount(): a mount answers POST /api/chat with a 307 to /api/chat/.
-app.router.routes.extend(proxy.routes("/api/chat"))
-app.router.routes.extend(proxy.routes("/v1/chat/completions"))
+# Middleware rather than app.mount(): a mount answers POST /api/chat with a 307 to
+# /api/chat/. The second serves the openai SDK (base_url=".../v1").
+app = FastAPI(
+    middleware=[proxy.middleware("/api/chat"), proxy.middleware("/v1/chat/completions")],
+    lifespan=proxy.lifespan,
+)
 
 
 @app.get("/healthz")

@@ -81,7 +81,9 @@ proxy = ChatProxy(
 )
 
 app = Starlette(
-    routes=[Route("/", homepage), *proxy.routes("/api/chat")],
+    routes=[Route("/", homepage)],
+    # Ahead of routing: POST /api/chat and GET /api/chat/models (docs/proxy.md).
+    middleware=[proxy.middleware("/api/chat")],
     lifespan=proxy.lifespan,
 )
 

@@ -5,7 +5,7 @@ from starlette.applications import Starlette
 from tokenhub_stream.asgi import ChatProxy
 
 proxy = ChatProxy(api_key=os.environ["TOKENHUB_KEY"], base_url="https://api.sandboxclaw.com/v1")
-app = Starlette(routes=proxy.routes("/api/chat"))
+app = Starlette(middleware=[proxy.middleware("/api/chat")])  # or routes=proxy.routes(...)
 ```
 
 Deliberate divergences from the usual Starlette streaming endpoint, with reasons:
