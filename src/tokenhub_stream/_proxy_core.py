@@ -211,7 +211,8 @@ def parse_body(raw: bytes, charset: str) -> dict[str, object]:
             400, "The request body is not valid text.", code="invalid_body"
         ) from None
     try:
-        body = json.loads(text)
+        # NaN and Infinity are Python's extension, not JSON: the upstream would refuse them.
+        body = json.loads(text, parse_constant=_not_json)
     except (ValueError, RecursionError):  # RecursionError: nesting too deep to parse
         raise ProxyRejection(
             400, "The request body is not valid JSON.", code="invalid_json"
@@ -219,6 +220,10 @@ def parse_body(raw: bytes, charset: str) -> dict[str, object]:
     if not isinstance(body, dict):
         raise ProxyRejection(400, "The request body must be a JSON object.", code="invalid_body")
     return body
+
+
+def _not_json(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
 
 
 def validate_body(
@@ -277,7 +282,7 @@ def validate_body(
 
 
 # One encoder, not one per json.dumps() call with these options (~4 us per request).
-_ENCODE_BODY = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_ENCODE_BODY = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
 def outgoing_body(body: Mapping[str, object], allowed: Collection[str], stream: bool) -> bytes:
@@ -291,6 +296,10 @@ def outgoing_body(body: Mapping[str, object], allowed: Collection[str], stream: 
     except UnicodeEncodeError:  # a lone surrogate escape such as "\\ud800" parses, but is no text
         raise ProxyRejection(
             400, "The request body contains invalid Unicode.", code="invalid_body"
+        ) from None
+    except ValueError:  # 1e999 parses as infinity, which JSON cannot carry
+        raise ProxyRejection(
+            400, "The request body contains a number out of range.", code="invalid_body"
         ) from None
 
 

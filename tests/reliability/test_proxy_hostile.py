@@ -384,6 +384,11 @@ BAD_BODIES: list[tuple[str, bytes | list[bytes], list[tuple[bytes, bytes]] | Non
     ("max_tokens_nan", body_of()[:-1] + b',"max_tokens":NaN}', None, 400),
     ("max_tokens_infinity", body_of()[:-1] + b',"max_tokens":Infinity}', None, 400),
     ("max_completion_tokens_negative", body_of(max_completion_tokens=-5), None, 400),
+    # Python's json reads these; they are not JSON, and the upstream would refuse them.
+    ("temperature_nan", body_of()[:-1] + b',"temperature":NaN}', None, 400),
+    ("top_p_minus_infinity", body_of()[:-1] + b',"top_p":-Infinity}', None, 400),
+    ("temperature_overflows_to_infinity", body_of()[:-1] + b',"temperature":1e999}', None, 400),
+    ("nan_inside_a_message", b'{"messages":[{"role":"user","content":NaN}]}', None, 400),
     ("stream_not_bool", body_of(stream="yes"), None, 400),
     ("model_not_string", body_of(model=["gpt"]), None, 400),
 ]
