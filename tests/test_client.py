@@ -130,6 +130,18 @@ def test_client_stream_param_refused(sync: bool) -> None:
         client.stream_chat("hello")  # type: ignore[arg-type]
 
 
+@both
+def test_client_refuses_nan_before_any_request(mock: respx.MockRouter, sync: bool) -> None:
+    # Not JSON: the upstream would answer 400; the caller gets a ValueError at once.
+    route = mock.route().mock(return_value=ok(sse("a")))
+    client_cls = ts.Client if sync else ts.AsyncClient
+    client = client_cls(base_url=URL)
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="JSON"):
+            client.stream_chat(MESSAGES, temperature=value)
+    assert not route.called
+
+
 def test_client_default_url_needs_key_before_any_request(mock: respx.MockRouter) -> None:
     route = mock.route().mock(return_value=ok(sse("a")))
     with pytest.raises(MissingAPIKeyError, match="TOKENHUB_KEY"):

@@ -219,7 +219,8 @@ class BaseClient:
         return Call(
             url=self.base_url + "/chat/completions",
             headers=headers,
-            body=json.dumps(body, separators=(",", ":")).encode(),
+            # allow_nan=False, as httpx's json=: NaN and Infinity are not JSON (ValueError).
+            body=json.dumps(body, separators=(",", ":"), allow_nan=False).encode(),
             timeout=self.timeout if timeout is UNSET else Timeout.coerce(timeout),
             max_retries=self.max_retries if max_retries is UNSET else max_retries,
             model=model_name,
