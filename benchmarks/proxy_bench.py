@@ -17,7 +17,8 @@ httptools, mounted with `proxy.routes()` in Starlette), chatproxy-mw (the same p
 whole app, no Starlette). `--profile` and `--tracemalloc` slow the proxy
 they watch, so their runs' columns are not comparable with plain runs.
 
-`--burst N` measures only the opening burst: N one-chunk streams at once, five times, with
+`--deciles` also prints, for the largest `--streams` step, the TTFB p50 of each tenth of the
+streams in the order they were opened. `--burst N` measures only the opening burst: N one-chunk streams at once, five times, with
 two more targets that have no upstream at all (`bare`, an ASGI app under uvicorn that
 writes its one event itself, and `bare-starlette`, the same app inside Starlette), what
 uvicorn and Starlette cost per request.
@@ -566,7 +567,11 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def _measure(target: Target, streams: int, snapshot: bool = False) -> dict[str, float]:
+def _measure(
+    target: Target, streams: int, snapshot: bool = False, order: list[float] | None = None
+) -> dict[str, float]:
+    # `order`, if given, receives the TTFB median of each tenth of the streams, in the
+    # order they were opened (--deciles).
     cpu0 = sum(_cpu_seconds(p) for p in target.pids)
     rss0 = sum(_rss_kib(p) for p in target.pids)
     peak = rss0
@@ -614,6 +619,11 @@ def _measure(target: Target, streams: int, snapshot: bool = False) -> dict[str, 
     cpu = sum(_cpu_seconds(p) for p in target.pids) - cpu0
     gaps = [g for r in results for g in r.gaps]
     ttfbs = [r.ttfb for r in results if r.ttfb is not None]
+    if order is not None:
+        tenth = max(1, streams // 10)
+        for i in range(0, streams, tenth):
+            part = [r.ttfb for r in results[i : i + tenth] if r.ttfb is not None]
+            order.append(1000 * _pct(part, 0.5))
     return {
         "cpu_ms": 1000 * cpu / streams if target.pids else float("nan"),
         "kib": (peak - rss0) / streams if target.pids else float("nan"),
@@ -692,6 +702,12 @@ def main() -> None:
         "also targets bare (uvicorn, no upstream) and bare-starlette",
     )
     parser.add_argument(
+        "--deciles",
+        action="store_true",
+        help="also print, per target, the TTFB p50 of each tenth of the streams of the "
+        "largest --streams step, in the order they were opened",
+    )
+    parser.add_argument(
         "--gc-threshold",
         type=int,
         metavar="N",
@@ -711,6 +727,7 @@ def main() -> None:
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     extra: list[str] = []
+    by_order: list[str] = []
     with _start_upstream() as upstream_port:
         direct_gap: dict[int, float] = {}
         for name in targets:
@@ -724,7 +741,13 @@ def main() -> None:
             with _start_target(name, upstream_port, args.loop, args.http, probe) as target:
                 _measure(target, 5)  # warm up
                 for n in args.streams:
-                    m = _measure(target, n, probe.startswith("tracemalloc:"))
+                    order: list[float] | None = None
+                    if args.deciles and n == max(args.streams):
+                        order = []
+                    m = _measure(target, n, probe.startswith("tracemalloc:"), order)
+                    if order:
+                        cells = " | ".join(f"{t:.0f}" for t in order)
+                        by_order.append(f"| {name} | {cells} |")
                     if name == "direct":
                         direct_gap[n] = m["gap_p99"]
                     added = m["gap_p99"] - direct_gap.get(n, float("nan"))
@@ -751,6 +774,11 @@ def main() -> None:
     print("| target | one unpaced stream (5,000 chunks) | upstream closed after abort (median) |")
     print("| --- | ---: | ---: |")
     print("\n".join(extra))
+    if by_order:
+        print(f"\n# TTFB p50 ms of each tenth of the {max(args.streams)} streams, in opening order")
+        print("| target | " + " | ".join(f"{k}" for k in range(1, 11)) + " |")
+        print("| --- |" + " ---: |" * 10)
+        print("\n".join(by_order))
 
 
 if __name__ == "__main__":
