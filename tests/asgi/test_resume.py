@@ -26,7 +26,7 @@ from tokenhub_stream.asgi import (
 from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, Script
 
 from .conftest import KEY, assert_no_key, serve
-from .test_proxy_uvicorn import browser_headers, starlette_app
+from .test_proxy_uvicorn import Mounting, browser_headers, starlette_app
 
 Upstream = tuple[FakeChatUpstream, RunningUpstream]
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -69,7 +69,9 @@ def raw_script(delay: float = 0.05) -> Script:
 
 
 @contextlib.contextmanager
-def proxied(upstream: Upstream, **kw: object) -> Iterator[tuple[str, ChatProxy]]:
+def proxied(
+    upstream: Upstream, mount: Mounting = "routes", **kw: object
+) -> Iterator[tuple[str, ChatProxy]]:
     _, running = upstream
     options: dict[str, object] = {
         "base_url": running.base_url,
@@ -78,7 +80,7 @@ def proxied(upstream: Upstream, **kw: object) -> Iterator[tuple[str, ChatProxy]]
     }
     options.update(kw)
     proxy = ChatProxy(api_key=KEY, **options)  # type: ignore[arg-type]
-    with serve(starlette_app(proxy, "/api/chat")) as url:
+    with serve(starlette_app(proxy, "/api/chat", mount)) as url:
         yield url, proxy
 
 
@@ -214,12 +216,14 @@ async def test_resume_ignored_when_the_proxy_is_not_resumable(upstream: Upstream
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("mount", ["routes", "middleware"])
 async def test_resume_after_a_cut_is_byte_exact_with_one_upstream_request(
-    upstream: Upstream,
+    upstream: Upstream, mount: Mounting
 ) -> None:
+    # The resume route is below the proxy's path: both mountings must reach it.
     app, _ = upstream
     app.enqueue(raw_script(0.001), raw_script(0.05))
-    with proxied(upstream) as (url, _):
+    with proxied(upstream, mount) as (url, _):
         async with httpx.AsyncClient(timeout=10) as client:
             with anyio.fail_after(10):
                 direct = await post_all(client, url, resumable_headers(url))
