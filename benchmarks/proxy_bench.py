@@ -18,7 +18,9 @@ whole app, no Starlette). `--profile` and `--tracemalloc` slow the proxy
 they watch, so their runs' columns are not comparable with plain runs.
 
 `--deciles` also prints, for the largest `--streams` step, the TTFB p50 of each tenth of the
-streams in the order they were opened. `--burst N` measures only the opening burst: N one-chunk streams at once, five times, with
+streams in the order they were opened.
+
+`--burst N` measures only the opening burst: N one-chunk streams at once, five times, with
 two more targets that have no upstream at all (`bare`, an ASGI app under uvicorn that
 writes its one event itself, and `bare-starlette`, the same app inside Starlette), what
 uvicorn and Starlette cost per request.
