@@ -36,8 +36,9 @@ Every process runs on this machine, on loopback only:
 
 Reported per target and concurrency: CPU ms per stream, RSS KiB per stream (peak minus idle),
 TTFB p50/p99, the p99 inter-event gap minus the direct run's p99, and complete streams. Then
-one stream "as fast as the upstream can send" (no pacing, 5,000 chunks), and the time from a
-client abort to the upstream seeing its connection closed.
+one stream "as fast as the upstream can send" (no pacing, 5,000 chunks), the time from a
+client abort to the upstream seeing its connection closed, and each proxy against nginx in
+the same run (CPU and KiB as ratios, the TTFB p50 added to direct's).
 """
 
 from __future__ import annotations
@@ -732,6 +733,7 @@ def main() -> None:
     by_order: list[str] = []
     with _start_upstream() as upstream_port:
         direct_gap: dict[int, float] = {}
+        rows: dict[tuple[str, int], dict[str, float]] = {}
         for name in targets:
             probe = "-"
             if args.profile and name not in ("direct", "nginx"):
@@ -750,6 +752,7 @@ def main() -> None:
                     if order:
                         cells = " | ".join(f"{t:.0f}" for t in order)
                         by_order.append(f"| {name} | {cells} |")
+                    rows[name, n] = m
                     if name == "direct":
                         direct_gap[n] = m["gap_p99"]
                     added = m["gap_p99"] - direct_gap.get(n, float("nan"))
@@ -776,11 +779,39 @@ def main() -> None:
     print("| target | one unpaced stream (5,000 chunks) | upstream closed after abort (median) |")
     print("| --- | ---: | ---: |")
     print("\n".join(extra))
+    _print_ratios(rows, targets, args.streams)
     if by_order:
         print(f"\n# TTFB p50 ms of each tenth of the {max(args.streams)} streams, in opening order")
         print("| target | " + " | ".join(f"{k}" for k in range(1, 11)) + " |")
         print("| --- |" + " ---: |" * 10)
         print("\n".join(by_order))
+
+
+def _print_ratios(
+    rows: dict[tuple[str, int], dict[str, float]], targets: list[str], streams: list[int]
+) -> None:
+    # The same run's figures as ratios to nginx, and the TTFB p50 each target adds to the
+    # direct one: the columns that move between runs move together, the ratios less.
+    proxies = [t for t in targets if t not in ("direct", "nginx")]
+    if not proxies or not any(("nginx", n) in rows for n in streams):
+        return
+    print("\n# against nginx and direct in this run")
+    print("| target | streams | CPU / nginx | KiB / nginx | added TTFB p50 ms (nginx) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name in proxies:
+        for n in streams:
+            m, ref, direct = rows.get((name, n)), rows.get(("nginx", n)), rows.get(("direct", n))
+            if m is None or ref is None or n < 100:  # 1 stream: 10 ms ticks, noise
+                continue
+            added = ref_added = float("nan")
+            if direct is not None:
+                added = m["ttfb_p50"] - direct["ttfb_p50"]
+                ref_added = ref["ttfb_p50"] - direct["ttfb_p50"]
+            kib = m["kib"] / ref["kib"] if ref["kib"] > 0 else float("nan")
+            print(
+                f"| {name} | {n} | {m['cpu_ms'] / ref['cpu_ms']:.2f} | {kib:.2f} | "
+                f"{added:+.1f} ({ref_added:+.1f}) |"
+            )
 
 
 if __name__ == "__main__":
