@@ -490,7 +490,7 @@ class ChatProxy:
         It answers what `routes(path)` answers (`path`, `path/`, `GET path/models`) and
         passes every other request, and the lifespan, to the app. A stream then skips the
         app's routing and exception handling: each open stream holds about 2.5 KiB less and
-        each event passes one `send` wrapper instead of three (docs/performance.md). Put
+        each event passes one `send` wrapper instead of two (docs/performance.md). Put
         middleware the proxy's hooks rely on (sessions, say) before it in the list.
         """
         path = "/" + path.strip("/")
