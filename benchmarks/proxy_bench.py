@@ -807,9 +807,10 @@ def _print_ratios(
             if direct is not None:
                 added = m["ttfb_p50"] - direct["ttfb_p50"]
                 ref_added = ref["ttfb_p50"] - direct["ttfb_p50"]
+            cpu = m["cpu_ms"] / ref["cpu_ms"] if ref["cpu_ms"] > 0 else float("nan")
             kib = m["kib"] / ref["kib"] if ref["kib"] > 0 else float("nan")
             print(
-                f"| {name} | {n} | {m['cpu_ms'] / ref['cpu_ms']:.2f} | {kib:.2f} | "
+                f"| {name} | {n} | {cpu:.2f} | {kib:.2f} | "
                 f"{added:+.1f} ({ref_added:+.1f}) |"
             )
 
