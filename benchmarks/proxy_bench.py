@@ -809,10 +809,7 @@ def _print_ratios(
                 ref_added = ref["ttfb_p50"] - direct["ttfb_p50"]
             cpu = m["cpu_ms"] / ref["cpu_ms"] if ref["cpu_ms"] > 0 else float("nan")
             kib = m["kib"] / ref["kib"] if ref["kib"] > 0 else float("nan")
-            print(
-                f"| {name} | {n} | {cpu:.2f} | {kib:.2f} | "
-                f"{added:+.1f} ({ref_added:+.1f}) |"
-            )
+            print(f"| {name} | {n} | {cpu:.2f} | {kib:.2f} | {added:+.1f} ({ref_added:+.1f}) |")
 
 
 if __name__ == "__main__":
