@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import socket
 import threading
@@ -12,6 +13,7 @@ import anyio
 import httpx
 import pytest
 
+from tokenhub_stream import SSEDecoder
 from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, run_upstream
 
 # The server key of every proxy under test. Tests grep responses, headers and logs for it.
@@ -26,6 +28,16 @@ ASGIApp = Callable[
     ],
     Awaitable[None],
 ]
+
+
+def text_of(data: bytes) -> str:
+    """The assistant text carried by the `chat.completion.chunk` events in `data`."""
+    out = []
+    for event in SSEDecoder().feed(data):
+        if event.data.startswith("{"):
+            for choice in json.loads(event.data).get("choices", []):
+                out.append(choice["delta"].get("content") or "")
+    return "".join(out)
 
 
 def assert_no_key(*texts: object) -> None:

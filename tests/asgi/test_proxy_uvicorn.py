@@ -21,7 +21,7 @@ from starlette.routing import Mount, Route
 from tokenhub_stream.asgi import ChatProxy
 from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, Script
 
-from .conftest import KEY, assert_no_key, serve
+from .conftest import KEY, assert_no_key, serve, text_of
 
 pytestmark = pytest.mark.anyio
 
@@ -69,15 +69,6 @@ def proxied(
     proxy = ChatProxy(api_key=KEY, **options)  # type: ignore[arg-type]
     with serve(starlette_app(proxy, path, mount)) as url:
         yield url
-
-
-def streamed_text(body: bytes) -> str:
-    text = ""
-    for line in body.decode().splitlines():
-        if line.startswith("data: {"):
-            choices = json.loads(line[6:])["choices"]
-            text += "".join(c["delta"].get("content") or "" for c in choices)
-    return text
 
 
 def browser_headers(url: str) -> dict[str, str]:
@@ -333,7 +324,7 @@ async def test_uvicorn_fastapi_mount(upstream: Upstream, mount: Mounting) -> Non
             models = await client.get(f"{url}/api/chat/models")
             page = await client.get(f"{url}/other")
     assert response.status_code == 200
-    assert streamed_text(response.content) == "via fastapi"
+    assert text_of(response.content) == "via fastapi"
     assert response.content.endswith(b"data: [DONE]\n\n")
     assert models.status_code == 200
     assert page.json() == {"page": "fastapi's own"}
@@ -349,7 +340,7 @@ async def test_uvicorn_middleware_passes_the_rest_to_the_app(upstream: Upstream)
             beside = await client.post(f"{url}/api/chatty", json={"messages": MESSAGES})
             wrong = await client.get(f"{url}/api/chat")
     assert page.text == "the app's own page"
-    assert slash.status_code == 200 and streamed_text(slash.content) == "slash"
+    assert slash.status_code == 200 and text_of(slash.content) == "slash"
     # Below the path the proxy answers (its own JSON 404); beside it, the app does.
     assert below.status_code == 404 and below.json()["error"]["code"] == "not_found"
     assert beside.status_code == 404 and beside.text == "Not Found"

@@ -25,7 +25,7 @@ from tokenhub_stream.asgi import (
 )
 from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, Script
 
-from .conftest import KEY, assert_no_key, serve
+from .conftest import KEY, assert_no_key, serve, text_of
 from .test_proxy_uvicorn import Mounting, browser_headers, starlette_app
 
 Upstream = tuple[FakeChatUpstream, RunningUpstream]
@@ -103,15 +103,6 @@ def untag(data: bytes) -> bytes:
         b"".join(line for line in e.splitlines(keepends=True) if not line.startswith(b"id: "))
         for e in split_events(data)
     )
-
-
-def text_of(data: bytes) -> str:
-    out = []
-    for event in SSEDecoder().feed(data):
-        if event.data.startswith("{"):
-            for choice in json.loads(event.data).get("choices", []):
-                out.append(choice["delta"].get("content") or "")
-    return "".join(out)
 
 
 async def post_all(client: httpx.AsyncClient, url: str, headers: dict[str, str]) -> httpx.Response:
