@@ -27,15 +27,23 @@ uvicorn and Starlette cost per request.
 
 Every process runs on this machine, on loopback only:
 
-- a paced upstream (stdlib asyncio): per stream 100 chunks, 20 ms apart, each SSE event one
-  HTTP chunk; it records when it sees a client close its connection;
+- a paced upstream (asyncio protocols, on uvloop when it is installed): per stream 100
+  chunks, 20 ms apart, each SSE event one HTTP chunk; it records when it sees a client
+  close its connection;
 - the proxies under test, each in its own uvicorn process (one worker), so their CPU time
   (utime+stime from /proc) and RSS can be read per process;
-- the load generator (stdlib asyncio, raw sockets), which measures time to first byte, the
-  gaps between events, and whether each stream arrived complete.
+- the load generator (asyncio protocols over raw sockets, on uvloop when it is installed),
+  which measures time to first byte, the gaps between events, and whether each stream
+  arrived complete.
+
+The upstream and the load generator share the two cores with the target, so they are kept
+lean: the last column, "harness", is the CPU they spent per stream, CPU the target did not
+get. (Until 2026-11-29 they were stdlib asyncio streams and took about 5.5 ms per stream at
+500 streams, most of the box; now about 2.6.)
 
 Reported per target and concurrency: CPU ms per stream, RSS KiB per stream (peak minus idle),
-TTFB p50/p99, the p99 inter-event gap minus the direct run's p99, and complete streams. Then
+TTFB p50/p99, the p99 inter-event gap minus the direct run's p99, complete streams and the
+harness's CPU per stream. Then
 one stream "as fast as the upstream can send" (no pacing, 5,000 chunks), the time from a
 client abort to the upstream seeing its connection closed, and each proxy against nginx in
 the same run (CPU and KiB as ratios, the TTFB p50 added to direct's).
@@ -58,7 +66,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHUNKS = 100
@@ -84,75 +92,147 @@ def _chunk(data: bytes) -> bytes:
 
 
 # --- the paced upstream -----------------------------------------------------------------------
+#
+# Protocols with call_later pacing, on uvloop when it is installed: the harness's own CPU is
+# CPU the target does not get on this 2-core box, so the upstream and the load generator are
+# written to spend as little as they can (their CPU is printed per step, column "harness").
+
+_EVENTS = [_chunk(_event(i)) for i in range(FAST_CHUNKS)]
+_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+_END = _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+
+
+def _run(main: Any) -> Any:
+    # The harness's event loop: uvloop when installed, asyncio's own otherwise.
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
+class _Upstream(asyncio.Protocol):
+    """One connection to the paced upstream: requests one after another (keep-alive)."""
+
+    closed: dict[str, float] = {}  # bench id -> when its client's close was seen
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.streaming = False
+        self.paused = False
+        self.fast = False
+        self.sent = 0
+        self.count = 0
+        self.bench_id: object = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.streaming:
+            self._next_request()
+
+    def eof_received(self) -> bool | None:
+        self._gone()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gone()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.streaming and self.fast:
+            self._pump()
+
+    def _gone(self) -> None:
+        if self.streaming:
+            self.streaming = False
+            if self.timer is not None:
+                self.timer.cancel()
+            if isinstance(self.bench_id, str):
+                self.closed[self.bench_id] = time.monotonic()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _next_request(self) -> None:
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        lines = self.buffer[:end].decode("latin-1").split("\r\n")
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        if len(self.buffer) < end + 4 + length:
+            return
+        raw, self.buffer = self.buffer[end + 4 : end + 4 + length], self.buffer[end + 4 + length :]
+        assert self.transport is not None
+        if lines[0].split(" ")[1].startswith("/closed"):
+            payload = json.dumps(self.closed).encode()
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(payload), payload)
+            )
+            return self._next_request()
+        body: dict[str, object] = {}
+        with contextlib.suppress(ValueError):
+            body = json.loads(raw) if raw else {}
+        # Proxies forward only allow-listed body fields: "user" names an abort trial,
+        # "max_tokens" asks for an unpaced stream of that many chunks, "seed" for a longer
+        # paced stream (the --tracemalloc probe).
+        self.bench_id = body.get("user")
+        self.fast = isinstance(body.get("max_tokens"), int)
+        seed = body.get("seed")
+        self.count = CHUNKS
+        if self.fast:
+            self.count = int(body["max_tokens"])  # type: ignore[call-overload]
+        elif isinstance(seed, int):
+            self.count = seed
+        self.sent = 0
+        self.streaming = True
+        self.transport.write(_HEAD)
+        if self.fast:
+            self._pump()
+        else:
+            self.timer = asyncio.get_running_loop().call_later(PACE, self._tick)
+
+    def _tick(self) -> None:
+        # One paced event, 20 ms after the one before it.
+        self.timer = None
+        assert self.transport is not None
+        self.transport.write(_EVENTS[self.sent % FAST_CHUNKS])
+        self.sent += 1
+        if self.sent < self.count:
+            self.timer = asyncio.get_running_loop().call_later(PACE, self._tick)
+        else:
+            self._finish()
+
+    def _pump(self) -> None:
+        assert self.transport is not None
+        while self.sent < self.count and not self.paused and self.streaming:
+            self.transport.write(_EVENTS[self.sent % FAST_CHUNKS])
+            self.sent += 1
+        if self.sent >= self.count and self.streaming:
+            self._finish()
+
+    def _finish(self) -> None:
+        assert self.transport is not None
+        self.transport.write(_END)
+        self.streaming = False
+        self._next_request()
 
 
 async def _upstream_main(port_file: str) -> None:
-    closed: dict[str, float] = {}
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                method, target, _ = lines[0].split(" ", 2)
-                headers = {}
-                for line in lines[1:]:
-                    if ":" in line:
-                        k, v = line.split(":", 1)
-                        headers[k.strip().lower()] = v.strip()
-                length = int(headers.get("content-length", "0"))
-                body: dict[str, object] = {}
-                if length:
-                    with contextlib.suppress(ValueError):
-                        body = json.loads(await reader.readexactly(length))
-                if target.startswith("/closed"):
-                    payload = json.dumps(closed).encode()
-                    writer.write(
-                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                        b"content-length: %d\r\n\r\n%s" % (len(payload), payload)
-                    )
-                    await writer.drain()
-                    continue
-                # Proxies forward only allow-listed body fields: "user" names an abort
-                # trial, "max_tokens" asks for an unpaced stream of that many chunks.
-                # "seed" asks for a longer paced stream (the --tracemalloc probe).
-                bench_id = body.get("user")
-                fast = isinstance(body.get("max_tokens"), int)
-                seed = body.get("seed")
-                count = int(body["max_tokens"]) if fast else CHUNKS  # type: ignore[call-overload]
-                if not fast and isinstance(seed, int):
-                    count = seed
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                    b"transfer-encoding: chunked\r\n\r\n"
-                )
-                eof = asyncio.ensure_future(reader.read(1))
-                aborted = False
-                for i in range(count):
-                    if not fast:
-                        done, _ = await asyncio.wait({eof}, timeout=PACE)
-                        if done:
-                            aborted = True
-                            break
-                    writer.write(_chunk(_event(i)))
-                    if fast and i % 64 == 0:
-                        await writer.drain()
-                if aborted or (eof.done() and eof.result() == b""):
-                    if isinstance(bench_id, str):
-                        closed[bench_id] = time.monotonic()
-                    writer.close()
-                    return
-                eof.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await eof
-                writer.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=2048)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_Upstream, "127.0.0.1", 0, backlog=2048)
     port = server.sockets[0].getsockname()[1]
     with open(port_file, "w") as f:  # noqa: ASYNC230 - once, before serving
         f.write(str(port))
@@ -378,7 +458,7 @@ class Target:
 
 
 @contextlib.contextmanager
-def _start_upstream() -> Iterator[int]:
+def _start_upstream() -> Iterator[Target]:
     with tempfile.NamedTemporaryFile("r", suffix=".port") as f:
         proc = subprocess.Popen([sys.executable, __file__, "_upstream", f.name])
         try:
@@ -387,7 +467,7 @@ def _start_upstream() -> Iterator[int]:
                 if time.monotonic() > deadline:
                     raise RuntimeError("upstream did not start")
                 time.sleep(0.05)
-            yield int(open(f.name).read())
+            yield Target("upstream", int(open(f.name).read()), [proc.pid])
         finally:
             proc.terminate()
             proc.wait(5)
@@ -478,40 +558,67 @@ def _request(port: int, path: str, **fields: object) -> bytes:
     ).encode() + body
 
 
+class _Stream(asyncio.Protocol):
+    """One stream of the load generator: times each read that completes an event."""
+
+    def __init__(self, request: bytes, result: StreamResult, abort: bool) -> None:
+        self.request = request
+        self.result = result
+        self.abort = abort
+        self.done = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self.start = 0.0
+        self.last: float | None = None
+        self.seen = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self.start = time.monotonic()
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        result = self.result
+        seen, self.seen = self.seen, data[-1:]
+        n = data.count(b"\n\n") + (1 if seen == b"\n" and data.startswith(b"\n") else 0)
+        if n:
+            if result.ttfb is None:
+                result.ttfb = now - self.start
+            elif self.last is not None:
+                result.gaps.append(now - self.last)
+            self.last = now
+            result.events += n
+            if self.abort:
+                return self._end()
+        if b"[DONE]" in data or (result.events >= CHUNKS + 1 and b"0\r\n\r\n" in data):
+            result.complete = result.events >= CHUNKS + 1
+            self._end()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        if not self.done.done():
+            self.done.set_result(None)
+
+
 async def _one_stream(
     port: int, path: str, result: StreamResult, abort_id: str | None = None, chunks: int = 0
 ) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     fields: dict[str, object] = {"user": abort_id} if abort_id else {}
     if chunks:
         fields["seed"] = chunks
     request = _request(port, path, **fields)
-    start = time.monotonic()
-    writer.write(request)
-    last: float | None = None
-    seen = b""
+    loop = asyncio.get_running_loop()
+    _, stream = await loop.create_connection(
+        lambda: _Stream(request, result, abort_id is not None), "127.0.0.1", port
+    )
     try:
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                break
-            now = time.monotonic()
-            n = data.count(b"\n\n") + (1 if seen.endswith(b"\n") and data.startswith(b"\n") else 0)
-            seen = data[-1:]
-            if n:
-                if result.ttfb is None:
-                    result.ttfb = now - start
-                elif last is not None:
-                    result.gaps.append(now - last)
-                last = now
-                result.events += n
-                if abort_id:
-                    return
-            if b"[DONE]" in data or (result.events >= CHUNKS + 1 and b"0\r\n\r\n" in data):
-                result.complete = result.events >= CHUNKS + 1
-                break
+        await stream.done
     finally:
-        writer.close()
+        stream._end()
 
 
 async def _run_load(target: Target, streams: int) -> list[StreamResult]:
@@ -543,7 +650,7 @@ def _burst(target: Target, streams: int) -> tuple[float, float]:
         return await asyncio.gather(*(one() for _ in range(streams)))
 
     cpu0 = sum(_cpu_seconds(p) for p in target.pids)
-    ttfbs = asyncio.run(main())
+    ttfbs = _run(main())
     cpu = sum(_cpu_seconds(p) for p in target.pids) - cpu0
     cpu_ms = 1000 * cpu / streams if target.pids else float("nan")
     return cpu_ms, 1000 * _pct([t for t in ttfbs if t is not None], 0.5)
@@ -553,9 +660,9 @@ def _burst_main(args: argparse.Namespace, targets: list[str]) -> None:
     print(f"# bursts of {args.burst} one-chunk streams, 5 per target; loop={args.loop}")
     print("| target | CPU ms/request (5 bursts) | TTFB p50 ms (5 bursts) |")
     print("| --- | ---: | ---: |")
-    with _start_upstream() as upstream_port:
+    with _start_upstream() as upstream:
         for name in targets:
-            with _start_target(name, upstream_port, args.loop, args.http) as target:
+            with _start_target(name, upstream.port, args.loop, args.http) as target:
                 _burst(target, 50)  # warm up
                 runs = [_burst(target, args.burst) for _ in range(5)]
                 cpu = " / ".join(f"{c:.2f}" for c, _ in runs)
@@ -571,10 +678,17 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _measure(
-    target: Target, streams: int, snapshot: bool = False, order: list[float] | None = None
+    target: Target,
+    streams: int,
+    snapshot: bool = False,
+    order: list[float] | None = None,
+    upstream: Target | None = None,
 ) -> dict[str, float]:
     # `order`, if given, receives the TTFB median of each tenth of the streams, in the
-    # order they were opened (--deciles).
+    # order they were opened (--deciles). With `upstream`, "harness_ms" is the CPU the
+    # upstream and this load generator spent per stream: CPU the target did not get.
+    harness = upstream.pids if upstream is not None else []
+    harness0 = time.process_time() + sum(_cpu_seconds(p) for p in harness)
     cpu0 = sum(_cpu_seconds(p) for p in target.pids)
     rss0 = sum(_rss_kib(p) for p in target.pids)
     peak = rss0
@@ -618,8 +732,9 @@ def _measure(
             stop = True
             await task
 
-    results = asyncio.run(main())
+    results = _run(main())
     cpu = sum(_cpu_seconds(p) for p in target.pids) - cpu0
+    harness_cpu = time.process_time() + sum(_cpu_seconds(p) for p in harness) - harness0
     gaps = [g for r in results for g in r.gaps]
     ttfbs = [r.ttfb for r in results if r.ttfb is not None]
     if order is not None:
@@ -634,6 +749,7 @@ def _measure(
         "ttfb_p99": 1000 * _pct(ttfbs, 0.99),
         "gap_p99": 1000 * _pct(gaps, 0.99),
         "complete": sum(r.complete for r in results),
+        "harness_ms": 1000 * harness_cpu / streams,
     }
 
 
@@ -649,7 +765,7 @@ def _fast_stream(target: Target) -> float:
         writer.close()
         return time.monotonic() - start
 
-    return asyncio.run(main())
+    return _run(main())
 
 
 def _abort_latency(target: Target, upstream_port: int, trials: int = 5) -> float:
@@ -674,7 +790,7 @@ def _abort_latency(target: Target, upstream_port: int, trials: int = 5) -> float
             delays.append((closed_at - aborted) if closed_at else float("inf"))
         return statistics.median(delays)
 
-    return asyncio.run(main())
+    return _run(main())
 
 
 def main() -> None:
@@ -726,12 +842,12 @@ def main() -> None:
     print(f"# {CHUNKS} chunks x {PACE * 1000:.0f} ms per stream; loop={args.loop} http={args.http}")
     print(
         "| target | streams | CPU ms/stream | KiB/stream | TTFB p50 ms | TTFB p99 ms "
-        "| gap p99 ms | added gap p99 ms | complete |"
+        "| gap p99 ms | added gap p99 ms | complete | harness CPU ms/stream |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     extra: list[str] = []
     by_order: list[str] = []
-    with _start_upstream() as upstream_port:
+    with _start_upstream() as upstream:
         direct_gap: dict[int, float] = {}
         rows: dict[tuple[str, int], dict[str, float]] = {}
         for name in targets:
@@ -742,13 +858,13 @@ def main() -> None:
             elif args.tracemalloc and name not in ("direct", "nginx"):
                 os.makedirs(args.tracemalloc, exist_ok=True)
                 probe = "tracemalloc:" + os.path.join(args.tracemalloc, name)
-            with _start_target(name, upstream_port, args.loop, args.http, probe) as target:
+            with _start_target(name, upstream.port, args.loop, args.http, probe) as target:
                 _measure(target, 5)  # warm up
                 for n in args.streams:
                     order: list[float] | None = None
                     if args.deciles and n == max(args.streams):
                         order = []
-                    m = _measure(target, n, probe.startswith("tracemalloc:"), order)
+                    m = _measure(target, n, probe.startswith("tracemalloc:"), order, upstream)
                     if order:
                         cells = " | ".join(f"{t:.0f}" for t in order)
                         by_order.append(f"| {name} | {cells} |")
@@ -759,11 +875,11 @@ def main() -> None:
                     print(
                         f"| {name} | {n} | {m['cpu_ms']:.2f} | {m['kib']:.1f} | "
                         f"{m['ttfb_p50']:.1f} | {m['ttfb_p99']:.1f} | {m['gap_p99']:.1f} | "
-                        f"{added:+.1f} | {int(m['complete'])}/{n} |",
+                        f"{added:+.1f} | {int(m['complete'])}/{n} | {m['harness_ms']:.2f} |",
                         flush=True,
                     )
                 fast = _fast_stream(target)
-                abort = _abort_latency(target, upstream_port)
+                abort = _abort_latency(target, upstream.port)
                 extra.append(
                     f"| {name} | {FAST_CHUNKS / fast:,.0f} chunks/s | {abort * 1000:.1f} ms |"
                 )
@@ -814,7 +930,7 @@ def _print_ratios(
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_upstream":
-        asyncio.run(_upstream_main(sys.argv[2]))
+        _run(_upstream_main(sys.argv[2]))
     elif len(sys.argv) > 1 and sys.argv[1] == "_serve":
         _, _, kind, up, port, loop, http, probe = sys.argv
         _serve_app(kind, f"http://127.0.0.1:{up}", int(port), loop, http, probe)
