@@ -20,10 +20,12 @@ they watch, so their runs' columns are not comparable with plain runs.
 `--deciles` also prints, for the largest `--streams` step, the TTFB p50 of each tenth of the
 streams in the order they were opened.
 
-`--burst N` measures only the opening burst: N one-chunk streams at once, five times, with
-two more targets that have no upstream at all (`bare`, an ASGI app under uvicorn that
-writes its one event itself, and `bare-starlette`, the same app inside Starlette), what
-uvicorn and Starlette cost per request.
+`--burst N` measures only the opening burst: N one-chunk streams at once, five times.
+
+Two targets have no upstream at all: `bare`, an ASGI app under uvicorn that writes the
+events itself, and `bare-starlette`, the same app inside Starlette. They measure what
+uvicorn and Starlette cost before any proxying: in `--burst` one event per request, and in
+the paced runs the same 100 events, 20 ms apart, each after an `asyncio.sleep`.
 
 Every process runs on this machine, on loopback only:
 
@@ -314,13 +316,18 @@ def _chatproxy_app(upstream: str, transport_name: str = "default") -> object:
 
 
 def _bare_app(kind: str) -> Any:
-    # --burst only: an app with no upstream that writes one event and [DONE] itself, what
-    # uvicorn (and Starlette) cost per request before any proxying.
+    # An app with no upstream that writes the events and [DONE] itself: what uvicorn (and
+    # Starlette) cost before any proxying. In --burst (the body asks for "max_tokens") one
+    # event at once; otherwise the paced upstream's 100 events, 20 ms apart, from a sleep.
     async def bare(scope: Any, receive: Any, send: Any) -> None:
-        await receive()
+        message = await receive()
+        count = 1 if b"max_tokens" in message.get("body", b"") else CHUNKS
         start = {"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS}
         await send(start)
-        await send({"type": "http.response.body", "body": _event(0), "more_body": True})
+        for i in range(count):
+            if count > 1:
+                await asyncio.sleep(PACE)
+            await send({"type": "http.response.body", "body": _event(i), "more_body": True})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
     if kind == "bare":
@@ -817,8 +824,8 @@ def main() -> None:
         "--burst",
         type=int,
         metavar="N",
-        help="instead: bursts of N one-chunk streams, CPU per request and TTFB p50; "
-        "also targets bare (uvicorn, no upstream) and bare-starlette",
+        help="instead: bursts of N one-chunk streams, CPU per request and TTFB p50 "
+        "(targets bare and bare-starlette, uvicorn with no upstream, work here too)",
     )
     parser.add_argument(
         "--deciles",
