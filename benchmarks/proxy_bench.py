@@ -885,6 +885,9 @@ def main() -> None:
                         f"{added:+.1f} | {int(m['complete'])}/{n} | {m['harness_ms']:.2f} |",
                         flush=True,
                     )
+                if name.startswith("bare"):  # no upstream: nothing to relay or to close
+                    extra.append(f"| {name} | – | – |")
+                    continue
                 fast = _fast_stream(target)
                 abort = _abort_latency(target, upstream.port)
                 extra.append(
