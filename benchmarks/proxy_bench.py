@@ -104,11 +104,18 @@ _HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encodin
 _END = _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
 
 
-def _run(main: Any) -> Any:
-    # The harness's event loop: uvloop when installed, asyncio's own otherwise.
+def _uvloop() -> Any:
     try:
         import uvloop
     except ImportError:
+        return None
+    return uvloop
+
+
+def _run(main: Any) -> Any:
+    # The harness's event loop: uvloop when installed, asyncio's own otherwise.
+    uvloop = _uvloop()
+    if uvloop is None:
         return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
@@ -846,7 +853,11 @@ def main() -> None:
     if args.burst:
         _burst_main(args, targets)
         return
-    print(f"# {CHUNKS} chunks x {PACE * 1000:.0f} ms per stream; loop={args.loop} http={args.http}")
+    harness = "asyncio" if _uvloop() is None else "uvloop"
+    print(
+        f"# {CHUNKS} chunks x {PACE * 1000:.0f} ms per stream; loop={args.loop} "
+        f"http={args.http}; harness on {harness}"
+    )
     print(
         "| target | streams | CPU ms/stream | KiB/stream | TTFB p50 ms | TTFB p99 ms "
         "| gap p99 ms | added gap p99 ms | complete | harness CPU ms/stream |"
