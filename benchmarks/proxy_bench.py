@@ -362,12 +362,27 @@ def _serve_app(kind: str, upstream: str, port: int, loop: str, http: str, probe:
     else:
         app = _chatproxy_app(upstream, kind.partition("-")[2] or "default")
     threshold = os.environ.get("PROXY_BENCH_GC_THRESHOLD")
-    if threshold:  # --gc-threshold: what is alive at startup is never scanned again
+    if threshold or os.environ.get("PROXY_BENCH_GC_FREEZE"):
+        # --gc-freeze: what a deployment following docs/deployment.md does once its app
+        # has started. What is alive now (modules, classes, functions: tens of thousands
+        # of objects) moves to the permanent generation, which full collections skip.
+        # uvicorn's own modules are imported first, as they would be by then.
         import gc
+        import importlib
 
+        for name in (
+            "uvicorn.server",
+            "uvicorn.lifespan.on",
+            f"uvicorn.protocols.http.{http}_impl",
+        ):
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
+        if loop == "uvloop":
+            importlib.import_module("uvloop")
         gc.collect()
         gc.freeze()
-        gc.set_threshold(int(threshold))
+        if threshold:  # --gc-threshold N: also a generation-0 threshold of N
+            gc.set_threshold(int(threshold))
     with _probe(probe):
         uvicorn.run(
             app,  # type: ignore[arg-type]
@@ -841,6 +856,11 @@ def main() -> None:
         "largest --streams step, in the order they were opened",
     )
     parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="in every Python target: gc.freeze() once the app is built (docs/deployment.md)",
+    )
+    parser.add_argument(
         "--gc-threshold",
         type=int,
         metavar="N",
@@ -849,6 +869,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.gc_threshold:
         os.environ["PROXY_BENCH_GC_THRESHOLD"] = str(args.gc_threshold)
+    if args.gc_freeze:
+        os.environ["PROXY_BENCH_GC_FREEZE"] = "1"
     targets = [t for t in args.targets if t != "nginx" or shutil.which("nginx")]
     if args.burst:
         _burst_main(args, targets)
