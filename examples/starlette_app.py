@@ -88,6 +88,9 @@ app = Starlette(
 )
 
 if __name__ == "__main__":
+    import gc
+
     import uvicorn
 
+    gc.freeze()  # full collections skip what is loaded by now (docs/deployment.md)
     uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8000")))
