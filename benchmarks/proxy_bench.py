@@ -99,7 +99,6 @@ def _chunk(data: bytes) -> bytes:
 # CPU the target does not get on this 2-core box, so the upstream and the load generator are
 # written to spend as little as they can (their CPU is printed per step, column "harness").
 
-_EVENTS = [_chunk(_event(i)) for i in range(FAST_CHUNKS)]
 _HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 _END = _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
 
@@ -125,6 +124,7 @@ class _Upstream(asyncio.Protocol):
     """One connection to the paced upstream: requests one after another (keep-alive)."""
 
     closed: dict[str, float] = {}  # bench id -> when its client's close was seen
+    events: list[bytes] = []  # built once the upstream process starts, not on import
 
     def __init__(self) -> None:
         self.buffer = b""
@@ -217,7 +217,7 @@ class _Upstream(asyncio.Protocol):
         # One paced event, 20 ms after the one before it.
         self.timer = None
         assert self.transport is not None
-        self.transport.write(_EVENTS[self.sent % FAST_CHUNKS])
+        self.transport.write(self.events[self.sent % FAST_CHUNKS])
         self.sent += 1
         if self.sent < self.count:
             self.timer = asyncio.get_running_loop().call_later(PACE, self._tick)
@@ -227,7 +227,7 @@ class _Upstream(asyncio.Protocol):
     def _pump(self) -> None:
         assert self.transport is not None
         while self.sent < self.count and not self.paused and self.streaming:
-            self.transport.write(_EVENTS[self.sent % FAST_CHUNKS])
+            self.transport.write(self.events[self.sent % FAST_CHUNKS])
             self.sent += 1
         if self.sent >= self.count and self.streaming:
             self._finish()
@@ -240,6 +240,7 @@ class _Upstream(asyncio.Protocol):
 
 
 async def _upstream_main(port_file: str) -> None:
+    _Upstream.events = [_chunk(_event(i)) for i in range(FAST_CHUNKS)]
     loop = asyncio.get_running_loop()
     server = await loop.create_server(_Upstream, "127.0.0.1", 0, backlog=2048)
     port = server.sockets[0].getsockname()[1]
