@@ -40,8 +40,8 @@ Every process runs on this machine, on loopback only:
 
 The upstream and the load generator share the two cores with the target, so they are kept
 lean: the last column, "harness", is the CPU they spent per stream, CPU the target did not
-get. (Until 2026-11-29 they were stdlib asyncio streams and took about 5.5 ms per stream at
-500 streams, most of the box; now about 2.6.)
+get. (Until 2026-11-29 they were stdlib asyncio streams and took 5.4–7.2 ms per stream at
+500 streams, most of the box; now 2.0–2.8.)
 
 Reported per target and concurrency: CPU ms per stream, RSS KiB per stream (peak minus idle),
 TTFB p50/p99, the p99 inter-event gap minus the direct run's p99, complete streams and the
@@ -127,6 +127,7 @@ class _Upstream(asyncio.Protocol):
     events: list[bytes] = []  # built once the upstream process starts, not on import
 
     def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -211,7 +212,7 @@ class _Upstream(asyncio.Protocol):
         if self.fast:
             self._pump()
         else:
-            self.timer = asyncio.get_running_loop().call_later(PACE, self._tick)
+            self.timer = self.loop.call_later(PACE, self._tick)
 
     def _tick(self) -> None:
         # One paced event, 20 ms after the one before it.
@@ -220,7 +221,7 @@ class _Upstream(asyncio.Protocol):
         self.transport.write(self.events[self.sent % FAST_CHUNKS])
         self.sent += 1
         if self.sent < self.count:
-            self.timer = asyncio.get_running_loop().call_later(PACE, self._tick)
+            self.timer = self.loop.call_later(PACE, self._tick)
         else:
             self._finish()
 
@@ -375,11 +376,10 @@ def _serve_app(kind: str, upstream: str, port: int, loop: str, http: str, probe:
             "uvicorn.server",
             "uvicorn.lifespan.on",
             f"uvicorn.protocols.http.{http}_impl",
+            loop,  # uvloop, or asyncio (already loaded)
         ):
             with contextlib.suppress(ImportError):
                 importlib.import_module(name)
-        if loop == "uvloop":
-            importlib.import_module("uvloop")
         gc.collect()
         gc.freeze()
         if threshold:  # --gc-threshold N: also a generation-0 threshold of N
