@@ -39,6 +39,7 @@ import selectors
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -271,6 +272,7 @@ class Spec:
     family: str  # httpx-raw | httpx-sse | openai | tokenhub_stream
     kind: str  # async | sync
     json: str = ""  # tokenhub_stream only: stdlib | orjson
+    src: str = ""  # tokenhub_stream only: another checkout's src/ (--baseline), else ours
 
     @property
     def key(self) -> str:
@@ -291,7 +293,7 @@ SYNC_CONSUMERS: dict[str, Callable[[str], SyncConsumer]] = {
 }
 
 
-def all_specs() -> list[Spec]:
+def all_specs(baseline: tuple[str, str] | None = None) -> list[Spec]:
     specs: list[Spec] = []
     for kind in ("async", "sync"):
         specs.append(Spec("httpx-raw", "httpx-raw", kind))
@@ -299,7 +301,25 @@ def all_specs() -> list[Spec]:
         specs.append(Spec("openai", "openai", kind))
         specs.append(Spec("tokenhub_stream (stdlib json)", "tokenhub_stream", kind, "stdlib"))
         specs.append(Spec("tokenhub_stream (orjson)", "tokenhub_stream", kind, "orjson"))
+        if baseline is not None:
+            rev, src = baseline
+            for json_name, shown in (("stdlib", "stdlib json"), ("orjson", "orjson")):
+                label = f"tokenhub_stream@{rev} ({shown})"
+                specs.append(Spec(label, "tokenhub_stream", kind, json_name, src))
     return specs
+
+
+@contextlib.contextmanager
+def checkout_of(rev: str) -> Iterator[str]:
+    """`git archive` of `rev` in a temporary directory; yields its `src/`."""
+    with tempfile.TemporaryDirectory(prefix="client-bench-") as tmp:
+        archive = subprocess.run(
+            ["git", "-C", str(HERE.parent), "archive", rev, "src"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        yield os.path.join(tmp, "src")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +418,7 @@ def run_sync(factory: Callable[[str], SyncConsumer], family: str, url: str, plan
 
 def worker(spec: Spec, url: str, plan: Plan) -> dict[str, object]:
     if spec.family == "tokenhub_stream":
-        sys.path.insert(0, str(SRC))
+        sys.path.insert(0, spec.src or str(SRC))
         if spec.json == "stdlib":
             # "Without the extra": orjson cannot be imported at all.
             sys.modules["orjson"] = None  # type: ignore[assignment]
@@ -584,7 +604,7 @@ def goals(rows: list[Row]) -> list[str]:
             ),
         ):
             ratio, speedup = mine / base, slow / mine
-            variant = "orjson" if r.spec.json == "orjson" else "stdlib json"
+            variant = r.spec.label.removeprefix("tokenhub_stream").strip()
             cpu_ratio = _fmt_ratio(cpu / cpu_base) if cpu_base else "–"
             best_ratio = _fmt_ratio(best / best_base) if best_base else "–"
             out.append(
@@ -610,7 +630,15 @@ def orchestrate(args: argparse.Namespace) -> int:
     else:
         plan = Plan(long_chunks=50_000, short_streams=1_000, short_chunks=50, reps=args.reps)
     wanted = set(args.only.split(",")) if args.only else None
-    specs = [s for s in all_specs() if wanted is None or s.family in wanted]
+    with contextlib.ExitStack() as stack:
+        baseline = None
+        if args.baseline:
+            baseline = (args.baseline, stack.enter_context(checkout_of(args.baseline)))
+        specs = [s for s in all_specs(baseline) if wanted is None or s.family in wanted]
+        return _orchestrate(args, plan, specs)
+
+
+def _orchestrate(args: argparse.Namespace, plan: Plan, specs: list[Spec]) -> int:
     timeout = 120.0 if args.quick else 900.0
 
     notes: list[str] = []
@@ -674,7 +702,8 @@ def orchestrate(args: argparse.Namespace) -> int:
         if spec.key in samples and spec.key not in dropped
     ]
 
-    print(f"Command: `python benchmarks/client_bench.py{' --quick' if args.quick else ''}`  ")
+    shown = " ".join(sys.argv[1:]) if sys.argv[0].endswith("client_bench.py") else ""
+    print(f"Command: `python benchmarks/client_bench.py{' ' + shown if shown else ''}`  ")
     print(
         f"Python {platform.python_version()} on {platform.system()} {platform.machine()}, "
         f"{os.cpu_count()} CPUs; {_versions()}  "
@@ -733,6 +762,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small smoke run, under ~30 s")
     parser.add_argument("--reps", type=int, default=5, help="repetitions per shape (full run)")
     parser.add_argument("--only", help="comma-separated families, e.g. httpx-raw,tokenhub_stream")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run tokenhub_stream as of git revision REV (a `git archive` of its src/), "
+        "side by side in the same rounds: before/after figures from one run",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)

@@ -527,17 +527,37 @@ def _start_target(
             proc.wait(5)
             shutil.rmtree(tmp, ignore_errors=True)
         return
-    cmd = [sys.executable, __file__, "_serve", name, str(upstream_port), str(port), loop, http]
+    kind, _, rev = name.partition("@")
+    env = None
+    if rev:  # NAME@REV: the same target on another revision's src/ (--baseline)
+        env = dict(os.environ, PYTHONPATH=_BASELINES[rev])
+    cmd = [sys.executable, __file__, "_serve", kind, str(upstream_port), str(port), loop, http]
     cmd.append(probe)
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env=env)
     try:
         _wait_port(port)
-        yield Target(name, port, [proc.pid], path="/" if name == "chatproxy-asgi" else "/api/chat")
+        yield Target(name, port, [proc.pid], path="/" if kind == "chatproxy-asgi" else "/api/chat")
     finally:
         # SIGINT, not SIGTERM: uvicorn re-raises the signal after its shutdown, and only
         # SIGINT (KeyboardInterrupt) lets the profiler's finally write its file.
         proc.send_signal(signal.SIGINT)
         proc.wait(5)
+
+
+# --baseline REV: REV -> the src/ of a `git archive` of it, for targets named NAME@REV.
+_BASELINES: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def _checkout(rev: str) -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="proxy-bench-") as tmp:
+        archive = subprocess.run(
+            ["git", "-C", os.path.dirname(HERE), "archive", rev, "src"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        yield os.path.join(tmp, "src")
 
 
 def _children(pid: int) -> list[int]:
@@ -867,7 +887,26 @@ def main() -> None:
         metavar="N",
         help="in the Python proxies: gc.freeze() after startup and generation 0 threshold N",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run each ChatProxy target as of git revision REV (NAME@REV, from a "
+        "`git archive` of its src/), right after the same target: before/after in one run",
+    )
     args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        if args.baseline:
+            _BASELINES[args.baseline] = stack.enter_context(_checkout(args.baseline))
+            paired: list[str] = []
+            for name in args.targets:
+                paired.append(name)
+                if name.startswith("chatproxy"):
+                    paired.append(f"{name}@{args.baseline}")
+            args.targets = paired
+        _main(args)
+
+
+def _main(args: argparse.Namespace) -> None:
     if args.gc_threshold:
         os.environ["PROXY_BENCH_GC_THRESHOLD"] = str(args.gc_threshold)
     if args.gc_freeze:
