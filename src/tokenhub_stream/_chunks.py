@@ -91,6 +91,16 @@ _TEMPLATE_PROBE = "tokenhub-probe"
 _TEMPLATE_EVERY = 16  # content deltas between two attempts to learn a template
 
 
+def _is_blank(data: str | bytes) -> bool:
+    # An event whose data is empty or only whitespace (`data:`, a bare `data` line): the
+    # spec dispatches it with data "", but it carries no chunk, so it is passed over like
+    # a keep-alive comment instead of failing as invalid JSON (issue #15). Only asked once
+    # the JSON parser has refused the data, so well-formed events never pay for it.
+    if isinstance(data, bytes):
+        return not data.strip(b" \t\n\r")
+    return not data.strip(" \t\n\r")
+
+
 class _ToolCallBuilder:
     __slots__ = ("arguments", "extra", "id", "name", "type")
 
@@ -335,7 +345,9 @@ class ChunkParser:
         # The general path of feed_text: every event's data, any shape. `parsed` is the
         # first event's JSON when the hot path already parsed it.
         out: list[str] = []
+        before = self.last_event_at
         self.last_event_at = self.clock()
+        blank = 0
         for data in datas:
             if data == "[DONE]":
                 self.done = self.stopped = True
@@ -347,6 +359,9 @@ class ChunkParser:
                     try:
                         obj = _loads_event(data)
                     except ValueError as exc:
+                        if _is_blank(data):
+                            blank += 1
+                            continue
                         obj = self._reload_event(data, exc)
                 text = self._apply(obj, None)
             except TokenHubError as exc:
@@ -357,6 +372,8 @@ class ChunkParser:
                 break
             if text:
                 out.append(text)
+        if blank == len(datas):
+            self.last_event_at = before  # blank events only: no progress, as a comment
         if not self.stopped:
             self._take_deferred()
         return out
@@ -391,19 +408,30 @@ class ChunkParser:
             return out
         if not datas:
             return out
+        before = self.last_event_at
         self.last_event_at = self.clock()
+        blank = 0
         for data in datas:
             if data == "[DONE]":
                 self.done = self.stopped = True
                 break
             try:
-                self._apply(loads(data), out)
+                try:
+                    obj = loads(data)
+                except ValueError:
+                    if not _is_blank(data):
+                        raise
+                    blank += 1
+                    continue
+                self._apply(obj, out)
             except TokenHubError as exc:
                 self.error, self.stopped = exc, True
                 break
             except (ValueError, RecursionError) as exc:
                 self.error, self.stopped = ProtocolError(f"invalid JSON in data frame: {exc}"), True
                 break
+        if blank == len(datas):
+            self.last_event_at = before  # blank events only: no progress, as a comment
         if not self.stopped:
             self._take_deferred()
         self._events_out += len(out)
