@@ -101,6 +101,46 @@ def _is_blank(data: str | bytes) -> bool:
     return not data.strip(" \t\n\r")
 
 
+def _thinking_text(value: object) -> str | None:
+    # A `thinking` part holds a list of `text` parts. Read tolerantly: a plain string, or
+    # strings and untyped `{"text": ...}` items in the list, are text too.
+    if type(value) is str:
+        return value
+    if type(value) is not list:
+        return None
+    pieces: list[str] = []
+    for item in value:
+        if type(item) is str:
+            pieces.append(item)
+        elif type(item) is dict and item.get("type", "text") == "text":
+            piece = item.get("text")
+            if type(piece) is str:
+                pieces.append(piece)
+    return "".join(pieces)
+
+
+def content_text(content: object) -> tuple[str, str | None]:
+    """(text, reasoning) of a whole message's `content` (a non-streaming answer): a
+    string, or a list of typed parts read as `ChunkParser` reads streamed ones."""
+    if isinstance(content, str):
+        return content, None
+    texts: list[str] = []
+    thoughts: list[str] = []
+    if isinstance(content, list):
+        for part in content:
+            if type(part) is not dict:
+                continue
+            if part.get("type") == "text":
+                piece = part.get("text")
+                if type(piece) is str:
+                    texts.append(piece)
+            elif part.get("type") == "thinking":
+                thought = _thinking_text(part.get("thinking"))
+                if thought:
+                    thoughts.append(thought)
+    return "".join(texts), "".join(thoughts) if thoughts else None
+
+
 class _ToolCallBuilder:
     __slots__ = ("arguments", "extra", "id", "name", "type")
 
@@ -473,13 +513,14 @@ class ChunkParser:
                     content = delta.get("content")
                     if content:
                         if type(content) is not str:
-                            raise ProtocolError("'delta.content' is not a string")
-                        self._content.append(content)
-                        text = content
-                        if self.first_token_at is None:
-                            self.first_token_at = self.last_event_at
-                        if events is not None:
-                            events.append(ContentDelta(content))
+                            text = self._apply_parts(content, events)
+                        else:
+                            self._content.append(content)
+                            text = content
+                            if self.first_token_at is None:
+                                self.first_token_at = self.last_event_at
+                            if events is not None:
+                                events.append(ContentDelta(content))
                     if len(delta) > 1 or content is None:
                         self._apply_rare(delta, events)
                 reason = choice.get("finish_reason")
@@ -500,6 +541,53 @@ class ChunkParser:
             if events is not None:
                 events.append(UsageEvent(self.usage))
         return text
+
+    def _apply_parts(self, parts: object, events: list[StreamEvent] | None) -> str | None:
+        # `delta.content` as a list of typed parts (Mistral's magistral, directly and
+        # through gateways): `text` parts are content, `thinking` parts reasoning, and
+        # other types (references, images, ...) are skipped; the proxy relays the event
+        # as it came. Consecutive parts of one kind make one delta. Off the hot path.
+        if type(parts) is not list:
+            raise ProtocolError("'delta.content' is neither a string nor a list of parts")
+        texts: list[str] = []
+        run: list[str] = []
+        kind = ""
+        for part in parts:
+            if type(part) is not dict:
+                continue
+            part_type = part.get("type")
+            if part_type == "text":
+                piece = part.get("text")
+            elif part_type == "thinking":
+                piece = _thinking_text(part.get("thinking"))
+            else:
+                continue
+            if type(piece) is not str or not piece:
+                continue
+            if part_type != kind:
+                if run:
+                    self._part_delta(kind, "".join(run), texts, events)
+                    run.clear()
+                kind = part_type
+            run.append(piece)
+        if run:
+            self._part_delta(kind, "".join(run), texts, events)
+        return "".join(texts) if texts else None
+
+    def _part_delta(
+        self, kind: str, piece: str, texts: list[str], events: list[StreamEvent] | None
+    ) -> None:
+        if kind == "text":
+            self._content.append(piece)
+            texts.append(piece)
+            if events is not None:
+                events.append(ContentDelta(piece))
+        else:
+            self._reasoning.append(piece)
+            if events is not None:
+                events.append(ReasoningDelta(piece))
+        if self.first_token_at is None:
+            self.first_token_at = self.last_event_at
 
     def _apply_rare(self, delta: dict[str, object], events: list[StreamEvent] | None) -> None:
         # Everything but plain content: role, reasoning, tool calls. Off the hot path.
