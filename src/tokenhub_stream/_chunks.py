@@ -95,10 +95,9 @@ def _is_blank(data: str | bytes) -> bool:
     # An event whose data is empty or only whitespace (`data:`, a bare `data` line): the
     # spec dispatches it with data "", but it carries no chunk, so it is passed over like
     # a keep-alive comment instead of failing as invalid JSON (issue #15). Only asked once
-    # the JSON parser has refused the data, so well-formed events never pay for it.
-    if isinstance(data, bytes):
-        return not data.strip(b" \t\n\r")
-    return not data.strip(" \t\n\r")
+    # the JSON parser has refused the data, so well-formed events never pay for it. (The
+    # hot path's raw bytes start with "{": never blank.)
+    return isinstance(data, str) and not data.strip(" \t\n\r")
 
 
 def _thinking_text(value: object) -> str | None:
