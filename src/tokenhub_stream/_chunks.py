@@ -91,6 +91,55 @@ _TEMPLATE_PROBE = "tokenhub-probe"
 _TEMPLATE_EVERY = 16  # content deltas between two attempts to learn a template
 
 
+def _is_blank(data: str | bytes) -> bool:
+    # An event whose data is empty or only whitespace (`data:`, a bare `data` line): the
+    # spec dispatches it with data "", but it carries no chunk, so it is passed over like
+    # a keep-alive comment instead of failing as invalid JSON (issue #15). Only asked once
+    # the JSON parser has refused the data, so well-formed events never pay for it. (The
+    # hot path's raw bytes start with "{": never blank.)
+    return isinstance(data, str) and not data.strip(" \t\n\r")
+
+
+def _thinking_text(value: object) -> str | None:
+    # A `thinking` part holds a list of `text` parts. Read tolerantly: a plain string, or
+    # strings and untyped `{"text": ...}` items in the list, are text too.
+    if type(value) is str:
+        return value
+    if type(value) is not list:
+        return None
+    pieces: list[str] = []
+    for item in value:
+        if type(item) is str:
+            pieces.append(item)
+        elif type(item) is dict and item.get("type", "text") == "text":
+            piece = item.get("text")
+            if type(piece) is str:
+                pieces.append(piece)
+    return "".join(pieces)
+
+
+def content_text(content: object) -> tuple[str, str | None]:
+    """(text, reasoning) of a whole message's `content` (a non-streaming answer): a
+    string, or a list of typed parts read as `ChunkParser` reads streamed ones."""
+    if isinstance(content, str):
+        return content, None
+    texts: list[str] = []
+    thoughts: list[str] = []
+    if isinstance(content, list):
+        for part in content:
+            if type(part) is not dict:
+                continue
+            if part.get("type") == "text":
+                piece = part.get("text")
+                if type(piece) is str:
+                    texts.append(piece)
+            elif part.get("type") == "thinking":
+                thought = _thinking_text(part.get("thinking"))
+                if thought:
+                    thoughts.append(thought)
+    return "".join(texts), "".join(thoughts) if thoughts else None
+
+
 class _ToolCallBuilder:
     __slots__ = ("arguments", "extra", "id", "name", "type")
 
@@ -335,7 +384,9 @@ class ChunkParser:
         # The general path of feed_text: every event's data, any shape. `parsed` is the
         # first event's JSON when the hot path already parsed it.
         out: list[str] = []
+        before = self.last_event_at
         self.last_event_at = self.clock()
+        blank = 0
         for data in datas:
             if data == "[DONE]":
                 self.done = self.stopped = True
@@ -347,6 +398,9 @@ class ChunkParser:
                     try:
                         obj = _loads_event(data)
                     except ValueError as exc:
+                        if _is_blank(data):
+                            blank += 1
+                            continue
                         obj = self._reload_event(data, exc)
                 text = self._apply(obj, None)
             except TokenHubError as exc:
@@ -357,6 +411,8 @@ class ChunkParser:
                 break
             if text:
                 out.append(text)
+        if blank == len(datas):
+            self.last_event_at = before  # blank events only: no progress, as a comment
         if not self.stopped:
             self._take_deferred()
         return out
@@ -391,19 +447,30 @@ class ChunkParser:
             return out
         if not datas:
             return out
+        before = self.last_event_at
         self.last_event_at = self.clock()
+        blank = 0
         for data in datas:
             if data == "[DONE]":
                 self.done = self.stopped = True
                 break
             try:
-                self._apply(loads(data), out)
+                try:
+                    obj = loads(data)
+                except ValueError:
+                    if not _is_blank(data):
+                        raise
+                    blank += 1
+                    continue
+                self._apply(obj, out)
             except TokenHubError as exc:
                 self.error, self.stopped = exc, True
                 break
             except (ValueError, RecursionError) as exc:
                 self.error, self.stopped = ProtocolError(f"invalid JSON in data frame: {exc}"), True
                 break
+        if blank == len(datas):
+            self.last_event_at = before  # blank events only: no progress, as a comment
         if not self.stopped:
             self._take_deferred()
         self._events_out += len(out)
@@ -445,13 +512,14 @@ class ChunkParser:
                     content = delta.get("content")
                     if content:
                         if type(content) is not str:
-                            raise ProtocolError("'delta.content' is not a string")
-                        self._content.append(content)
-                        text = content
-                        if self.first_token_at is None:
-                            self.first_token_at = self.last_event_at
-                        if events is not None:
-                            events.append(ContentDelta(content))
+                            text = self._apply_parts(content, events)
+                        else:
+                            self._content.append(content)
+                            text = content
+                            if self.first_token_at is None:
+                                self.first_token_at = self.last_event_at
+                            if events is not None:
+                                events.append(ContentDelta(content))
                     if len(delta) > 1 or content is None:
                         self._apply_rare(delta, events)
                 reason = choice.get("finish_reason")
@@ -472,6 +540,53 @@ class ChunkParser:
             if events is not None:
                 events.append(UsageEvent(self.usage))
         return text
+
+    def _apply_parts(self, parts: object, events: list[StreamEvent] | None) -> str | None:
+        # `delta.content` as a list of typed parts (Mistral's magistral, directly and
+        # through gateways): `text` parts are content, `thinking` parts reasoning, and
+        # other types (references, images, ...) are skipped; the proxy relays the event
+        # as it came. Consecutive parts of one kind make one delta. Off the hot path.
+        if type(parts) is not list:
+            raise ProtocolError("'delta.content' is neither a string nor a list of parts")
+        texts: list[str] = []
+        run: list[str] = []
+        kind = ""
+        for part in parts:
+            if type(part) is not dict:
+                continue
+            part_type = part.get("type")
+            if part_type == "text":
+                piece = part.get("text")
+            elif part_type == "thinking":
+                piece = _thinking_text(part.get("thinking"))
+            else:
+                continue
+            if type(piece) is not str or not piece:
+                continue
+            if part_type != kind:
+                if run:
+                    self._part_delta(kind, "".join(run), texts, events)
+                    run.clear()
+                kind = part_type
+            run.append(piece)
+        if run:
+            self._part_delta(kind, "".join(run), texts, events)
+        return "".join(texts) if texts else None
+
+    def _part_delta(
+        self, kind: str, piece: str, texts: list[str], events: list[StreamEvent] | None
+    ) -> None:
+        if kind == "text":
+            self._content.append(piece)
+            texts.append(piece)
+            if events is not None:
+                events.append(ContentDelta(piece))
+        else:
+            self._reasoning.append(piece)
+            if events is not None:
+                events.append(ReasoningDelta(piece))
+        if self.first_token_at is None:
+            self.first_token_at = self.last_event_at
 
     def _apply_rare(self, delta: dict[str, object], events: list[StreamEvent] | None) -> None:
         # Everything but plain content: role, reasoning, tool calls. Off the hot path.

@@ -55,7 +55,8 @@ class Timeout:
         first_token: from sending the request until the first delta of any kind
             (content, reasoning, tool call) or a finish_reason arrives.
         idle: the longest gap between two data events once tokens flow.
-            Keep-alive comments are not progress: they reset no timeout.
+            Keep-alive comments and events with empty data are not progress: they
+            reset no timeout.
         total: the whole stream, request to end.
     """
 

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from ._chunks import ChunkParser
+from ._chunks import ChunkParser, content_text
 from ._exceptions import APIError
 from ._models import ChatMessage, ToolCall, Usage
 
@@ -56,9 +56,12 @@ class TurnCollector:
                 )
                 for c in msg.get("tool_calls") or ()
             )
+            # Mistral's reasoning models answer with a list of typed parts (issue #15).
+            content, reasoning = content_text(msg.get("content"))
             self._message = ChatMessage(
                 role=str(msg.get("role") or "assistant"),
-                content=msg.get("content") or "",
+                content=content,
+                reasoning=reasoning,
                 tool_calls=calls,
                 finish_reason=choice.get("finish_reason"),
             )

@@ -3,7 +3,8 @@
 Follows the WHATWG event-stream rules
 (https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation):
 
-- lines end in LF, CR or CRLF; a CRLF split across two `feed()` calls is one line end;
+- lines end in LF, CR or CRLF; a CRLF split across `feed()` calls is one line end, empty
+  chunks between its CR and LF included;
 - a leading UTF-8 BOM is ignored (httpx-sse 0.4.3 drops the first event instead);
 - one space after the colon is stripped, multi-line `data` is joined with "\\n";
 - unknown fields are ignored, comment lines (":") are keep-alives and dropped;
@@ -159,6 +160,10 @@ class SSEDecoder:
         """
         if self._failed is not None:
             raise self._failed
+        if not chunk:
+            # A transport may hand over an empty read: it holds no byte, so a CR that
+            # ended the previous chunk still waits for the LF of its CRLF (issue #15).
+            return []
         events = self._feed(chunk)
         self._clean = not (
             self._pending

@@ -52,6 +52,10 @@ def _content(text: str) -> bytes:
     return _frame({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]})
 
 
+def _delta(delta: dict[str, object]) -> bytes:
+    return _frame({"choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+
+
 _good_frames = st.one_of(
     _text.map(_content),
     st.just(_frame({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})),
@@ -59,6 +63,10 @@ _good_frames = st.one_of(
     st.just(_frame({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}})),
     st.just(_frame({"choices": [], "prompt_filter_results": []})),  # Azure
     _text.map(lambda t: _frame({"choices": [{"index": 0, "delta": {"reasoning_content": t}}]})),
+    # Mistral's content parts, and events with empty data (issue #15)
+    _text.map(lambda t: _delta({"content": [{"type": "text", "text": t}]})),
+    _text.map(lambda t: _delta({"content": [{"type": "thinking", "thinking": [{"text": t}]}]})),
+    st.sampled_from([b"data:\n\n", b"data\n\n", b"data: \r\n\r\n"]),
     st.just(b": keep-alive\n\n"),
     st.just(b": OPENROUTER PROCESSING\n\n"),
     st.just(b'event: ping\ndata: {"choices":[]}\n\n'),
@@ -92,10 +100,11 @@ _soup = st.lists(st.one_of(_good_frames, _bad_frames, _noise), max_size=16).map(
 
 @st.composite
 def _cuts(draw: st.DrawFn, body: bytes) -> list[bytes]:
-    """`body` cut into network chunks at arbitrary offsets."""
+    """`body` cut into network chunks at arbitrary offsets, empty chunks included (a
+    repeated offset): a transport may hand those over too (issue #15)."""
     if not body:
         return [body]
-    points = sorted(draw(st.sets(st.integers(0, len(body)), max_size=8)))
+    points = sorted(draw(st.lists(st.integers(0, len(body)), max_size=8)))
     pieces, last = [], 0
     for p in [*points, len(body)]:
         pieces.append(body[last:p])
