@@ -532,3 +532,31 @@ def test_issue_15_content_text_of_a_whole_message() -> None:
     assert content_text(5) == ("", None)
     parts = [*thinking("a", "b"), {"type": "x"}, *text("c"), "loose", *text("d")]
     assert content_text(parts) == ("cd", "ab")
+
+
+def test_issue_15_client_chat_reads_a_json_answer_with_content_parts() -> None:
+    # The client's non-streaming chat(): the same parts in `message.content`.
+    answer = {
+        "id": "5d1f0c8e2a7b4e96",
+        "object": "chat.completion",
+        "model": "magistral-medium-2509",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": [*thinking("It is 4."), {"type": "ref"}, *text("2 + 2 = 4.")],
+                },
+                "finish_reason": "stop",
+            }
+        ],
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=answer)
+
+    http = httpx.Client(transport=httpx.MockTransport(handler))
+    with ts.Client(base_url="http://upstream.test/v1", http_client=http) as client:
+        result = client.chat(MESSAGES)
+    assert result.message.content == "2 + 2 = 4."
+    assert result.message.reasoning == "It is 4."

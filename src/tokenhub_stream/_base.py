@@ -20,6 +20,7 @@ import httpx
 from ._chunks import (
     ChunkParser,
     Redact,
+    content_text,
     error_from_frame,
     error_from_status,
     loads,
@@ -647,10 +648,12 @@ def parse_completion(body: bytes, redact: Redact | None = None) -> ChatResult:
             )
         )
     reasoning = raw.get("reasoning_content") or raw.get("reasoning")
+    # Mistral's magistral answers `content` as a list of typed parts (docs/streaming.md#quirks).
+    content, thinking = content_text(raw.get("content") or "")
     message = ChatMessage(
         role=str(raw.get("role") or "assistant"),
-        content=str(raw.get("content") or ""),
-        reasoning=reasoning if isinstance(reasoning, str) else None,
+        content=content,
+        reasoning=reasoning if isinstance(reasoning, str) else thinking,
         tool_calls=tuple(calls),
         finish_reason=choice.get("finish_reason"),
     )
