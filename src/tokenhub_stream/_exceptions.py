@@ -4,6 +4,8 @@
 TokenHubError            base for everything we raise on purpose
 ├── MissingAPIKeyError   no key for the default token-hub URL (also a ValueError)
 ├── StreamConsumed       a stream iterated a second time (also a RuntimeError)
+├── MaxTurnsExceeded     the tool loop's last allowed turn still asked for tools
+│                        (defined in tokenhub_stream.tools)
 ├── TransportError       connect/read/write failed; __cause__ is the httpx error
 │   └── StreamTimeout    .kind: connect | first_token | idle | total
 ├── APIError             the upstream said no: an HTTP status before streaming OR an error
@@ -11,8 +13,10 @@ TokenHubError            base for everything we raise on purpose
 │   │                    .request_id .retryable
 │   ├── BadRequestError (400/422)  AuthenticationError (401/403)  NotFoundError (404)
 │   ├── RateLimitError (429, .retry_after)  ServerError (5xx)
-└── ProtocolError        not text/event-stream, bad frame JSON, event over max_event_bytes
-    └── TruncatedStreamError   EOF with neither [DONE] nor a finish_reason
+├── ProtocolError        not text/event-stream, bad frame JSON, event over max_event_bytes
+│   └── TruncatedStreamError   EOF with neither [DONE] nor a finish_reason
+└── StoreError           the conversation store (defined in tokenhub_stream.store)
+    ├── ConversationNotFound  ConversationExists  SchemaError
 ```
 
 An HTTP error status and an error frame with the same status or code raise the same
