@@ -25,7 +25,7 @@ from tokenhub_stream.testing import (
 )
 from tokenhub_stream.tools import ToolResult, tool
 
-USER = [{"role": "user", "content": "What is the weather in Oslo, in 2 days?"}]
+USER: list[dict[str, object]] = [{"role": "user", "content": "What is the weather in Oslo, in 2 days?"}]
 
 WEATHER: dict[str, object] = {
     "type": "function",
