@@ -25,7 +25,9 @@ from tokenhub_stream.testing import (
 )
 from tokenhub_stream.tools import ToolResult, tool
 
-USER: list[dict[str, object]] = [{"role": "user", "content": "What is the weather in Oslo, in 2 days?"}]
+USER: list[dict[str, object]] = [
+    {"role": "user", "content": "What is the weather in Oslo, in 2 days?"}
+]
 
 WEATHER: dict[str, object] = {
     "type": "function",
