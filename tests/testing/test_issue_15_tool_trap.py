@@ -9,13 +9,21 @@ by a documented rule, then a reply that quotes the tool's result.
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tokenhub_stream import Client, ContentDelta
+from tokenhub_stream.cli import main
+from tokenhub_stream.cli._tools import load_tools
 from tokenhub_stream.testing import (
     FakeChatUpstream,
     RunningUpstream,
@@ -229,3 +237,101 @@ def test_issue_15_tool_trap_a_tool_loop_runs_with_no_script(running: RunningUpst
     text = "".join(e.text for e in events if isinstance(e, ContentDelta))
     assert text == 'get_weather returned "18 degrees and sunny in Oslo".'
     assert loop.turns == 2
+
+
+# --- the terminal: `tokenhub-stream ask/chat --tools FILE` with no key ------------------------
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "terminal_tools.py"
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("TOKENHUB_KEY", "TOKENHUB_BASE_URL", "NO_COLOR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_issue_15_tool_trap_ask_with_tools_and_no_key(
+    clean_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["ask", "--tools", str(EXAMPLE), "Weather in Oslo?"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == 'get_weather returned "18 degrees and sunny in Oslo".\n'
+    assert "using the local test upstream" in captured.err
+    assert '[tool] get_weather({"city": "Oslo"})\n' in captured.err
+    assert "[tool] get_weather returned: 18 degrees and sunny in Oslo\n" in captured.err
+    assert re.search(r"^\S+ · 2 turns · stop · \d+\+\d+ tokens$", captured.err, re.M)
+
+
+def test_issue_15_tool_trap_chat_with_tools_keeps_the_tool_turns(
+    running: RunningUpstream, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("add 2 and 3\nweather in Lima\n"))
+    argv = ["chat", "--tools", str(EXAMPLE), "--base-url", running.base_url]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [
+        'add returned "5.0".',  # the tool's float hints make floats of 2 and 3
+        'get_weather returned "18 degrees and sunny in Lima".',
+    ]
+    assert '[tool] add({"a": 2, "b": 3})' in captured.err
+    assert len(running.app.requests) == 4
+    last = json.loads(running.app.requests[3].body)
+    assert [t["function"]["name"] for t in last["tools"]] == ["get_weather", "add"]
+    roles = [m["role"] for m in last["messages"]]
+    # The first turn's call and result stay in the conversation.
+    assert roles == ["user", "assistant", "tool", "assistant", "user", "assistant", "tool"]
+
+
+def test_issue_15_tool_trap_chat_subprocess(clean_env: None) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENHUB_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenhub_stream", "chat", "--tools", str(EXAMPLE)],
+        input="Weather in Rome?\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == 'get_weather returned "18 degrees and sunny in Rome".\n'
+    assert '[tool] get_weather({"city": "Rome"})' in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("source", "error"),
+    [
+        (None, "no such file"),
+        ("x = 1\n", "defines no @tool function"),
+        (
+            "from tokenhub_stream.tools import tool\n\n"
+            "@tool\nasync def slow() -> str:\n    return 'x'\n",
+            "'slow' is an async def",
+        ),
+        ("raise RuntimeError('broken module')\n", "RuntimeError: broken module"),
+    ],
+)
+def test_issue_15_tool_trap_bad_tools_file_is_a_usage_error(
+    clean_env: None,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    source: str | None,
+    error: str,
+) -> None:
+    path = tmp_path / "my_tools.py"
+    if source is not None:
+        path.write_text(source)
+    assert main(["ask", "--tools", str(path), "hi"]) == 2
+    assert error in capsys.readouterr().err
+
+
+def test_issue_15_tool_trap_tools_file_with_a_toolset(tmp_path: Path) -> None:
+    path = tmp_path / "chosen.py"
+    path.write_text(
+        "from tokenhub_stream.tools import ToolSet, tool\n\n"
+        "@tool\ndef a() -> str:\n    return 'a'\n\n"
+        "@tool\ndef b() -> str:\n    return 'b'\n\n"
+        "tools = ToolSet([b])\n"
+    )
+    assert list(load_tools(str(path))) == ["b"]
+    assert list(load_tools(str(EXAMPLE))) == ["get_weather", "add"]
