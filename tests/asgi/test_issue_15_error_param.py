@@ -218,6 +218,22 @@ async def test_issue_15_error_param_over_the_cap_is_rebuilt(upstream: Upstream) 
     assert response.json()["error"]["message"] == "The upstream answered 400."
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 60_000,  # past the JSON parser's recursion limit
+        b'{"error":{"message":"deep","param":"p","x":' + b"[" * 200 + b"]" * 200 + b"}}",
+    ],
+    ids=["unparsable", "too-deep-to-walk"],
+)
+async def test_issue_15_error_param_deep_json_is_rebuilt(upstream: Upstream, raw: bytes) -> None:
+    upstream[0].enqueue(Script(status=400, raw=[raw], content_type="application/json"))
+    with proxied(upstream) as url, anyio.fail_after(10):
+        response = await post(url)
+    assert response.status_code == 400
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
 async def test_issue_15_error_param_a_502_does_not_pass_the_object(upstream: Upstream) -> None:
     # 401/403/5xx are the server's problem: the browser gets the proxy's own 502.
     upstream[0].enqueue(Script(status=401, error={"error": UPSTREAM_ERROR}))
