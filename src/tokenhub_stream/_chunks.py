@@ -39,7 +39,14 @@ from ._models import (
 )
 from ._sse import SSEDecoder
 
-__all__ = ["JSON_BACKEND", "ChunkParser", "error_from_frame", "error_from_status", "loads"]
+__all__ = [
+    "JSON_BACKEND",
+    "ChunkParser",
+    "error_from_frame",
+    "error_from_status",
+    "loads",
+    "redact_json",
+]
 
 
 def _pick_loads() -> tuple[str, Callable[[str | bytes], Any]]:
@@ -721,14 +728,26 @@ def error_class(status_code: int | None) -> type[APIError]:
 def _make_error(
     message: str,
     status_code: int | None,
-    code: str | None,
+    err: Mapping[str, object],
     request_id: str | None,
     retry_after: float | None,
     redact: Redact | None,
+    body: object,
 ) -> APIError:
+    code = _code_of(err) if err else None
+    param = err.get("param")
+    if not isinstance(param, str):
+        param = None
+    kept: Mapping[str, object] | None = None
+    if isinstance(body, Mapping):
+        try:
+            kept = redact_json(body, redact)
+        except ValueError:  # nested past any error's need: left out, not walked
+            kept = None
     if redact is not None:
         message = redact(message)
         code = redact(code) if code else code
+        param = redact(param) if param else param
     retryable = False if code == "insufficient_quota" else None
     return error_class(status_code)(
         message,
@@ -737,7 +756,46 @@ def _make_error(
         request_id=request_id,
         retryable=retryable,
         retry_after=retry_after,
+        param=param,
+        body=kept,
     )
+
+
+_MAX_JSON_DEPTH = 64
+
+
+def redact_json(obj: Mapping[str, object], redact: Redact | None) -> dict[str, object]:
+    """A copy of a parsed JSON object with `redact` applied to every string in it, object
+    keys included (a key echoed anywhere in an error stays out of what we pass on).
+
+    Raises:
+        ValueError: the object nests deeper than 64 levels (no error needs that, and a
+            recursive walk must not meet Python's recursion limit).
+    """
+    return _redact_object(obj, redact, 0)
+
+
+def _redact_object(
+    obj: Mapping[str, object], redact: Redact | None, depth: int
+) -> dict[str, object]:
+    if depth > _MAX_JSON_DEPTH:
+        raise ValueError("JSON nested too deep")
+    out: dict[str, object] = {}
+    for key, value in obj.items():
+        out[redact(key) if redact is not None else key] = _redact_value(value, redact, depth)
+    return out
+
+
+def _redact_value(value: object, redact: Redact | None, depth: int) -> object:
+    if isinstance(value, str):
+        return redact(value) if redact is not None else value
+    if isinstance(value, dict):
+        return _redact_object(value, redact, depth + 1)
+    if isinstance(value, list):
+        if depth > _MAX_JSON_DEPTH:
+            raise ValueError("JSON nested too deep")
+        return [_redact_value(item, redact, depth + 1) for item in value]
+    return value
 
 
 def _status_of(err: Mapping[str, object]) -> int | None:
@@ -775,7 +833,7 @@ def error_from_frame(
     message = err.get("message")
     if not isinstance(message, str) or not message:
         message = "the upstream sent an error frame"
-    return _make_error(message, _status_of(err), _code_of(err), request_id, None, redact)
+    return _make_error(message, _status_of(err), err, request_id, None, redact, obj)
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -826,9 +884,8 @@ def error_from_status(
     if message is None:
         text = body[:500].decode("utf-8", "replace").strip()
         message = text or reason or f"HTTP {status_code}"
-    code = _code_of(err) if err else None
     retry_after = retry_after_seconds(headers.get("retry-after"))
-    return _make_error(message, status_code, code, request_id, retry_after, redact)
+    return _make_error(message, status_code, err, request_id, retry_after, redact, obj)
 
 
 def request_id_of(headers: Mapping[str, str]) -> str | None:

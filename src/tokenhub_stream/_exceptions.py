@@ -10,7 +10,7 @@ TokenHubError            base for everything we raise on purpose
 │   └── StreamTimeout    .kind: connect | first_token | idle | total
 ├── APIError             the upstream said no: an HTTP status before streaming OR an error
 │   │                    frame inside a 200 stream; .status_code .code .message
-│   │                    .request_id .retryable
+│   │                    .param .body .request_id .retryable
 │   ├── BadRequestError (400/422)  AuthenticationError (401/403)  NotFoundError (404)
 │   ├── RateLimitError (429, .retry_after)  ServerError (5xx)
 ├── ProtocolError        not text/event-stream, bad frame JSON, event over max_event_bytes
@@ -25,6 +25,7 @@ class, so retry logic reads the same before and after the first byte.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 __all__ = [
@@ -81,7 +82,13 @@ class StreamTimeout(TransportError):
 
 
 class APIError(TokenHubError):
-    """Raised when the upstream answered with an error status or sent an error frame."""
+    """Raised when the upstream answered with an error status or sent an error frame.
+
+    `.param` is the request field the upstream blamed (OpenAI's `error.param`, e.g.
+    `"max_tokens"`), and `.body` the upstream's JSON as parsed (the error response's body,
+    or the error frame), the client's key redacted from every string; each is `None`
+    when the upstream sent none.
+    """
 
     def __init__(
         self,
@@ -92,11 +99,15 @@ class APIError(TokenHubError):
         request_id: str | None = None,
         retryable: bool | None = None,
         retry_after: float | None = None,
+        param: str | None = None,
+        body: Mapping[str, object] | None = None,
     ) -> None:
         self.message = message
         self.retry_after = retry_after
         self.status_code = status_code
         self.code = code
+        self.param = param
+        self.body = body
         self.request_id = request_id
         self.retryable = _is_retryable(status_code) if retryable is None else retryable
         super().__init__(message)

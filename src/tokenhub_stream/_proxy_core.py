@@ -15,6 +15,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from ._chunks import redact_json
 from ._config import DEFAULT_MAX_EVENT_BYTES
 from ._exceptions import ProtocolError
 
@@ -70,7 +71,11 @@ _ERROR_TYPES = {
 
 
 class ProxyRejection(Exception):
-    """A request the proxy answers itself, before anything is sent upstream."""
+    """A request the proxy answers itself, before anything is sent upstream.
+
+    `upstream`, when given, is an upstream's error object (already redacted) sent as the
+    `error` instead of the one built from message, type, param and code.
+    """
 
     def __init__(
         self,
@@ -81,6 +86,7 @@ class ProxyRejection(Exception):
         param: str | None = None,
         error_type: str | None = None,
         headers: Mapping[str, str] | None = None,
+        upstream: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -89,6 +95,7 @@ class ProxyRejection(Exception):
         self.param = param
         self.error_type = error_type or _ERROR_TYPES.get(status, "api_error")
         self.headers = dict(headers or {})
+        self.upstream = upstream
 
 
 def error_body(
@@ -97,16 +104,42 @@ def error_body(
     error_type: str,
     code: str | None = None,
     param: str | None = None,
+    upstream: Mapping[str, object] | None = None,
 ) -> bytes:
-    """OpenAI's error shape, as JSON bytes."""
+    """OpenAI's error shape, as JSON bytes; `upstream` (an upstream's error object) goes
+    out as it is instead."""
+    if upstream is not None:
+        # UTF-8 rather than \u escapes: the upstream's text takes no more room than it did
+        # in the upstream's body, which the proxy read within its cap.
+        return json.dumps({"error": upstream}, separators=(",", ":"), ensure_ascii=False).encode()
     payload = {"error": {"message": message, "type": error_type, "param": param, "code": code}}
     return json.dumps(payload, separators=(",", ":")).encode()
 
 
-def error_frame(message: str, *, code: str) -> bytes:
+def error_frame(message: str, *, code: str, upstream: Mapping[str, object] | None = None) -> bytes:
     # An in-band error after HTTP 200 (OpenRouter and Groq send the same shape): the openai SDK
     # raises APIError on it, our client raises APIError, and no `[DONE]` follows.
-    return b"data: " + error_body(message, error_type="api_error", code=code) + b"\n\n"
+    body = error_body(message, error_type="api_error", code=code, upstream=upstream)
+    return b"data: " + body + b"\n\n"
+
+
+def upstream_error_object(obj: object, secret: str | None) -> dict[str, object] | None:
+    """The `error` object of an OpenAI-shaped error body (`{"error": {"message": "...",
+    ...}}`), every string in it (object keys too) with `secret` replaced by `[redacted]`;
+    None for any other shape, which the proxy answers with an error object of its own."""
+    if not isinstance(obj, Mapping):
+        return None
+    err = obj.get("error")
+    if not isinstance(err, Mapping) or not isinstance(err.get("message"), str):
+        return None
+
+    def redact(text: str) -> str:
+        return text.replace(secret, "[redacted]") if secret and secret in text else text
+
+    try:
+        return redact_json(err, redact)
+    except ValueError:  # nested deeper than any error needs
+        return None
 
 
 # Two consecutive line terminators (CRLF | CR | LF) end an event (WHATWG HTML, "Parsing an

@@ -40,7 +40,7 @@ from ._base import Call, is_event_stream
 from ._config import Timeout
 from ._exceptions import APIError, ProtocolError, StreamTimeout, TokenHubError, TransportError
 from ._models import ContentDelta, Usage
-from ._proxy_core import ProxyRejection
+from ._proxy_core import ProxyRejection, upstream_error_object
 from ._tool_loop import arun_tools
 from .tools import MaxTurnsExceeded, ToolCallStarted, ToolResult, ToolSet, TurnFinished
 
@@ -320,6 +320,12 @@ class ToolExchange:
         turn, send = self._turn, self._send
         assert turn is not None and send is not None
         status, message, code, headers = _failure(exc, self._proxy._redact)
+        # The upstream's own error object, where the passthrough would pass it on: a
+        # passed-on status, or an error frame inside the stream.
+        upstream, param = None, None
+        if isinstance(exc, APIError) and (exc.status_code in _PASSED_ON or exc.status_code is None):
+            upstream = upstream_error_object(exc.body, self._proxy._api_key)
+            param = exc.param
         timeout = status == 504
         if not self._started:
             turn.status = status
@@ -327,13 +333,21 @@ class ToolExchange:
             turn.error = message
             error_type = None if status in _PASSED_ON else "api_error"
             rejection = ProxyRejection(
-                status, message, code=code, error_type=error_type, headers=headers
+                status,
+                message,
+                code=code,
+                param=param,
+                error_type=error_type,
+                headers=headers,
+                upstream=upstream,
             )
             await self._proxy._send_start_error(send, turn, rejection)
             return
         # After the start the status is fixed: an error frame, and no [DONE].
         outcome: Literal["timeout", "upstream_error"] = "timeout" if timeout else "upstream_error"
-        await self._proxy._fail_after(send, turn, outcome, message, code or "upstream_error")
+        await self._proxy._fail_after(
+            send, turn, outcome, message, code or "upstream_error", upstream
+        )
         await self._end_body()
 
     def _record(self, completed: bool) -> None:

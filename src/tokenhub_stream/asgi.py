@@ -53,7 +53,7 @@ from collections.abc import (
     MutableMapping,
 )
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, cast, runtime_checkable
 
 import anyio
 import anyio.abc
@@ -76,6 +76,7 @@ from ._proxy_core import (
     parse_body,
     parse_content_type,
     parse_networks,
+    upstream_error_object,
     validate_body,
 )
 from ._proxy_resume import (
@@ -912,14 +913,21 @@ class ChatProxy:
     async def _send_start_error(self, send: Send, turn: _Turn, rejection: ProxyRejection) -> None:
         if turn.client_gone:
             return
-        body = self._redact(
-            error_body(
+        body = error_body(
+            rejection.message,
+            error_type=rejection.error_type,
+            code=rejection.code,
+            param=rejection.param,
+            upstream=rejection.upstream,
+        )
+        if len(body) > _MAX_ERROR_BODY:  # an upstream object the redaction made larger
+            body = error_body(
                 rejection.message,
                 error_type=rejection.error_type,
                 code=rejection.code,
                 param=rejection.param,
             )
-        )
+        body = self._redact(body)
         headers = [
             (b"content-type", b"application/json"),
             (b"x-request-id", turn.request_id.encode()),
@@ -933,20 +941,24 @@ class ChatProxy:
     async def _upstream_status(self, response: UpstreamResponse, send: Send, turn: _Turn) -> None:
         status = response.status_code
         raw = await _read_capped(response, _MAX_ERROR_BODY)
-        upstream_message, upstream_type, upstream_code = _upstream_error(self._redact(raw))
         turn.outcome = "upstream_error"
         if status in (400, 404, 413, 422, 429):
-            message = upstream_message or f"The upstream answered {status}."
+            upstream = _upstream_error(self._redact(raw), self._api_key)
+            message = upstream.message or f"The upstream answered {status}."
             headers = {}
             retry_after = response.headers.get("retry-after")
             if retry_after is not None and retry_after.strip().replace(".", "", 1).isdigit():
                 headers["retry-after"] = retry_after.strip()
+            # The upstream's own error object when it sent one (param and any extra keys
+            # included, for the SDKs); else one built from what it did send.
             rejection = ProxyRejection(
                 status,
                 message,
-                code=upstream_code,
-                error_type=upstream_type or None,
+                code=upstream.code,
+                param=upstream.param,
+                error_type=upstream.type or None,
                 headers=headers,
+                upstream=upstream.error,
             )
         else:
             # An upstream 401/403 means the server's key is wrong, not the browser's session.
@@ -1087,12 +1099,18 @@ class ChatProxy:
             logger.debug("keep-alive not sent: %s", type(exc).__name__)
 
     async def _fail_after(
-        self, send: Send, turn: _Turn, outcome: Outcome, message: str, code: str
+        self,
+        send: Send,
+        turn: _Turn,
+        outcome: Outcome,
+        message: str,
+        code: str,
+        upstream: Mapping[str, object] | None = None,
     ) -> None:
         if turn.outcome == "completed":
             turn.outcome = outcome
         turn.error = message
-        frame = error_frame(message, code=code)
+        frame = self._redact(error_frame(message, code=code, upstream=upstream))
         if turn.resume is not None:
             frame = await turn.resume.tag(frame)
         if not turn.client_gone:
@@ -1402,25 +1420,36 @@ async def _read_capped(response: UpstreamResponse, limit: int) -> bytes:
     return b"".join(parts)[:limit]
 
 
-def _upstream_error(raw: bytes) -> tuple[str | None, str | None, str | None]:
+class _UpstreamError(NamedTuple):
+    message: str | None = None
+    type: str | None = None
+    code: str | None = None
+    param: str | None = None
+    error: dict[str, object] | None = None  # the OpenAI-shaped object, passed on as is
+
+
+def _upstream_error(raw: bytes, secret: str | None) -> _UpstreamError:
     import json
 
     try:
         data = json.loads(raw)
-    except ValueError:
-        return None, None, None
+    except (ValueError, RecursionError):
+        return _UpstreamError()
     if not isinstance(data, dict):
-        return None, None, None
+        return _UpstreamError()
     err = data.get("error", data)
     if isinstance(err, str):
-        return err[:1000], None, None
+        return _UpstreamError(err[:1000])
     if not isinstance(err, dict):
-        return None, None, None
+        return _UpstreamError()
     message = err.get("message")
     etype = err.get("type")
     code = err.get("code")
-    return (
+    param = err.get("param")
+    return _UpstreamError(
         message[:1000] if isinstance(message, str) else None,
         etype if isinstance(etype, str) else None,
         str(code) if isinstance(code, str | int) and not isinstance(code, bool) else None,
+        param if isinstance(param, str) else None,
+        upstream_error_object(data, secret),
     )

@@ -11,8 +11,10 @@ with run_upstream(upstream) as running:
 
 `FakeChatUpstream` is a plain ASGI app (no starlette) serving `POST /v1/chat/completions`
 (streaming SSE and plain JSON) and `GET /v1/models`. Each chat request pops the next
-`Script` from a FIFO queue; with no script left it streams a deterministic reply that
-quotes the last user message. Scripts reproduce the upstream quirks listed in
+`Script` from a FIFO queue; with no script left it answers deterministically: a reply that
+quotes the last user message, or, when the request carries `tools`, a call to one of them
+and then a reply that quotes the tool's result (see `FakeChatUpstream`). Scripts reproduce
+the upstream quirks listed in
 `PROVIDER_QUIRKS.md`: keep-alive comments, stalls, cut bodies, in-band error frames,
 tool-call fragments without `index`, `reasoning` vs `reasoning_content`, Azure's empty
 `choices`, Groq's `x_groq.usage` and raw byte streams.
@@ -127,7 +129,9 @@ class Script:
     ```
 
     Args:
-        text: the reply, split into small word-ish deltas.
+        text: the reply, split into small word-ish deltas. Without `text` or `deltas` the
+            reply is the default one, or none at all when `tool_calls` are given (a tool
+            turn with text before its calls says so: `text="Let me look."`).
         deltas: the reply as explicit content deltas; overrides `text`.
         delay: seconds before each content-bearing chunk; `None` uses the upstream default.
         first_delay: seconds after the headers and before the first chunk.
@@ -431,6 +435,118 @@ def _default_reply(body: Mapping[str, object]) -> str:
     )
 
 
+# --- the answer to a request no script answers (the rule is in FakeChatUpstream's docstring)
+
+
+def _unscripted(body: Mapping[str, object]) -> Script:
+    messages = _messages(body)
+    last = messages[-1] if messages else {}
+    if last.get("role") == "user":
+        call = _tool_call_for(body, _content_text(last.get("content")))
+        return Script(tool_calls=[call]) if call is not None else Script()
+    if last.get("role") == "tool":
+        return Script(text=_tool_results_reply(messages))
+    return Script()
+
+
+def _functions(body: Mapping[str, object]) -> list[Mapping[str, object]]:
+    tools = body.get("tools")
+    out: list[Mapping[str, object]] = []
+    for item in tools if isinstance(tools, list) else []:
+        function = item.get("function") if isinstance(item, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            if function["name"]:
+                out.append(function)
+    return out
+
+
+_NAME_WORDS = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+_TEXT_WORDS = re.compile(r"\w+")
+_NUMBERS = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _tool_call_for(body: Mapping[str, object], said: str) -> ToolCall | None:
+    functions = _functions(body)
+    choice = body.get("tool_choice")
+    if not functions or choice == "none":
+        return None
+    chosen = functions[0]
+    named = choice.get("function") if isinstance(choice, dict) else None
+    said_words = {w.lower() for w in _TEXT_WORDS.findall(said)}
+    if isinstance(named, dict) and isinstance(named.get("name"), str):
+        chosen = next((f for f in functions if f["name"] == named["name"]), chosen)
+    else:
+        for function in functions:
+            name_words = {w.lower() for w in _NAME_WORDS.findall(str(function["name"]))}
+            if name_words & said_words:
+                chosen = function
+                break
+    numbers = iter(_NUMBERS.findall(said))
+    words = _TEXT_WORDS.findall(said)
+    last_word = words[-1] if words else ""
+    arguments = _schema_value(chosen.get("parameters") or {"type": "object"}, last_word, numbers, 0)
+    return ToolCall(name=str(chosen["name"]), arguments=json.dumps(arguments))
+
+
+def _schema_value(schema: object, word: str, numbers: Iterator[str], depth: int) -> object:
+    if not isinstance(schema, dict) or depth > 16:
+        return None
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum:
+        return enum[0]
+    if "const" in schema:
+        return schema["const"]
+    for key in ("anyOf", "oneOf"):
+        branches = schema.get(key)
+        if isinstance(branches, list):
+            for branch in branches:
+                if isinstance(branch, dict) and branch.get("type") != "null":
+                    return _schema_value(branch, word, numbers, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), None)
+    if kind == "string":
+        return word
+    if kind in ("integer", "number"):
+        text = next(numbers, "1")
+        value = float(text)
+        return int(value) if kind == "integer" or value.is_integer() else value
+    if kind == "boolean":
+        return True
+    if kind == "array":
+        return []
+    if kind == "object" or "properties" in schema:
+        properties = schema.get("properties")
+        properties = properties if isinstance(properties, dict) else {}
+        required = schema.get("required")
+        names = [n for n in required if isinstance(n, str)] if isinstance(required, list) else []
+        return {n: _schema_value(properties.get(n), word, numbers, depth + 1) for n in names}
+    return None
+
+
+def _tool_results_reply(messages: list[Mapping[str, object]]) -> str:
+    results: list[Mapping[str, object]] = []
+    for message in reversed(messages):
+        if message.get("role") != "tool":
+            break
+        results.insert(0, message)
+    names: dict[str, str] = {}
+    asked = messages[-len(results) - 1] if len(messages) > len(results) else {}
+    calls = asked.get("tool_calls")
+    for call in calls if isinstance(calls, list) else []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(call.get("id"), str):
+            names[call["id"]] = str(function.get("name"))
+    parts = []
+    for result in results:
+        name = names.get(str(result.get("tool_call_id")), "the tool")
+        text = " ".join(_content_text(result.get("content")).split())
+        if len(text) > 200:
+            text = text[:199] + "…"
+        parts.append(f'{name} returned "{text}".')
+    return " ".join(parts)
+
+
 def _prompt_tokens(body: Mapping[str, object]) -> int:
     words = sum(len(_content_text(m.get("content")).split()) for m in _messages(body))
     return max(1, words)
@@ -453,6 +569,21 @@ class FakeChatUpstream:
 
     Routes: `POST /v1/chat/completions` and `GET /v1/models`; anything else is a 404 with
     an OpenAI-shaped error body.
+
+    A chat request with no script left is answered by a fixed rule, so a demo shows a
+    chat, and a tool turn, with no key and no network:
+
+    - the last message is the user's, and the request has `tools` (and `tool_choice` is
+      not `"none"`): one call to the tool `tool_choice` names, else to the first tool with
+      a word of its name (split at `_`, `-`, `.` and case changes) among the words of the
+      user's message, else to the first tool. Its arguments are the schema's required
+      properties: an `enum` or `const` gives its first value, a string the last word of
+      the user's message, an integer or number the next number in the message (1 when
+      none is left), a boolean `true`, an array `[]`, an object its own required
+      properties, anything else `null`;
+    - the last messages are tool results: a reply quoting each, as
+      `get_weather returned "18 degrees in Paris".`;
+    - otherwise a reply quoting the last user message (`You said: "..."`).
 
     Args:
         api_key: when given, requests need `Authorization: Bearer <api_key>` or get a 401
@@ -651,7 +782,8 @@ class FakeChatUpstream:
             await _send_json(writer, 400, _error_body(message, "invalid_request_error", None))
         else:
             with self._lock:
-                script = self._scripts.popleft() if self._scripts else Script()
+                queued = self._scripts.popleft() if self._scripts else None
+            script = queued if queued is not None else _unscripted(record.json or {})
             record.script = script
             await _Reply(self, record, writer, script, next(self._ids)).run()
 
@@ -702,9 +834,12 @@ class _Reply:
         self.prompt_tokens = _prompt_tokens(body)
         if script.deltas is not None:
             self.deltas = list(script.deltas)
+        elif script.text is not None:
+            self.deltas = _split_wordish(script.text)
+        elif script.tool_calls:
+            self.deltas = []  # a tool turn, not a reply with calls after it
         else:
-            text = script.text if script.text is not None else _default_reply(body)
-            self.deltas = _split_wordish(text)
+            self.deltas = _split_wordish(_default_reply(body))
         self.reasoning = _split_wordish(script.reasoning) if script.reasoning else []
         self.finish_reason = script.finish_reason
         if self.finish_reason == "auto":

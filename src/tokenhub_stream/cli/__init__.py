@@ -3,6 +3,7 @@
 ```sh
 tokenhub-stream ask "Why is the sky blue?"
 tokenhub-stream chat --model gpt-4o --system "Be brief."
+tokenhub-stream chat --tools examples/terminal_tools.py
 tokenhub-stream serve --port 8000
 ```
 
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from ..__version__ import __version__
 from .._config import env_api_key
 from .._sync_client import Client
+from ..tools import ToolSet
 from ._terminal import EXIT_INTERRUPTED, EXIT_USAGE, run_ask, run_chat
 from ._upstream import Upstream, default_model, resolve_upstream
 
@@ -42,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     system = argparse.ArgumentParser(add_help=False)
     system.add_argument("--system", help="a system prompt")
+    system.add_argument(
+        "--tools",
+        metavar="FILE",
+        help="a Python file (or module) whose @tool functions the model may call; "
+        "calls and results are shown on stderr",
+    )
 
     parser = argparse.ArgumentParser(
         prog="tokenhub-stream",
@@ -114,6 +122,14 @@ def _error(message: str) -> int:
     return EXIT_USAGE
 
 
+def _tools_option(spec: str | None) -> ToolSet | None:
+    if spec is None:
+        return None
+    from ._tools import load_tools
+
+    return load_tools(spec)
+
+
 def _cmd_ask(args: argparse.Namespace) -> int:
     question: str | None = args.question
     if question is None or question == "-":
@@ -121,6 +137,10 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     question = question.strip()
     if not question:
         return _error("no question (give it as an argument or on stdin)")
+    try:
+        tools = _tools_option(args.tools)
+    except Exception as exc:  # the file is the user's code: say what it raised
+        return _error(f"--tools {args.tools}: {type(exc).__name__}: {exc}")
     with contextlib.ExitStack() as stack:
         try:
             upstream = stack.enter_context(resolve_upstream(args.base_url))
@@ -129,12 +149,22 @@ def _cmd_ask(args: argparse.Namespace) -> int:
         model = args.model or default_model(upstream)
         client = stack.enter_context(_client(upstream, model))
         return run_ask(
-            client, question, model=model, system=args.system, stdout=sys.stdout, stderr=sys.stderr
+            client,
+            question,
+            model=model,
+            system=args.system,
+            stdout=sys.stdout,
+            stderr=sys.stderr,
+            tools=tools,
         )
     raise AssertionError("unreachable")  # pragma: no cover  (ExitStack may swallow)
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
+    try:
+        tools = _tools_option(args.tools)
+    except Exception as exc:  # the file is the user's code: say what it raised
+        return _error(f"--tools {args.tools}: {type(exc).__name__}: {exc}")
     with contextlib.ExitStack() as stack:
         try:
             upstream = stack.enter_context(resolve_upstream(args.base_url))
@@ -150,6 +180,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             stdout=sys.stdout,
             stderr=sys.stderr,
             interactive=sys.stdin.isatty(),
+            tools=tools,
         )
     raise AssertionError("unreachable")  # pragma: no cover  (ExitStack may swallow)
 

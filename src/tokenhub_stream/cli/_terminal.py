@@ -18,10 +18,18 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from .._exceptions import TokenHubError
-from .._models import Timings, Usage
+from .._models import ContentDelta, Timings, Usage
 from .._sync_client import Client
+from ..tools import ToolCallStarted, ToolResult, ToolSet, TurnFinished
 
-__all__ = ["Answer", "format_status", "run_ask", "run_chat", "stream_answer"]
+__all__ = [
+    "Answer",
+    "format_status",
+    "run_ask",
+    "run_chat",
+    "stream_answer",
+    "stream_tool_answer",
+]
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -42,10 +50,14 @@ def format_status(
     timings: Timings,
     finish_reason: str | None,
     usage: Usage | None,
+    turns: int | None = None,
 ) -> str:
     """The status line shown after an answer, e.g.
-    `gpt-4o · first token 0.21 s · 48.3 tokens/s · stop · 12+57 tokens`."""
+    `gpt-4o · first token 0.21 s · 48.3 tokens/s · stop · 12+57 tokens`
+    (`gpt-4o · 2 turns · stop · 30+12 tokens` after a tool loop)."""
     parts = [model]
+    if turns is not None:
+        parts.append(f"{turns} turn{'s' if turns != 1 else ''}")
     if timings.time_to_first_token is not None:
         parts.append(f"first token {timings.time_to_first_token:.2f} s")
     if timings.rate is not None and timings.rate_unit is not None:
@@ -116,6 +128,96 @@ def stream_answer(
     return answer
 
 
+def stream_tool_answer(
+    client: Client,
+    messages: list[Mapping[str, object]],
+    tools: ToolSet,
+    *,
+    model: str,
+    stdout: TextIO,
+    stderr: TextIO,
+) -> tuple[Answer, list[dict[str, object]]]:
+    """`stream_answer` with a tool loop: the text of every turn streams to `stdout`; each
+    call and its result go to `stderr` as `[tool] name(arguments)` and `[tool] name
+    returned: output`; the status line counts the turns and sums the usage.
+
+    Returns:
+        The answer, and the conversation after it (the tool calls and results included)
+        when the loop ended normally, else `[]`.
+    """
+    parts: list[str] = []
+    error: TokenHubError | None = None
+    interrupted = False
+    usage: Usage | None = None
+    reason: str | None = None
+    loop = client.run_tools(list(messages), tools=tools, model=model, include_usage=True)
+    try:
+        with loop:
+            for event in loop:
+                if isinstance(event, ContentDelta):
+                    parts.append(event.text)
+                    stdout.write(event.text)
+                    stdout.flush()
+                elif isinstance(event, ToolCallStarted):
+                    call = event.call
+                    stderr.write(_dim(f"[tool] {call.name}({call.arguments})", stderr) + "\n")
+                    stderr.flush()
+                elif isinstance(event, ToolResult):
+                    verb = "failed" if event.error else "returned"
+                    line = f"[tool] {event.call.name} {verb}: {event.output}"
+                    stderr.write(_dim(line, stderr) + "\n")
+                    stderr.flush()
+                elif isinstance(event, TurnFinished):
+                    usage = _add_usage(usage, event.usage)
+                    reason = event.message.finish_reason
+    except TokenHubError as exc:
+        error = exc
+    except KeyboardInterrupt:
+        interrupted = True
+    answer = Answer("".join(parts), error, interrupted)
+    if answer.text or error is None:
+        stdout.write("\n")
+        stdout.flush()
+    if error is not None:
+        stderr.write(f"tokenhub-stream: {type(error).__name__}: {error}\n")
+    else:
+        reason = "interrupted" if interrupted else reason
+        line = format_status(model, Timings(), reason, usage, turns=loop.turns)
+        stderr.write(_dim(line, stderr) + "\n")
+    stderr.flush()
+    done = error is None and not interrupted
+    return answer, (loop.messages if done else [])
+
+
+def _add_usage(total: Usage | None, usage: Usage | None) -> Usage | None:
+    if total is None or usage is None:
+        return usage if total is None else total
+
+    def plus(a: int | None, b: int | None) -> int | None:
+        return None if a is None and b is None else (a or 0) + (b or 0)
+
+    return Usage(
+        plus(total.prompt_tokens, usage.prompt_tokens),
+        plus(total.completion_tokens, usage.completion_tokens),
+        plus(total.total_tokens, usage.total_tokens),
+    )
+
+
+def _answer(
+    client: Client,
+    messages: list[Mapping[str, object]],
+    tools: ToolSet | None,
+    *,
+    model: str,
+    stdout: TextIO,
+    stderr: TextIO,
+) -> tuple[Answer, list[dict[str, object]]]:
+    if tools is None:
+        answer = stream_answer(client, messages, model=model, stdout=stdout, stderr=stderr)
+        return answer, []
+    return stream_tool_answer(client, messages, tools, model=model, stdout=stdout, stderr=stderr)
+
+
 def _start(system: str | None) -> list[Mapping[str, object]]:
     return [{"role": "system", "content": system}] if system else []
 
@@ -128,14 +230,18 @@ def run_ask(
     system: str | None,
     stdout: TextIO,
     stderr: TextIO,
+    tools: ToolSet | None = None,
 ) -> int:
     """Answer one question: only the answer text (and a final newline) on `stdout`.
+
+    Args:
+        tools: run these tools when the model asks for them (`--tools`).
 
     Returns:
         0, 1 on any `TokenHubError` (message on `stderr`), 130 on Ctrl-C.
     """
     messages = [*_start(system), {"role": "user", "content": question}]
-    answer = stream_answer(client, messages, model=model, stdout=stdout, stderr=stderr)
+    answer, _ = _answer(client, messages, tools, model=model, stdout=stdout, stderr=stderr)
     if answer.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_OK if answer.error is None else EXIT_ERROR
@@ -160,6 +266,7 @@ def run_chat(
     stdout: TextIO,
     stderr: TextIO,
     interactive: bool = False,
+    tools: ToolSet | None = None,
 ) -> int:
     """An interactive chat: each line is a user turn, each answer streams to `stdout`.
 
@@ -172,6 +279,8 @@ def run_chat(
     Args:
         interactive: read with `input()` (prompt, line editing) instead of
             `stdin.readline()`; for a terminal.
+        tools: run these tools when the model asks for them (`--tools`); a turn that
+            ends normally keeps its tool calls and results in the conversation.
 
     Returns:
         0 when the user leaves.
@@ -213,11 +322,16 @@ def run_chat(
             stderr.flush()
             continue
         messages.append({"role": "user", "content": line})
+        conversation: list[dict[str, object]] = []
         try:
-            answer = stream_answer(client, messages, model=model, stdout=stdout, stderr=stderr)
+            answer, conversation = _answer(
+                client, messages, tools, model=model, stdout=stdout, stderr=stderr
+            )
         except KeyboardInterrupt:  # a second Ctrl-C while the status line was written
             answer = Answer("", interrupted=True)
-        if answer.text:
+        if conversation:
+            messages[:] = conversation
+        elif answer.text:
             messages.append({"role": "assistant", "content": answer.text})
         else:
             messages.pop()

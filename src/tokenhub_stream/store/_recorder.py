@@ -59,7 +59,9 @@ class ConversationRecorder:
     assistant message (the new user message; the system prompt too on a first turn) and
     the assistant's answer, with the partial text when the client went away. A turn that
     cannot be written is logged (logger `tokenhub_stream.store`, level ERROR) with its
-    `Turn.to_json()` to replay; the hooks never raise into the proxy.
+    `Turn.to_json()` to replay, on one line (the record's `tokenhub_turn` and
+    `tokenhub_error` attributes hold the replay JSON and the error text too); the hooks
+    never raise into the proxy.
 
     Args:
         store: where to write.
@@ -184,12 +186,32 @@ def _text(content: object) -> str | None:
     return str(content)
 
 
+# Every line boundary `str.splitlines` knows, as the JSON escape of the character: one
+# failed write is one log line (SQLAlchemy's errors carry a multi-line `[SQL: ...]` block),
+# and the replay JSON, which keeps non-ASCII text as is, still parses to the same turn.
+_ONE_LINE = str.maketrans(
+    {
+        "\n": "\\n",
+        "\r": "\\r",
+        "\x0b": "\\u000b",
+        "\x0c": "\\f",
+        "\x1c": "\\u001c",
+        "\x1d": "\\u001d",
+        "\x1e": "\\u001e",
+        "\x85": "\\u0085",
+        "\u2028": "\\u2028",
+        "\u2029": "\\u2029",
+    }
+)
+
+
 def _log_lost(request_id: str, turn: Turn, reason: str) -> None:
-    text = turn.to_json()
+    text = turn.to_json().translate(_ONE_LINE)
+    error = reason.translate(_ONE_LINE)
     logger.error(
         "conversation turn not stored request_id=%s error=%s replay=%s",
         request_id,
-        reason,
+        error,
         text,
-        extra={"tokenhub_turn": text},
+        extra={"tokenhub_turn": text, "tokenhub_error": error},
     )
