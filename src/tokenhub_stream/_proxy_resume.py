@@ -49,6 +49,13 @@ DEFAULT_RESUME_TTL = 300.0
 RESUMABLE_HEADER = "x-resumable"
 _STREAM_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 _MAX_EVENT_ID = 10**15
+#: `InMemoryStreamBuffer` defaults: at most about 1,000 x 256 KiB = 250 MiB per process.
+DEFAULT_MAX_STREAMS = 1000
+DEFAULT_MAX_STREAM_BYTES = 256 * 1024
+DEFAULT_MAX_STREAMS_PER_OWNER = 16
+# What one kept event costs beyond its bytes: the tuple, the bytes and int objects' headers,
+# the deque slot (measured with tracemalloc: about 130 bytes for a 170-byte event).
+_EVENT_OVERHEAD = 128
 # A stream id, and the owner it belongs to, are never compared in variable time.
 _SAFE_EQUAL = hmac.compare_digest
 
@@ -132,6 +139,14 @@ class _MemoryStream:
             changed.set()
 
 
+class StreamBufferFull(RuntimeError):
+    """Raised by `InMemoryStreamBuffer.create` when every kept stream is another owner's, live.
+
+    The proxy then relays the stream without `X-Stream-Id` (not resumable), as for any
+    buffer that fails to create one.
+    """
+
+
 class InMemoryStreamBuffer:
     """Resumable streams in this process's memory: the default of `ChatProxy(resumable=True)`.
 
@@ -140,32 +155,59 @@ class InMemoryStreamBuffer:
                       stream_buffer=InMemoryStreamBuffer(max_streams=500))
     ```
 
-    Bounded: at most `max_streams` streams (the oldest is forgotten first, live or not) and
-    `max_stream_bytes` of events per stream (its oldest events are dropped first; a resume
-    from before them gets 410). Finished streams are forgotten after the proxy's
-    `resume_ttl`. One process only: a resume must reach the worker that ran the stream; use
-    `RedisStreamBuffer` behind several workers.
+    Bounded, and one owner cannot push out another's streams:
+
+    - at most `max_streams_per_owner` streams per owner (the `authorize` principal, else
+      the client address); a new one beyond that forgets the owner's own oldest stream
+      (a finished one first);
+    - at most `max_streams` in all; a new one beyond that forgets the stream that finished
+      first, else the owner's own oldest. A live stream is never forgotten for another
+      owner's new one: when every kept stream is live and someone else's, `create` raises
+      a `RuntimeError` and the proxy relays the new stream without `X-Stream-Id`;
+    - at most `max_stream_bytes` per stream, counting 128 bytes of bookkeeping per event
+      (its oldest events are dropped first; a resume from before them gets 410).
+
+    So the buffer holds at most about `max_streams` x `max_stream_bytes` per process: 250 MiB
+    with the defaults (1,000 x 256 KiB), 4 MiB per owner. Finished streams are forgotten
+    after the proxy's `resume_ttl`. One process only: a resume must reach the worker that
+    ran the stream; use `RedisStreamBuffer` behind several workers.
 
     Args:
         max_streams: streams kept at once.
         max_stream_bytes: bytes of events kept per stream.
+        max_streams_per_owner: streams kept at once per owner.
 
     Raises:
         ValueError: a non-positive bound.
     """
 
-    def __init__(self, *, max_streams: int = 1000, max_stream_bytes: int = 1024 * 1024) -> None:
-        if max_streams < 1 or max_stream_bytes < 1:
-            raise ValueError("max_streams and max_stream_bytes must be positive")
+    def __init__(
+        self,
+        *,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        max_stream_bytes: int = DEFAULT_MAX_STREAM_BYTES,
+        max_streams_per_owner: int = DEFAULT_MAX_STREAMS_PER_OWNER,
+    ) -> None:
+        if max_streams < 1 or max_stream_bytes < 1 or max_streams_per_owner < 1:
+            raise ValueError(
+                "max_streams, max_stream_bytes and max_streams_per_owner must be positive"
+            )
         self.max_streams = max_streams
         self.max_stream_bytes = max_stream_bytes
+        self.max_streams_per_owner = max_streams_per_owner
         self._streams: OrderedDict[str, _MemoryStream] = OrderedDict()
+        # Per owner, their streams' ids, oldest first; and every finished stream, in the
+        # order they finished: what may be forgotten for someone else's new stream.
+        self._owned: dict[str, OrderedDict[str, None]] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
         self._swept = 0.0
 
     def __repr__(self) -> str:
         return (
             f"InMemoryStreamBuffer(max_streams={self.max_streams!r}, "
-            f"max_stream_bytes={self.max_stream_bytes!r}, streams={len(self._streams)})"
+            f"max_stream_bytes={self.max_stream_bytes!r}, "
+            f"max_streams_per_owner={self.max_streams_per_owner!r}, "
+            f"streams={len(self._streams)})"
         )
 
     def __len__(self) -> int:
@@ -179,22 +221,47 @@ class InMemoryStreamBuffer:
         self._swept = now
         gone = [k for k, s in self._streams.items() if s.expires is not None and s.expires <= now]
         for key in gone:
-            self._streams.pop(key).wake()
+            self._forget(key)
+
+    def _forget(self, stream_id: str) -> None:
+        stream = self._streams.pop(stream_id)
+        owned = self._owned.get(stream.owner)
+        if owned is not None:
+            owned.pop(stream_id, None)
+            if not owned:
+                del self._owned[stream.owner]
+        self._finished.pop(stream_id, None)
+        stream.wake()
 
     def _get(self, stream_id: str) -> _MemoryStream | None:
         stream = self._streams.get(stream_id)
         if stream is not None and stream.expires is not None and stream.expires <= time.monotonic():
-            del self._streams[stream_id]
-            stream.wake()
+            self._forget(stream_id)
             return None
         return stream
 
+    def _own_oldest(self, owned: OrderedDict[str, None]) -> str:
+        # The owner's oldest finished stream, else their oldest.
+        return next((k for k in owned if k in self._finished), next(iter(owned)))
+
     async def create(self, stream_id: str, owner: str) -> None:
         self._sweep()
+        if stream_id in self._streams:
+            self._forget(stream_id)
+        owned = self._owned.get(owner)
+        if owned is not None and len(owned) >= self.max_streams_per_owner:
+            self._forget(self._own_oldest(owned))
+        if len(self._streams) >= self.max_streams:
+            # Full: the first stream to finish goes, else the owner's own oldest; another
+            # owner's live stream never does.
+            if self._finished:
+                self._forget(next(iter(self._finished)))
+            elif owned:
+                self._forget(self._own_oldest(owned))
+            else:
+                raise StreamBufferFull("every kept stream is live and another owner's")
         self._streams[stream_id] = _MemoryStream(owner)
-        while len(self._streams) > self.max_streams:
-            _, oldest = self._streams.popitem(last=False)
-            oldest.wake()
+        self._owned.setdefault(owner, OrderedDict())[stream_id] = None
 
     async def append(self, stream_id: str, events: Sequence[tuple[int, bytes]]) -> None:
         stream = self._get(stream_id)
@@ -202,11 +269,11 @@ class InMemoryStreamBuffer:
             return
         for event_id, data in events:
             stream.events.append((event_id, data))
-            stream.size += len(data)
+            stream.size += len(data) + _EVENT_OVERHEAD
             stream.last_id = event_id
         while stream.size > self.max_stream_bytes and len(stream.events) > 1:
             _, dropped = stream.events.popleft()
-            stream.size -= len(dropped)
+            stream.size -= len(dropped) + _EVENT_OVERHEAD
             stream.first_id = stream.events[0][0]
         stream.wake()
 
@@ -216,6 +283,7 @@ class InMemoryStreamBuffer:
             return
         stream.ended = True
         stream.expires = time.monotonic() + ttl
+        self._finished[stream_id] = None
         stream.wake()
 
     async def info(self, stream_id: str) -> StreamInfo | None:
