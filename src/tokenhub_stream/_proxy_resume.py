@@ -30,10 +30,7 @@ from ._proxy_core import (
     _BOUNDARY,
     ProxyRejection,
     check_origin,
-    client_address,
     error_frame,
-    first_forwarded,
-    is_trusted,
 )
 
 if TYPE_CHECKING:
@@ -448,12 +445,9 @@ def wants_resumable(headers: dict[str, str]) -> bool:
 
 def owner_of(proxy: ChatProxy, principal: object, scope: Scope, headers: dict[str, str]) -> str:
     """Who a stream belongs to: the `authorize` principal, else the client's address."""
-    if principal is not None:
-        return f"principal:{principal}"
-    client = scope.get("client")
-    peer = client[0] if isinstance(client, list | tuple) and client else None
-    address = client_address(peer, headers.get("x-forwarded-for"), proxy._trusted)
-    return f"address:{address or 'unknown'}"
+    from .asgi import _peer
+
+    return proxy._client_key(principal, _peer(scope), headers)
 
 
 def _last_event_id(scope: Scope, headers: dict[str, str]) -> int:
@@ -480,16 +474,30 @@ async def serve_resume(
     proxy: ChatProxy, scope: Scope, receive: Receive, send: Send, stream_id: str
 ) -> None:
     """`GET <mount>/streams/{stream_id}`: replay after Last-Event-ID, then tail the live rest."""
+    held: list[str] = []  # the owner whose resume slot this request took, if it took one
+    try:
+        await _resume(proxy, scope, receive, send, stream_id, held)
+    finally:
+        for owner in held:
+            left = proxy._resumes.pop(owner) - 1
+            if left:
+                proxy._resumes[owner] = left
+
+
+async def _resume(
+    proxy: ChatProxy, scope: Scope, receive: Receive, send: Send, stream_id: str, held: list[str]
+) -> None:
     from starlette.requests import Request
 
-    from .asgi import _headers, _send_error, _Turn
+    from .asgi import _headers, _peer, _send_error, _Turn
 
     turn = _Turn()
     after = 0
-    outcome = "completed"
-    sent = 0
     try:
         buffer = proxy.stream_buffer
+        headers = _headers(scope)
+        peer = _peer(scope)
+        own_host = proxy._own_host(headers, peer)  # 400 for a host not in allowed_hosts
         if scope["method"] not in ("GET", "DELETE"):
             raise ProxyRejection(
                 405,
@@ -499,20 +507,29 @@ async def serve_resume(
             )
         if buffer is None or _STREAM_ID.fullmatch(stream_id) is None:
             raise _not_found()
-        headers = _headers(scope)
-        client = scope.get("client")
-        peer = client[0] if isinstance(client, list | tuple) and client else None
-        own_host = headers.get("host")
-        if is_trusted(peer, proxy._trusted):
-            own_host = first_forwarded(headers.get("x-forwarded-host")) or own_host
         check_origin(headers, own_host=own_host, allowed_origins=proxy.allowed_origins)
-        turn.principal = await proxy._authorize(Request(scope))
-        owner = owner_of(proxy, turn.principal, scope, headers)
         if scope["method"] == "DELETE":
+            # Stop saves spend, so it is never rate limited: `authorize` only.
+            turn.principal = await proxy._authorize(Request(scope))
+            owner = owner_of(proxy, turn.principal, scope, headers)
             await _stop(proxy, buffer, stream_id, owner, send, turn)
             _log(turn, stream_id, after, 0, "stopped")
             return
+        # A resume costs the server what a chat's stream does (a task, a buffer reader, on
+        # Redis a blocking read): the same admission as a chat, and a cap per owner.
+        await proxy._admit(Request(scope), turn, headers, peer)
+        owner = owner_of(proxy, turn.principal, scope, headers)
         after = _last_event_id(scope, headers)
+        count = proxy._resumes.get(owner, 0)
+        if count >= proxy.max_resumes_per_principal:
+            raise ProxyRejection(
+                429,
+                "Too many resumes at once: finish one first.",
+                code="too_many_resumes",
+                headers={"retry-after": "1"},
+            )
+        proxy._resumes[owner] = count + 1
+        held.append(owner)
         try:
             info = await buffer.info(stream_id)
         except Exception as exc:
@@ -544,7 +561,21 @@ async def serve_resume(
         await _send_error(send, failure, turn.request_id)
         _log(turn, stream_id, after, 0, "rejected")
         return
+    await _tail(proxy, receive, send, turn, buffer, stream_id, after)
 
+
+async def _tail(
+    proxy: ChatProxy,
+    receive: Receive,
+    send: Send,
+    turn: _Turn,
+    buffer: StreamBuffer,
+    stream_id: str,
+    after: int,
+) -> None:
+    """The resume's 200: the kept events after `after`, then the live rest, then the end."""
+    outcome = "completed"
+    sent = 0
     idle = (proxy._timeout.read or 120.0) + 10.0
     turn.status = 200
     async with anyio.create_task_group() as tg:

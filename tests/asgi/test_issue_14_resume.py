@@ -16,10 +16,15 @@ import httpx
 import pytest
 from starlette.requests import Request
 
-from tokenhub_stream.asgi import InMemoryStreamBuffer
+from tokenhub_stream._proxy_core import ProxyRejection, check_host, parse_allowed_hosts
+from tokenhub_stream.asgi import DEFAULT_MAX_RESUMES_PER_PRINCIPAL, ChatProxy, InMemoryStreamBuffer
 from tokenhub_stream.testing import Script
 
+from .conftest import KEY, assert_no_key
+from .test_proxy_tools import eventually
+from .test_proxy_uvicorn import Mounting
 from .test_resume import (
+    BODY,
     RAW,
     Upstream,
     ids_of,
@@ -28,6 +33,7 @@ from .test_resume import (
     proxied,
     raw_script,
     resumable_headers,
+    resume,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -151,3 +157,168 @@ async def test_issue_14_proxy_relays_unresumable_when_the_buffer_is_full(
     assert "x-stream-id" not in carol.headers  # streamed, just not resumable
     assert carol.content == b"".join(RAW)  # the plain passthrough, no ids
     assert ids_of(first) == ["1"]
+
+
+# --- finding 5: resumes are admitted like chats, and capped per principal -----------------------
+
+
+class CountingLimiter:
+    """Allows `allowed` requests in all, then refuses (Retry-After 7); records every key."""
+
+    def __init__(self, allowed: int) -> None:
+        self.allowed = allowed
+        self.keys: list[str] = []
+
+    async def acquire(self, key: str) -> float | None:
+        self.keys.append(key)
+        return None if len(self.keys) <= self.allowed else 7.0
+
+
+@pytest.mark.anyio
+async def test_issue_14_resume_passes_authorize_and_the_rate_limiter(upstream: Upstream) -> None:
+    app, _ = upstream
+    app.enqueue(raw_script(0.001))
+    limiter = CountingLimiter(allowed=3)
+    alice = {"x-user": "alice"}
+    with proxied(upstream, authorize=by_user, rate_limiter=limiter) as (url, _):
+        async with httpx.AsyncClient(timeout=10) as client:
+            with anyio.fail_after(10):
+                direct = await post_all(client, url, resumable_headers(url, **alice))
+                stream_id = direct.headers["x-stream-id"]
+                nobody = await resume(client, url, stream_id, "0")
+                replays = [await resume(client, url, stream_id, "0", alice) for _ in range(3)]
+                stop = await client.delete(f"{url}/api/chat/streams/{stream_id}", headers=alice)
+    assert nobody.status_code == 401  # authorize runs before the limiter: nothing counted
+    assert [r.status_code for r in replays] == [200, 200, 429]
+    assert replays[2].json()["error"]["code"] == "rate_limit_exceeded"
+    assert replays[2].headers["retry-after"] == "7"
+    assert limiter.keys == ["principal:alice"] * 4  # the chat's key, for the chat and resumes
+    assert stop.status_code == 204  # Stop saves spend: never rate limited
+
+
+@pytest.mark.anyio
+async def test_issue_14_resume_cap_per_principal(upstream: Upstream) -> None:
+    app, _ = upstream
+    app.enqueue(Script(deltas=["alice"], end="stall"), Script(deltas=["bob"], end="stall"))
+    alice, bob = {"x-user": "alice"}, {"x-user": "bob"}
+    with proxied(upstream, authorize=by_user, max_resumes_per_principal=2) as (url, proxy):
+        async with httpx.AsyncClient(timeout=10) as client:
+            with anyio.fail_after(15):
+                alice_id, _ = await post_until(client, url, resumable_headers(url, **alice), 1)
+                bob_id, _ = await post_until(client, url, resumable_headers(url, **bob), 1)
+                target = f"{url}/api/chat/streams/{alice_id}"
+                async with (
+                    client.stream("GET", target, headers=alice) as one,
+                    client.stream("GET", target, headers=alice) as two,
+                ):
+                    assert (one.status_code, two.status_code) == (200, 200)
+                    third = await resume(client, url, alice_id, "1", alice)
+                    assert third.status_code == 429
+                    assert third.json()["error"]["code"] == "too_many_resumes"
+                    assert third.headers["retry-after"] == "1"
+                    # The cap is per principal: bob's resume is not affected.
+                    async with client.stream(
+                        "GET", f"{url}/api/chat/streams/{bob_id}", headers=bob
+                    ) as bobs:
+                        assert bobs.status_code == 200
+                    assert proxy._resumes["principal:alice"] == 2
+                # Both of alice's readers left: her slots are free again.
+                await eventually(lambda: not proxy._resumes)
+                async with client.stream("GET", target, headers=alice) as again:
+                    assert again.status_code == 200
+                for user, stream_id in ((alice, alice_id), (bob, bob_id)):
+                    await client.delete(f"{url}/api/chat/streams/{stream_id}", headers=user)
+    assert DEFAULT_MAX_RESUMES_PER_PRINCIPAL == 4
+    with pytest.raises(ValueError, match="max_resumes_per_principal"):
+        ChatProxy(api_key=KEY, resumable=True, max_resumes_per_principal=0)
+
+
+# --- finding 6: ChatProxy(allowed_hosts=...) against DNS rebinding --------------------------------
+
+REBOUND = "evil.example:18090"  # the review's reproduction: a page on a name rebound to us
+
+
+def rebound_headers(**extra: str) -> dict[str, str]:
+    # What the browser sends from http://evil.example:18090 once the name points at us:
+    # same-origin as far as Origin and Host can tell.
+    origin = f"http://{REBOUND}"
+    return {"host": REBOUND, "origin": origin, "sec-fetch-site": "same-origin", **extra}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("mount", ["routes", "middleware"])
+async def test_issue_14_allowed_hosts_refuses_a_rebound_host_on_every_route(
+    upstream: Upstream, mount: Mounting
+) -> None:
+    app, _ = upstream
+    app.enqueue(raw_script(0.001), raw_script(0.001))
+    # Why the option exists: without it, the origin check compares Origin with that very
+    # Host, and the rebound page's request goes through.
+    with proxied(upstream, mount, authorize=by_user) as (url, _):
+        async with httpx.AsyncClient(timeout=10) as client:
+            evil = rebound_headers(**{"x-user": "alice"})
+            passed = await client.post(f"{url}/api/chat", content=BODY, headers=evil)
+    assert passed.status_code == 200 and len(app.requests) == 1
+    hosts = ["localhost", "127.0.0.1", "[::1]"]
+    with proxied(upstream, mount, allowed_hosts=hosts, authorize=by_user) as (url, _):
+        async with httpx.AsyncClient(timeout=10) as client:
+            with anyio.fail_after(10):
+                evil = rebound_headers(**{"x-user": "alice", "x-resumable": "1"})
+                refused = [
+                    await client.post(f"{url}/api/chat", content=BODY, headers=evil),
+                    await client.post(f"{url}/api/chat/", content=BODY, headers=evil),
+                    await client.get(f"{url}/api/chat/models", headers=evil),
+                    await client.get(f"{url}/api/chat/streams/{'a' * 24}", headers=evil),
+                    await client.delete(f"{url}/api/chat/streams/{'a' * 24}", headers=evil),
+                    await client.get(f"{url}/api/chat/nowhere", headers=evil),
+                    # Nor is a malformed Host.
+                    await client.get(f"{url}/api/chat/models", headers={"host": "[::1"}),
+                ]
+                ok = await post_all(client, url, resumable_headers(url, **{"x-user": "alice"}))
+                local = await client.get(
+                    f"{url}/api/chat/models", headers={"host": "localhost.:8000", "x-user": "a"}
+                )
+    for response in refused:
+        assert response.status_code == 400, (response.request.url, response.status_code)
+        assert response.json()["error"]["code"] == "host_not_allowed"
+    assert ok.status_code == 200 and local.status_code == 200
+    assert len(app.requests) == 2  # nothing refused reached the upstream
+    assert_no_key(*(r.content for r in refused))
+
+
+@pytest.mark.anyio
+async def test_issue_14_allowed_hosts_checks_the_forwarded_host_behind_a_trusted_proxy(
+    upstream: Upstream,
+) -> None:
+    app, _ = upstream
+    app.enqueue(raw_script(0.001))
+    options = {"allowed_hosts": ["*.example.com"], "trusted_proxies": ["127.0.0.1"]}
+    with proxied(upstream, **options) as (url, _):
+        async with httpx.AsyncClient(timeout=10) as client:
+            # nginx sends its upstream's name as Host and the browser's in X-Forwarded-Host.
+            behind = {"host": "backend:8000", "origin": "https://chat.example.com"}
+            ok = await post_all(client, url, {**behind, "x-forwarded-host": "chat.example.com"})
+            evil = await post_all(client, url, {**behind, "x-forwarded-host": "evil.example"})
+            apex = await post_all(client, url, {**behind, "x-forwarded-host": "example.com"})
+    assert ok.status_code == 200
+    assert (evil.status_code, apex.status_code) == (400, 400)  # `*.` covers subdomains only
+
+
+def test_issue_14_host_patterns() -> None:
+    patterns = parse_allowed_hosts(["LocalHost", "::1", "app.example.com:8443", "*.lan"])
+    for host in ("localhost", "localhost:1", "LOCALHOST.", "[::1]:8000", "[0:0::1]"):
+        check_host(host, patterns)
+    for host in ("app.example.com:8443", "box.lan", "a.b.lan:80"):
+        check_host(host, patterns)
+    for host in (None, "", "evil.example", "localhost.evil.example", "app.example.com",
+                 "app.example.com:443", "lan", "evil-lan", "[::2]", "[::1", "localhost:x",
+                 "localhost:123456", "127.0.0.1"):  # fmt: skip
+        with pytest.raises(ProxyRejection) as caught:
+            check_host(host, patterns)
+        assert caught.value.status == 400
+    check_host("anything:1", parse_allowed_hosts(["*"]))
+    for bad in ("http://example.com", "a*.example.com", "", "[::1", "a/b"):
+        with pytest.raises(ValueError):
+            parse_allowed_hosts([bad])
+    with pytest.raises(ValueError, match="not one string"):
+        ChatProxy(api_key=KEY, allowed_hosts="localhost")
