@@ -310,8 +310,8 @@ class ChatProxy:
         allowed_hosts: the host names the app is served as (`"app.example.com"`,
             `"*.example.com"`, `"localhost:8000"`); any other `Host` (or, from
             `trusted_proxies`, `X-Forwarded-Host`) gets 400 before anything else, on every
-            route. The guard against DNS rebinding, which passes the origin check; `None`
-            (the default): no check.
+            route: the guard against DNS rebinding (a page on a name re-pointed at the
+            server passes the origin check). `None` (the default): no check.
         trusted_proxies: addresses/networks whose `X-Forwarded-*` headers are believed.
         authorize: `request -> principal | None` (sync or async); `None` answers 401. It may
             raise `starlette.exceptions.HTTPException` with a status of its choice.
@@ -430,7 +430,6 @@ class ChatProxy:
             else frozenset(o if o == "*" else o.rstrip("/").lower() for o in allowed_origins)
         )
         self._allowed_hosts = None if allowed_hosts is None else parse_allowed_hosts(allowed_hosts)
-        self.allowed_hosts = None if allowed_hosts is None else frozenset(allowed_hosts)
         self._trusted = parse_networks(trusted_proxies)
         self.authorize = authorize
         self.rate_limiter = rate_limiter
