@@ -22,7 +22,7 @@ import anyio
 import httpx
 import pytest
 
-from tokenhub_stream.cli import build_parser
+from tokenhub_stream.cli import build_parser, main
 from tokenhub_stream.cli._serve import (
     COOKIE,
     LOCAL_HOSTS,
@@ -156,6 +156,25 @@ def test_issue_14_serve_hosts_and_options() -> None:
     assert args.allowed_host == ["chat.lan", "10.0.0.2"] and args.require_token
     plain = build_parser().parse_args(["serve"])
     assert plain.allowed_host == [] and not plain.require_token
+
+
+def test_issue_14_serve_command_passes_hosts_and_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, object]] = []
+
+    def fake_run_serve(**options: object) -> int:
+        calls.append(options)
+        return 0
+
+    monkeypatch.setattr("tokenhub_stream.cli._serve.run_serve", fake_run_serve)
+    argv = ["serve", "--host", "0.0.0.0", "--allowed-host", "chat.lan", "--require-token"]
+    assert main(argv) == 0
+    assert calls[0]["allowed_hosts"] == ["chat.lan"] and calls[0]["require_token"] is True
+    # A bad --allowed-host is a usage error before anything starts.
+    monkeypatch.setattr("tokenhub_stream.cli._serve.run_serve", run_serve)
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    assert main(["serve", "--allowed-host", "http://chat.lan/", "--no-store"]) == 2
+    assert "not a host name" in err.getvalue()
 
 
 def test_issue_14_serve_warns_when_exposed(monkeypatch: pytest.MonkeyPatch) -> None:
