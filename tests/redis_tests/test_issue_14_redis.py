@@ -23,6 +23,7 @@ from starlette.requests import Request
 
 from tokenhub_stream.asgi import ChatProxy
 from tokenhub_stream.redis import RedisRateLimiter, RedisStreamBuffer
+from tokenhub_stream.redis._streams import _BLOCK
 from tokenhub_stream.testing import FakeChatUpstream, Script, run_upstream
 
 from .conftest import RedisServer, run_redis, serve
@@ -163,6 +164,7 @@ async def test_issue_14_waiting_readers_share_redis_connections(small_redis: Red
             await buffer.append(stream_id, [(1, b"one")])
         got: dict[str, list[int]] = {stream_id: [] for stream_id in ids}
         first_seen = {stream_id: anyio.Event() for stream_id in ids}
+        second_seen = {stream_id: anyio.Event() for stream_id in ids}
         arrived: dict[str, float] = {}
 
         async def reader(stream_id: str) -> None:
@@ -172,6 +174,7 @@ async def test_issue_14_waiting_readers_share_redis_connections(small_redis: Red
                     first_seen[stream_id].set()
                 else:
                     arrived[stream_id] = time.monotonic()
+                    second_seen[stream_id].set()
 
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tg:
@@ -188,6 +191,8 @@ async def test_issue_14_waiting_readers_share_redis_connections(small_redis: Red
                 sent = time.monotonic()
                 await buffer.append(late, [(2, b"two")])
                 await buffer.end(late, ttl=60)
+                with anyio.move_on_after(_BLOCK):  # without a wake-up: no sooner than that
+                    await second_seen[late].wait()
                 for stream_id in ids[:RESUMES]:
                     await buffer.append(stream_id, [(2, b"two")])
                     await buffer.end(stream_id, ttl=60)
