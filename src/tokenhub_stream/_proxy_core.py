@@ -413,6 +413,81 @@ def check_origin(
     raise ProxyRejection(403, "This origin is not allowed.", code="origin_not_allowed")
 
 
+# --- host checks ----------------------------------------------------------------------------
+
+#: An `allowed_hosts` entry: a name (`example.com`, `127.0.0.1`, `[::1]`), `.suffix` for
+#: `*.suffix`, or `*`; and the one port it allows (`None`: any).
+HostPattern = tuple[str, int | None]
+
+
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """A `Host` value as `(name, port)`: lowercased, IPv6 in brackets; `None` if malformed."""
+    text = value.strip().lower()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            return None
+        try:
+            name = f"[{ipaddress.IPv6Address(text[1:end])}]"
+        except ValueError:
+            return None
+        rest = text[end + 1 :]
+    else:
+        name, colon, port = text.partition(":")
+        rest = colon + port
+        # `localhost.` is the fully qualified form of the same name.
+        name = name[:-1] if name.endswith(".") else name
+    if not name:
+        return None
+    if not rest:
+        return name, None
+    digits = rest[1:]
+    if rest[0] != ":" or not (digits.isascii() and digits.isdigit()) or len(digits) > 5:
+        return None
+    return name, int(digits)
+
+
+def parse_allowed_hosts(values: Iterable[str]) -> tuple[HostPattern, ...]:
+    """`allowed_hosts` as patterns; raises `ValueError` on an entry that is no host name."""
+    if isinstance(values, str):
+        raise ValueError("allowed_hosts must be a collection of host names, not one string")
+    patterns: list[HostPattern] = []
+    for value in values:
+        text = value.strip().lower()
+        if text == "*":
+            patterns.append(("*", None))
+            continue
+        try:  # a bare IPv6 address, as `--host ::1` gives it
+            text = f"[{ipaddress.IPv6Address(text)}]"
+        except ValueError:
+            pass
+        wildcard = text.startswith("*.")
+        parsed = split_host(text[2:] if wildcard else text)
+        if parsed is None or "*" in parsed[0] or "/" in parsed[0]:
+            raise ValueError(f"not a host name for allowed_hosts: {value!r}")
+        name, port = parsed
+        patterns.append(("." + name if wildcard else name, port))
+    return tuple(patterns)
+
+
+def check_host(value: str | None, patterns: tuple[HostPattern, ...]) -> None:
+    """Refuse (400) a request whose host is not one of `patterns`: the DNS-rebinding guard.
+
+    A page on `evil.example` whose name the attacker re-points at the server's address
+    reaches it with `Host: evil.example`; the same-origin check alone, which compares
+    `Origin` with that very host, would let it through.
+    """
+    parsed = None if value is None else split_host(value)
+    if parsed is not None:
+        name, port = parsed
+        for pattern, allowed_port in patterns:
+            if allowed_port is not None and allowed_port != port:
+                continue
+            if pattern in ("*", name) or (pattern[0] == "." and name.endswith(pattern)):
+                return
+    raise ProxyRejection(400, "This host is not allowed.", code="host_not_allowed")
+
+
 def first_forwarded(value: str | None) -> str | None:
     if not value:
         return None

@@ -30,10 +30,7 @@ from ._proxy_core import (
     _BOUNDARY,
     ProxyRejection,
     check_origin,
-    client_address,
     error_frame,
-    first_forwarded,
-    is_trusted,
 )
 
 if TYPE_CHECKING:
@@ -49,6 +46,13 @@ DEFAULT_RESUME_TTL = 300.0
 RESUMABLE_HEADER = "x-resumable"
 _STREAM_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 _MAX_EVENT_ID = 10**15
+#: `InMemoryStreamBuffer` defaults: at most about 1,000 x 256 KiB = 250 MiB per process.
+DEFAULT_MAX_STREAMS = 1000
+DEFAULT_MAX_STREAM_BYTES = 256 * 1024
+DEFAULT_MAX_STREAMS_PER_OWNER = 16
+# What one kept event costs beyond its bytes: the tuple, the bytes and int objects' headers,
+# the deque slot (measured with tracemalloc: about 130 bytes for a 170-byte event).
+_EVENT_OVERHEAD = 128
 # A stream id, and the owner it belongs to, are never compared in variable time.
 _SAFE_EQUAL = hmac.compare_digest
 
@@ -132,6 +136,14 @@ class _MemoryStream:
             changed.set()
 
 
+class StreamBufferFull(RuntimeError):
+    """Raised by `InMemoryStreamBuffer.create` when every kept stream is another owner's, live.
+
+    The proxy then relays the stream without `X-Stream-Id` (not resumable), as for any
+    buffer that fails to create one.
+    """
+
+
 class InMemoryStreamBuffer:
     """Resumable streams in this process's memory: the default of `ChatProxy(resumable=True)`.
 
@@ -140,32 +152,59 @@ class InMemoryStreamBuffer:
                       stream_buffer=InMemoryStreamBuffer(max_streams=500))
     ```
 
-    Bounded: at most `max_streams` streams (the oldest is forgotten first, live or not) and
-    `max_stream_bytes` of events per stream (its oldest events are dropped first; a resume
-    from before them gets 410). Finished streams are forgotten after the proxy's
-    `resume_ttl`. One process only: a resume must reach the worker that ran the stream; use
-    `RedisStreamBuffer` behind several workers.
+    Bounded, and one owner cannot push out another's streams:
+
+    - at most `max_streams_per_owner` streams per owner (the `authorize` principal, else
+      the client address); a new one beyond that forgets the owner's own oldest stream
+      (a finished one first);
+    - at most `max_streams` in all; a new one beyond that forgets the stream that finished
+      first, else the owner's own oldest. A live stream is never forgotten for another
+      owner's new one: when every kept stream is live and someone else's, `create` raises
+      a `RuntimeError` and the proxy relays the new stream without `X-Stream-Id`;
+    - at most `max_stream_bytes` per stream, counting 128 bytes of bookkeeping per event
+      (its oldest events are dropped first; a resume from before them gets 410).
+
+    So the buffer holds at most about `max_streams` x `max_stream_bytes` per process: 250 MiB
+    with the defaults (1,000 x 256 KiB), 4 MiB per owner. Finished streams are forgotten
+    after the proxy's `resume_ttl`. One process only: a resume must reach the worker that
+    ran the stream; use `RedisStreamBuffer` behind several workers.
 
     Args:
         max_streams: streams kept at once.
         max_stream_bytes: bytes of events kept per stream.
+        max_streams_per_owner: streams kept at once per owner.
 
     Raises:
         ValueError: a non-positive bound.
     """
 
-    def __init__(self, *, max_streams: int = 1000, max_stream_bytes: int = 1024 * 1024) -> None:
-        if max_streams < 1 or max_stream_bytes < 1:
-            raise ValueError("max_streams and max_stream_bytes must be positive")
+    def __init__(
+        self,
+        *,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        max_stream_bytes: int = DEFAULT_MAX_STREAM_BYTES,
+        max_streams_per_owner: int = DEFAULT_MAX_STREAMS_PER_OWNER,
+    ) -> None:
+        if max_streams < 1 or max_stream_bytes < 1 or max_streams_per_owner < 1:
+            raise ValueError(
+                "max_streams, max_stream_bytes and max_streams_per_owner must be positive"
+            )
         self.max_streams = max_streams
         self.max_stream_bytes = max_stream_bytes
+        self.max_streams_per_owner = max_streams_per_owner
         self._streams: OrderedDict[str, _MemoryStream] = OrderedDict()
+        # Per owner, their streams' ids, oldest first; and every finished stream, in the
+        # order they finished: what may be forgotten for someone else's new stream.
+        self._owned: dict[str, OrderedDict[str, None]] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
         self._swept = 0.0
 
     def __repr__(self) -> str:
         return (
             f"InMemoryStreamBuffer(max_streams={self.max_streams!r}, "
-            f"max_stream_bytes={self.max_stream_bytes!r}, streams={len(self._streams)})"
+            f"max_stream_bytes={self.max_stream_bytes!r}, "
+            f"max_streams_per_owner={self.max_streams_per_owner!r}, "
+            f"streams={len(self._streams)})"
         )
 
     def __len__(self) -> int:
@@ -179,22 +218,47 @@ class InMemoryStreamBuffer:
         self._swept = now
         gone = [k for k, s in self._streams.items() if s.expires is not None and s.expires <= now]
         for key in gone:
-            self._streams.pop(key).wake()
+            self._forget(key)
+
+    def _forget(self, stream_id: str) -> None:
+        stream = self._streams.pop(stream_id)
+        owned = self._owned.get(stream.owner)
+        if owned is not None:
+            owned.pop(stream_id, None)
+            if not owned:
+                del self._owned[stream.owner]
+        self._finished.pop(stream_id, None)
+        stream.wake()
 
     def _get(self, stream_id: str) -> _MemoryStream | None:
         stream = self._streams.get(stream_id)
         if stream is not None and stream.expires is not None and stream.expires <= time.monotonic():
-            del self._streams[stream_id]
-            stream.wake()
+            self._forget(stream_id)
             return None
         return stream
 
+    def _own_oldest(self, owned: OrderedDict[str, None]) -> str:
+        # The owner's oldest finished stream, else their oldest.
+        return next((k for k in owned if k in self._finished), next(iter(owned)))
+
     async def create(self, stream_id: str, owner: str) -> None:
         self._sweep()
+        if stream_id in self._streams:
+            self._forget(stream_id)
+        owned = self._owned.get(owner)
+        if owned is not None and len(owned) >= self.max_streams_per_owner:
+            self._forget(self._own_oldest(owned))
+        if len(self._streams) >= self.max_streams:
+            # Full: the first stream to finish goes, else the owner's own oldest; another
+            # owner's live stream never does.
+            if self._finished:
+                self._forget(next(iter(self._finished)))
+            elif owned:
+                self._forget(self._own_oldest(owned))
+            else:
+                raise StreamBufferFull("every kept stream is live and another owner's")
         self._streams[stream_id] = _MemoryStream(owner)
-        while len(self._streams) > self.max_streams:
-            _, oldest = self._streams.popitem(last=False)
-            oldest.wake()
+        self._owned.setdefault(owner, OrderedDict())[stream_id] = None
 
     async def append(self, stream_id: str, events: Sequence[tuple[int, bytes]]) -> None:
         stream = self._get(stream_id)
@@ -202,11 +266,11 @@ class InMemoryStreamBuffer:
             return
         for event_id, data in events:
             stream.events.append((event_id, data))
-            stream.size += len(data)
+            stream.size += len(data) + _EVENT_OVERHEAD
             stream.last_id = event_id
         while stream.size > self.max_stream_bytes and len(stream.events) > 1:
             _, dropped = stream.events.popleft()
-            stream.size -= len(dropped)
+            stream.size -= len(dropped) + _EVENT_OVERHEAD
             stream.first_id = stream.events[0][0]
         stream.wake()
 
@@ -216,6 +280,7 @@ class InMemoryStreamBuffer:
             return
         stream.ended = True
         stream.expires = time.monotonic() + ttl
+        self._finished[stream_id] = None
         stream.wake()
 
     async def info(self, stream_id: str) -> StreamInfo | None:
@@ -380,12 +445,9 @@ def wants_resumable(headers: dict[str, str]) -> bool:
 
 def owner_of(proxy: ChatProxy, principal: object, scope: Scope, headers: dict[str, str]) -> str:
     """Who a stream belongs to: the `authorize` principal, else the client's address."""
-    if principal is not None:
-        return f"principal:{principal}"
-    client = scope.get("client")
-    peer = client[0] if isinstance(client, list | tuple) and client else None
-    address = client_address(peer, headers.get("x-forwarded-for"), proxy._trusted)
-    return f"address:{address or 'unknown'}"
+    from .asgi import _peer
+
+    return proxy._client_key(principal, _peer(scope), headers)
 
 
 def _last_event_id(scope: Scope, headers: dict[str, str]) -> int:
@@ -412,16 +474,30 @@ async def serve_resume(
     proxy: ChatProxy, scope: Scope, receive: Receive, send: Send, stream_id: str
 ) -> None:
     """`GET <mount>/streams/{stream_id}`: replay after Last-Event-ID, then tail the live rest."""
+    held: list[str] = []  # the owner whose resume slot this request took, if it took one
+    try:
+        await _resume(proxy, scope, receive, send, stream_id, held)
+    finally:
+        for owner in held:
+            left = proxy._resumes.pop(owner) - 1
+            if left:
+                proxy._resumes[owner] = left
+
+
+async def _resume(
+    proxy: ChatProxy, scope: Scope, receive: Receive, send: Send, stream_id: str, held: list[str]
+) -> None:
     from starlette.requests import Request
 
-    from .asgi import _headers, _send_error, _Turn
+    from .asgi import _headers, _peer, _send_error, _Turn
 
     turn = _Turn()
     after = 0
-    outcome = "completed"
-    sent = 0
     try:
         buffer = proxy.stream_buffer
+        headers = _headers(scope)
+        peer = _peer(scope)
+        own_host = proxy._own_host(headers, peer)  # 400 for a host not in allowed_hosts
         if scope["method"] not in ("GET", "DELETE"):
             raise ProxyRejection(
                 405,
@@ -431,20 +507,29 @@ async def serve_resume(
             )
         if buffer is None or _STREAM_ID.fullmatch(stream_id) is None:
             raise _not_found()
-        headers = _headers(scope)
-        client = scope.get("client")
-        peer = client[0] if isinstance(client, list | tuple) and client else None
-        own_host = headers.get("host")
-        if is_trusted(peer, proxy._trusted):
-            own_host = first_forwarded(headers.get("x-forwarded-host")) or own_host
         check_origin(headers, own_host=own_host, allowed_origins=proxy.allowed_origins)
-        turn.principal = await proxy._authorize(Request(scope))
-        owner = owner_of(proxy, turn.principal, scope, headers)
         if scope["method"] == "DELETE":
+            # Stop saves spend, so it is never rate limited: `authorize` only.
+            turn.principal = await proxy._authorize(Request(scope))
+            owner = owner_of(proxy, turn.principal, scope, headers)
             await _stop(proxy, buffer, stream_id, owner, send, turn)
             _log(turn, stream_id, after, 0, "stopped")
             return
+        # A resume costs the server what a chat's stream does (a task, a buffer reader, on
+        # Redis a blocking read): the same admission as a chat, and a cap per owner.
+        await proxy._admit(Request(scope), turn, headers, peer)
+        owner = owner_of(proxy, turn.principal, scope, headers)
         after = _last_event_id(scope, headers)
+        count = proxy._resumes.get(owner, 0)
+        if count >= proxy.max_resumes_per_principal:
+            raise ProxyRejection(
+                429,
+                "Too many resumes at once: finish one first.",
+                code="too_many_resumes",
+                headers={"retry-after": "1"},
+            )
+        proxy._resumes[owner] = count + 1
+        held.append(owner)
         try:
             info = await buffer.info(stream_id)
         except Exception as exc:
@@ -476,7 +561,21 @@ async def serve_resume(
         await _send_error(send, failure, turn.request_id)
         _log(turn, stream_id, after, 0, "rejected")
         return
+    await _tail(proxy, receive, send, turn, buffer, stream_id, after)
 
+
+async def _tail(
+    proxy: ChatProxy,
+    receive: Receive,
+    send: Send,
+    turn: _Turn,
+    buffer: StreamBuffer,
+    stream_id: str,
+    after: int,
+) -> None:
+    """The resume's 200: the kept events after `after`, then the live rest, then the end."""
+    outcome = "completed"
+    sent = 0
     idle = (proxy._timeout.read or 120.0) + 10.0
     turn.status = 200
     async with anyio.create_task_group() as tg:

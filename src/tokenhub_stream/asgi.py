@@ -66,6 +66,7 @@ from ._proxy_core import (
     EventSplitter,
     ProxyRejection,
     TokenBucket,
+    check_host,
     check_origin,
     client_address,
     error_body,
@@ -73,6 +74,7 @@ from ._proxy_core import (
     first_forwarded,
     is_trusted,
     outgoing_body,
+    parse_allowed_hosts,
     parse_body,
     parse_content_type,
     parse_networks,
@@ -132,6 +134,8 @@ DEFAULT_KEEPALIVE_INTERVAL = 15.0
 DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_PROXY_TIMEOUT = httpx.Timeout(connect=10.0, read=120.0, write=30.0, pool=10.0)
 DEFAULT_FINISH_TIMEOUT = 120.0
+#: Resumes one principal (or client address) may hold open at once in one process.
+DEFAULT_MAX_RESUMES_PER_PRINCIPAL = 4
 _CLOSE_TIMEOUT = 1.0
 _MAX_ERROR_BODY = 64 * 1024
 _KEEPALIVE = b": keep-alive\n\n"
@@ -304,6 +308,11 @@ class ChatProxy:
         max_tokens_cap: `max_tokens` / `max_completion_tokens` above it are clamped to it.
         max_body_bytes: larger request bodies get 413.
         allowed_origins: origins allowed to POST (default: the request's own host; `"*"`: any).
+        allowed_hosts: the host names the app is served as (`"app.example.com"`,
+            `"*.example.com"`, `"localhost:8000"`); any other `Host` (or, from
+            `trusted_proxies`, `X-Forwarded-Host`) gets 400 before anything else, on every
+            route: the guard against DNS rebinding (a page on a name re-pointed at the
+            server passes the origin check). `None` (the default): no check.
         trusted_proxies: addresses/networks whose `X-Forwarded-*` headers are believed.
         authorize: `request -> principal | None` (sync or async); `None` answers 401. It may
             raise `starlette.exceptions.HTTPException` with a status of its choice.
@@ -331,6 +340,9 @@ class ChatProxy:
             streams"). Implied by `stream_buffer`; not available with `tools`.
         stream_buffer: where resumable streams are kept (default: `InMemoryStreamBuffer()`;
             `tokenhub_stream.redis.RedisStreamBuffer` behind several processes).
+        max_resumes_per_principal: resumes (`GET <mount>/streams/{id}`) one principal, or
+            client address, may hold open at once in this process; more get 429. Resumes
+            also pass `authorize` and take from `rate_limiter` like chats.
         resume_ttl: seconds a finished stream stays resumable.
 
     Raises:
@@ -348,6 +360,7 @@ class ChatProxy:
         max_tokens_cap: int | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         allowed_origins: Collection[str] | None = None,
+        allowed_hosts: Collection[str] | None = None,
         trusted_proxies: Collection[str] = (),
         authorize: AuthorizeHook | None = None,
         rate_limiter: RateLimiter | None = None,
@@ -363,6 +376,7 @@ class ChatProxy:
         max_tool_turns: int = DEFAULT_MAX_TURNS,
         resumable: bool = False,
         stream_buffer: StreamBuffer | None = None,
+        max_resumes_per_principal: int = DEFAULT_MAX_RESUMES_PER_PRINCIPAL,
         resume_ttl: float = DEFAULT_RESUME_TTL,
     ) -> None:
         from . import _config
@@ -389,6 +403,8 @@ class ChatProxy:
             raise ValueError("resumable streams are not available with tools=")
         if resume_ttl <= 0:
             raise ValueError("resume_ttl must be positive")
+        if isinstance(max_resumes_per_principal, bool) or max_resumes_per_principal < 1:
+            raise ValueError("max_resumes_per_principal must be a positive integer")
         tool_set: ToolSet | None = None
         if tools is not None:
             from .tools import ToolSet
@@ -414,6 +430,7 @@ class ChatProxy:
             if allowed_origins is None
             else frozenset(o if o == "*" else o.rstrip("/").lower() for o in allowed_origins)
         )
+        self._allowed_hosts = None if allowed_hosts is None else parse_allowed_hosts(allowed_hosts)
         self._trusted = parse_networks(trusted_proxies)
         self.authorize = authorize
         self.rate_limiter = rate_limiter
@@ -444,6 +461,9 @@ class ChatProxy:
             stream_buffer = InMemoryStreamBuffer()
         self.stream_buffer = stream_buffer
         self.resume_ttl = resume_ttl
+        self.max_resumes_per_principal = max_resumes_per_principal
+        # Resumes being served per owner (the max_resumes_per_principal cap).
+        self._resumes: dict[str, int] = {}
         # Resumable streams relayed by this process, for DELETE <mount>/streams/{id}.
         self._live_streams: dict[str, ResumableStream] = {}
         self._headers = {
@@ -553,8 +573,15 @@ class ChatProxy:
         if kind == "http":
             path = _route_path(scope)
             if path in ("", "/"):
-                await self._chat(scope, receive, send)
-            elif path.rstrip("/") == "/models":
+                await self._chat(scope, receive, send)  # checks the host itself (_prepare)
+                return
+            if self._allowed_hosts is not None:
+                try:
+                    self._own_host(_headers(scope), _peer(scope))
+                except ProxyRejection as rejection:
+                    await _send_error(send, rejection)
+                    return
+            if path.rstrip("/") == "/models":
                 await self._models(scope, send)
             elif path.startswith("/streams/"):
                 from ._proxy_resume import serve_resume
@@ -661,38 +688,18 @@ class ChatProxy:
         await self._complete(turn)
 
     async def _prepare(self, scope: Scope, receive: Receive, turn: _Turn) -> tuple[bytes, bool]:
+        headers = _headers(scope)
+        peer = _peer(scope)
+        own_host = self._own_host(headers, peer)
         if scope["method"] != "POST":
             raise _method_not_allowed("POST")
-        headers = _headers(scope)
-        client = scope.get("client")
-        peer = client[0] if isinstance(client, list | tuple) and client else None
-        trusted = is_trusted(peer, self._trusted)
-        own_host = headers.get("host")
-        if trusted:
-            own_host = first_forwarded(headers.get("x-forwarded-host")) or own_host
         check_origin(headers, own_host=own_host, allowed_origins=self.allowed_origins)
         charset = parse_content_type(headers.get("content-type"))
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             raise _too_large(self.max_body_bytes)
         request = Request(scope)
-        turn.principal = await self._authorize(request)
-        if self.rate_limiter is not None:
-            if turn.principal is not None:
-                key = f"principal:{turn.principal}"
-            else:
-                address = client_address(peer, headers.get("x-forwarded-for"), self._trusted)
-                key = f"address:{address or 'unknown'}"
-            turn.limit_key = key
-            retry_after = await self.rate_limiter.acquire(key)
-            if retry_after is not None:
-                seconds = str(max(1, int(retry_after + 0.999)))
-                raise ProxyRejection(
-                    429,
-                    "Too many requests: slow down.",
-                    code="rate_limit_exceeded",
-                    headers={"retry-after": seconds},
-                )
+        await self._admit(request, turn, headers, peer)
         raw = await self._read_body(receive)
         body, stream = validate_body(
             parse_body(raw, charset),
@@ -716,6 +723,48 @@ class ChatProxy:
             messages = body.get("messages")
             turn.messages = list(messages) if isinstance(messages, list) else []
         return outgoing_body(body, self.allowed_fields, stream), stream
+
+    def _own_host(self, headers: dict[str, str], peer: str | None) -> str | None:
+        """The host the client asked for; 400 if `allowed_hosts` does not list it.
+
+        `Host`, or from a `trusted_proxies` peer its `X-Forwarded-Host`: the value the
+        same-origin check compares `Origin` with, so the one a rebound name would forge.
+        """
+        host = headers.get("host")
+        if is_trusted(peer, self._trusted):
+            host = first_forwarded(headers.get("x-forwarded-host")) or host
+        if self._allowed_hosts is not None:
+            check_host(host, self._allowed_hosts)
+        return host
+
+    def _client_key(self, principal: object, peer: str | None, headers: dict[str, str]) -> str:
+        """`principal:<principal>`, else `address:<client ip>`: rate-limit key, stream owner."""
+        if principal is not None:
+            return f"principal:{principal}"
+        address = client_address(peer, headers.get("x-forwarded-for"), self._trusted)
+        return f"address:{address or 'unknown'}"
+
+    async def _admit(
+        self, request: Request, turn: _Turn, headers: dict[str, str], peer: str | None
+    ) -> None:
+        """`authorize`, then the rate limiter: one admission for chats and resumes alike.
+
+        Sets `turn.principal` and, with a limiter, `turn.limit_key`; raises the rejection.
+        """
+        turn.principal = await self._authorize(request)
+        limiter = self.rate_limiter
+        if limiter is None:
+            return
+        key = turn.limit_key = self._client_key(turn.principal, peer, headers)
+        retry_after = await limiter.acquire(key)
+        if retry_after is not None:
+            seconds = str(max(1, int(retry_after + 0.999)))
+            raise ProxyRejection(
+                429,
+                "Too many requests: slow down.",
+                code="rate_limit_exceeded",
+                headers={"retry-after": seconds},
+            )
 
     async def _read_body(self, receive: Receive) -> bytes:
         parts: list[bytes] = []
@@ -1350,6 +1399,11 @@ def _route_path(scope: Scope) -> str:
     if root and path.startswith(root):
         return path[len(root) :]
     return path
+
+
+def _peer(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return client[0] if isinstance(client, list | tuple) and client else None
 
 
 def _headers(scope: Scope) -> dict[str, str]:

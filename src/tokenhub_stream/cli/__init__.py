@@ -78,6 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name or address browsers may reach the page as, beside localhost, "
+        "127.0.0.1, [::1] and --host (repeatable; *.example.com for subdomains); "
+        "other Host headers get 400",
+    )
+    serve.add_argument(
+        "--require-token",
+        action="store_true",
+        help="require a token on every request (env TOKENHUB_SERVE_TOKEN, else a random "
+        "one); the printed URL carries it. A set TOKENHUB_SERVE_TOKEN requires it anyway",
+    )
     store = serve.add_mutually_exclusive_group()
     store.add_argument(
         "--store-url",
@@ -207,6 +222,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             model=args.model,
             store_url=args.store_url,
             history=not args.no_store,
+            allowed_hosts=args.allowed_host,
+            require_token=args.require_token,
         )
     except (ImportError, ValueError) as exc:
         return _error(str(exc))

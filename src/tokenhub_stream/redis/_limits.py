@@ -50,6 +50,8 @@ DEFAULT_RATE_LIMIT_PREFIX = "tokenhub:ratelimit:"
 DEFAULT_BUDGET_PREFIX = "tokenhub:budget:"
 DEFAULT_REDIS_TIMEOUT = 1.0
 DEFAULT_ERROR_RETRY_AFTER = 1.0
+#: Connections a limiter made from a URL opens at most (per process).
+DEFAULT_MAX_CONNECTIONS = 16
 _WARNING_INTERVAL = 10.0
 
 # KEYS[1]: the bucket (a hash: tokens, ts). ARGV: rate (tokens/s), burst, cost.
@@ -140,6 +142,7 @@ class _RedisLimit:
         on_redis_error: OnRedisError,
         error_retry_after: float,
         timeout: float,
+        max_connections: int,
     ) -> None:
         if on_redis_error not in ("open", "closed"):
             raise ValueError("on_redis_error must be 'open' or 'closed'")
@@ -149,6 +152,8 @@ class _RedisLimit:
             raise ValueError("error_retry_after must be positive")
         if not timeout > 0:
             raise ValueError("timeout must be positive")
+        if isinstance(max_connections, bool) or max_connections < 1:
+            raise ValueError("max_connections must be a positive integer")
         self._secrets: tuple[str, ...] = ()
         if isinstance(connection, str):
             parsed = urllib.parse.urlsplit(connection)
@@ -156,9 +161,16 @@ class _RedisLimit:
                 raise ValueError("the Redis URL must start with redis://, rediss:// or unix://")
             secrets = (parsed.password, urllib.parse.unquote(parsed.password or ""))
             self._secrets = tuple(s for s in secrets if s)
-            self._redis: aioredis.Redis = aioredis.Redis.from_url(
-                connection, socket_timeout=timeout, socket_connect_timeout=timeout
+            # A bounded pool: a burst of requests waits for a connection (within `timeout`)
+            # instead of opening one each until Redis refuses every client (maxclients).
+            pool = aioredis.BlockingConnectionPool.from_url(
+                connection,
+                max_connections=max_connections,
+                timeout=timeout,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
             )
+            self._redis: aioredis.Redis = aioredis.Redis.from_pool(pool)
             self._owns_client = True
         elif isinstance(connection, aioredis.Redis):
             self._redis = connection
@@ -246,11 +258,14 @@ class RedisRateLimiter(_RedisLimit):
         on_redis_error: `"closed"` refuses requests while Redis fails (with
             `error_retry_after`); `"open"` lets them through. Both log a warning.
         error_retry_after: the `Retry-After` seconds of a request refused because Redis failed.
-        timeout: the most seconds one check may take before it counts as a Redis failure.
+        timeout: the most seconds one check may take before it counts as a Redis failure
+            (waiting for a free connection included).
+        max_connections: the most connections to Redis this object opens, when made from
+            a URL (a client you pass keeps its own pool).
 
     Raises:
-        ValueError: a non-positive rate, burst, timeout or error_retry_after, a bad URL
-            scheme or an unknown `on_redis_error`.
+        ValueError: a non-positive rate, burst, timeout, error_retry_after or
+            max_connections, a bad URL scheme or an unknown `on_redis_error`.
         TypeError: `connection` is neither a URL nor a `redis.asyncio.Redis`.
     """
 
@@ -264,6 +279,7 @@ class RedisRateLimiter(_RedisLimit):
         on_redis_error: OnRedisError = "closed",
         error_retry_after: float = DEFAULT_ERROR_RETRY_AFTER,
         timeout: float = DEFAULT_REDIS_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if not rate > 0 or math.isinf(rate):
             raise ValueError("rate must be a positive number")
@@ -275,6 +291,7 @@ class RedisRateLimiter(_RedisLimit):
             on_redis_error=on_redis_error,
             error_retry_after=error_retry_after,
             timeout=timeout,
+            max_connections=max_connections,
         )
         self.rate = float(rate)
         self.burst = burst
@@ -333,11 +350,15 @@ class RedisBudget(_RedisLimit):
             `error_retry_after`); `"open"` lets them through. A failed `record` logs a
             warning and the turn's tokens go uncounted.
         error_retry_after: the `Retry-After` seconds of a request refused because Redis failed.
-        timeout: the most seconds one Redis call may take before it counts as a failure.
+        timeout: the most seconds one Redis call may take before it counts as a failure
+            (waiting for a free connection included).
+        max_connections: the most connections to Redis this object opens, when made from
+            a URL (a client you pass keeps its own pool).
 
     Raises:
-        ValueError: both limits `None`, a negative limit, a non-positive window, timeout or
-            error_retry_after, a bad URL scheme or an unknown `on_redis_error`.
+        ValueError: both limits `None`, a negative limit, a non-positive window, timeout,
+            error_retry_after or max_connections, a bad URL scheme or an unknown
+            `on_redis_error`.
         TypeError: `connection` is neither a URL nor a `redis.asyncio.Redis`.
     """
 
@@ -352,6 +373,7 @@ class RedisBudget(_RedisLimit):
         on_redis_error: OnRedisError = "closed",
         error_retry_after: float = DEFAULT_ERROR_RETRY_AFTER,
         timeout: float = DEFAULT_REDIS_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if requests is None and tokens is None:
             raise ValueError("give requests=, tokens= or both")
@@ -368,6 +390,7 @@ class RedisBudget(_RedisLimit):
             on_redis_error=on_redis_error,
             error_retry_after=error_retry_after,
             timeout=timeout,
+            max_connections=max_connections,
         )
         self.requests = requests
         self.tokens = tokens
