@@ -37,6 +37,7 @@ KNOWN: set[str] = {
     "private: tokenhub_stream._proxy_resume <- tokenhub_stream._proxy_core._BOUNDARY",
     "private: tokenhub_stream._proxy_resume <- tokenhub_stream.asgi._Turn",
     "private: tokenhub_stream._proxy_resume <- tokenhub_stream.asgi._headers",
+    "private: tokenhub_stream._proxy_resume <- tokenhub_stream.asgi._peer",
     "private: tokenhub_stream._proxy_resume <- tokenhub_stream.asgi._send_error",
     "private: tokenhub_stream._proxy_resume <- tokenhub_stream.asgi._send_simple",
     "private: tokenhub_stream._proxy_tools <- tokenhub_stream.asgi._Turn",
