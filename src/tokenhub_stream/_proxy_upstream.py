@@ -169,12 +169,10 @@ class AiohttpUpstream:
         except aiohttp.ClientResponseError as exc:
             # The head did not parse (httpx-aiohttp leaves this one unmapped): a line over
             # the limit or more than 128 headers is a head too large, anything else a
-            # broken response; aiohttp has closed the connection.
-            cause = exc.__cause__
-            too_large = isinstance(cause, aiohttp.http_exceptions.LineTooLong) or (
-                "too many headers" in str(cause).lower()
-            )
-            if too_large:
+            # broken response; aiohttp has closed the connection. Its client re-raises
+            # parser errors as a plain HttpProcessingError: only the message tells them.
+            text = str(exc.__cause__ or exc)
+            if "Got more than" in text or "Too many headers" in text:
                 raise ResponseHeadTooLarge(self._max_head) from exc
             raise httpx.RemoteProtocolError("invalid HTTP response from the upstream") from exc
         reason = response.reason or ""
