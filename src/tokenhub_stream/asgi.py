@@ -1003,9 +1003,9 @@ class ChatProxy:
     async def _deadline_passed(self, send: Send, turn: _Turn) -> None:
         # The turn ran past total_timeout (issue #14: an upstream trickling a byte a second
         # never ended); its exchange was cancelled and the upstream closed.
-        logger.warning("turn exceeded total_timeout request_id=%s", turn.request_id)
         if turn.response_done:
-            return
+            return  # it ended just as the deadline came
+        logger.warning("turn exceeded total_timeout request_id=%s", turn.request_id)
         message = "The answer took longer than the proxy allows."
         if turn.status == 0:
             await self._fail_before(send, turn, 504, message, "upstream_timeout")

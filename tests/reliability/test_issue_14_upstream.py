@@ -370,6 +370,25 @@ async def test_issue_14_max_response_head_bytes_holds_on_every_path(
         assert response.content == EVENT + DONE
 
 
+async def test_issue_14_tool_loop_holds_max_response_head_bytes(leaks: LeakScanner) -> None:
+    raw = head_of(3000) + b"transfer-encoding: chunked\r\n\r\n"
+    with (
+        Hostile(answer(raw)) as upstream,
+        proxied("native", upstream.base_url, max_response_head_bytes=2048, tools=[get_time]) as (
+            url,
+            _,
+        ),
+    ):
+        async with http_client(leaks) as browser:
+            with anyio.fail_after(10):
+                response = await browser.post(url, content=body_of())
+                assert await upstream.wait_closed(5) < 2.0
+    assert response.status_code == 502
+    error = error_of(response)
+    assert error["code"] == "upstream_protocol_error"
+    assert error["message"] == "The upstream's response head is larger than 2048 bytes."
+
+
 async def test_issue_14_interim_heads_count_toward_the_head_limit(leaks: LeakScanner) -> None:
     # A 103 and a 200 head, each under the limit, together over it (our httptools client;
     # httpx and aiohttp keep interim heads out of their own limits).
