@@ -25,7 +25,9 @@ import anyio.to_thread
 import httpx
 import pytest
 
-from tokenhub_stream._proxy_http import HttpUpstream
+from tokenhub_stream import _proxy_http
+from tokenhub_stream._proxy_core import ResponseHeadTooLarge
+from tokenhub_stream._proxy_http import HttpResponse, HttpUpstream
 from tokenhub_stream._proxy_upstream import AiohttpUpstream
 from tokenhub_stream.asgi import ChatProxy
 from tokenhub_stream.testing import FakeChatUpstream, Script, run_upstream
@@ -368,6 +370,57 @@ async def test_issue_14_max_response_head_bytes_holds_on_every_path(
     else:
         assert response.status_code == 200
         assert response.content == EVENT + DONE
+
+
+class _Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def test_issue_14_head_limit_is_exact_at_every_split() -> None:
+    # Our httptools client, fed the response in two reads split at every offset: a head of
+    # exactly the limit passes (repeated names joined), one byte less of limit refuses it
+    # and closes the socket, however the head and the body share the reads.
+    head = SSE_HEAD + b"x-a: 1\r\nx-a: 2\r\nx-a: 3\r\ncontent-length: %d\r\n\r\n" % len(EVENT)
+    raw = head + EVENT
+    pool = _proxy_http._Pool(("http", "x", 80), 1, httpx.Timeout(5.0), None)
+    with anyio.fail_after(10):
+        for limit in (len(head), len(head) - 1):
+            for offset in range(1, len(raw)):
+                transport = _Transport()
+                connection = _proxy_http._Connection(pool)
+                connection.connection_made(transport)
+                response = HttpResponse(connection, None, limit)
+                started = asyncio.ensure_future(response.start(b"", b""))
+                await asyncio.sleep(0)
+                connection.data_received(raw[:offset])
+                connection.data_received(raw[offset:])
+                if limit < len(head):
+                    with pytest.raises(ResponseHeadTooLarge):
+                        await started
+                    assert transport.closed, offset
+                    continue
+                await started
+                assert response.headers["x-a"] == "1, 2, 3"
+                assert await response.aread() == EVENT, offset
+                assert not transport.closed
+                pool._idle.clear()
 
 
 async def test_issue_14_tool_loop_holds_max_response_head_bytes(leaks: LeakScanner) -> None:
