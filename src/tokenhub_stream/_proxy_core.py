@@ -15,6 +15,8 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import httpx
+
 from ._chunks import redact_json
 from ._config import DEFAULT_MAX_EVENT_BYTES
 from ._exceptions import ProtocolError
@@ -140,6 +142,50 @@ def upstream_error_object(obj: object, secret: str | None) -> dict[str, object] 
         return redact_json(err, redact)
     except ValueError:  # nested deeper than any error needs
         return None
+
+
+# --- what the upstream may answer (issue #14) ------------------------------------------------
+
+#: The largest upstream response head (status line and headers, interim 1xx heads included)
+#: the proxy reads: h11's default limit for an incomplete event; nginx's proxy buffer is 4-8 KiB.
+DEFAULT_MAX_RESPONSE_HEAD_BYTES = 16 * 1024
+
+
+class ResponseHeadTooLarge(httpx.RemoteProtocolError):
+    """The upstream's response head went past `max_response_head_bytes` (issue #14)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the upstream's response head exceeds {limit} bytes")
+        self.limit = limit
+
+
+def is_json_answer(content_type: str | None) -> bool:
+    """Whether an upstream 2xx `Content-Type` is `application/json` in UTF-8 (RFC 8259)."""
+    if not content_type:
+        return False
+    media, _, params = content_type.partition(";")
+    if media.strip().lower() != "application/json":
+        return False
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in (
+            "utf-8",
+            "utf8",
+        ):
+            return False
+    return True
+
+
+def is_identity(content_encoding: str | None) -> bool:
+    """Whether an upstream body is sent as is (no `Content-Encoding`, or `identity`)."""
+    return content_encoding is None or content_encoding.strip().lower() in ("", "identity")
+
+
+def is_length_framed(headers: Mapping[str, str], http_version: str) -> bool:
+    """Whether the body's end is marked (Content-Length, chunked, HTTP/2+), not just a close."""
+    if "content-length" in headers or "chunked" in headers.get("transfer-encoding", "").lower():
+        return True
+    return http_version not in ("HTTP/1.1", "HTTP/1.0")
 
 
 # Two consecutive line terminators (CRLF | CR | LF) end an event (WHATWG HTML, "Parsing an

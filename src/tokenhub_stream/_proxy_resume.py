@@ -589,6 +589,7 @@ async def _tail(
                         (b"content-type", b"text/event-stream"),
                         (b"cache-control", b"no-cache, no-transform"),
                         (b"x-accel-buffering", b"no"),
+                        (b"x-content-type-options", b"nosniff"),
                         (b"x-request-id", turn.request_id.encode()),
                         (b"x-stream-id", stream_id.encode()),
                     ],

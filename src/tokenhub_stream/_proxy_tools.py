@@ -40,7 +40,8 @@ from ._base import Call, is_event_stream
 from ._config import Timeout
 from ._exceptions import APIError, ProtocolError, StreamTimeout, TokenHubError, TransportError
 from ._models import ContentDelta, Usage
-from ._proxy_core import ProxyRejection, upstream_error_object
+from ._proxy_core import ProxyRejection, ResponseHeadTooLarge, upstream_error_object
+from ._proxy_upstream import httpx_head_size, is_h11_head_overflow
 from ._tool_loop import arun_tools
 from .tools import MaxTurnsExceeded, ToolCallStarted, ToolResult, ToolSet, TurnFinished
 
@@ -107,9 +108,20 @@ class _UpstreamClient(AsyncClient):
             http_client=proxy._get_client(),  # the proxy's pool; not closed by us
         )
         self._on_headers = on_headers
+        self._max_head = proxy.max_response_head_bytes
 
     async def _send(self, call: Call) -> httpx.Response:
-        response = await super()._send(call)
+        # max_response_head_bytes, as on the passthrough (issue #14).
+        limit = self._max_head
+        try:
+            response = await super()._send(call)
+        except httpx.RemoteProtocolError as exc:
+            if is_h11_head_overflow(exc):
+                raise ResponseHeadTooLarge(limit) from exc
+            raise
+        if httpx_head_size(response) > limit:
+            await response.aclose()
+            raise ResponseHeadTooLarge(limit)
         if 200 <= response.status_code < 300 and is_event_stream(response):
             await self._on_headers()
         return response
@@ -222,6 +234,7 @@ class ToolExchange:
                     (b"content-type", b"text/event-stream"),
                     (b"cache-control", b"no-cache, no-transform"),
                     (b"x-accel-buffering", b"no"),
+                    (b"x-content-type-options", b"nosniff"),
                     (b"x-request-id", turn.request_id.encode()),
                 ],
             }
@@ -285,6 +298,7 @@ class ToolExchange:
         body = self._proxy._redact(_dumps(self._completion(turn.request_id, True)))
         headers = [
             (b"content-type", b"application/json"),
+            (b"x-content-type-options", b"nosniff"),
             (b"x-request-id", turn.request_id.encode()),
         ]
         headers.append((b"content-length", str(len(body)).encode()))
@@ -396,6 +410,9 @@ def _failure(
         if exc.kind in ("connect", "first_token"):
             return 504, "The upstream timed out.", "upstream_timeout", {}
         return 504, "The upstream went silent.", "upstream_timeout", {}
+    if isinstance(cause, ResponseHeadTooLarge):
+        message = f"The upstream's response head is larger than {cause.limit} bytes."
+        return 502, message, "upstream_protocol_error", {}
     if isinstance(exc, TransportError):
         if exc.retryable:
             return 502, "Could not reach the upstream.", "upstream_unreachable", {}

@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.util
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
+
+from ._proxy_core import DEFAULT_MAX_RESPONSE_HEAD_BYTES, ResponseHeadTooLarge
 
 if TYPE_CHECKING:
     import aiohttp
@@ -63,7 +65,11 @@ class Upstream(Protocol):
     async def aclose(self) -> None: ...
 
 
-def default_upstream(max_connections: int, timeout: httpx.Timeout) -> Upstream | None:
+def default_upstream(
+    max_connections: int,
+    timeout: httpx.Timeout,
+    max_head_bytes: int = DEFAULT_MAX_RESPONSE_HEAD_BYTES,
+) -> Upstream | None:
     """Our httptools client, else aiohttp, on asyncio; None: use httpx (trio, neither)."""
     try:
         asyncio.get_running_loop()
@@ -72,17 +78,39 @@ def default_upstream(max_connections: int, timeout: httpx.Timeout) -> Upstream |
     if importlib.util.find_spec("httptools") is not None:
         from ._proxy_http import HttpUpstream
 
-        return HttpUpstream(max_connections, timeout)
-    return AiohttpUpstream.create(max_connections, timeout)
+        return HttpUpstream(max_connections, timeout, max_head_bytes)
+    return AiohttpUpstream.create(max_connections, timeout, max_head_bytes)
+
+
+def head_size(status_line: int, fields: Iterable[tuple[bytes, bytes]]) -> int:
+    """The size of a response head as sent: status line, `name: value` lines, blank line."""
+    return status_line + 4 + sum(len(name) + len(value) + 4 for name, value in fields)
+
+
+def httpx_head_size(response: httpx.Response) -> int:
+    """`head_size` of an httpx response ("HTTP/1.1 200 " is 13 bytes before the reason)."""
+    return head_size(13 + len(response.reason_phrase), response.headers.raw)
+
+
+def is_h11_head_overflow(exc: httpx.RemoteProtocolError) -> bool:
+    """h11's error for a head over its buffer (httpcore sets 100 KiB), raised by httpx."""
+    return str(exc) == "Receive buffer too long"
 
 
 class AiohttpUpstream:
     """One aiohttp session (its pool of `max_connections`) for the proxy's upstream calls."""
 
-    def __init__(self, max_connections: int, timeout: httpx.Timeout, module: Any) -> None:
+    def __init__(
+        self,
+        max_connections: int,
+        timeout: httpx.Timeout,
+        module: Any,
+        max_head_bytes: int = DEFAULT_MAX_RESPONSE_HEAD_BYTES,
+    ) -> None:
         self._aiohttp = module
         self._map = importlib.import_module("httpx_aiohttp.transport").map_aiohttp_exceptions
         self._limit = max_connections
+        self._max_head = max_head_bytes
         self._idle = timeout.read
         self._timeout = module.ClientTimeout(
             sock_connect=timeout.connect, sock_read=timeout.read, connect=timeout.pool
@@ -90,7 +118,12 @@ class AiohttpUpstream:
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
-    def create(cls, max_connections: int, timeout: httpx.Timeout) -> AiohttpUpstream | None:
+    def create(
+        cls,
+        max_connections: int,
+        timeout: httpx.Timeout,
+        max_head_bytes: int = DEFAULT_MAX_RESPONSE_HEAD_BYTES,
+    ) -> AiohttpUpstream | None:
         """The upstream if this runs on asyncio with aiohttp and httpx-aiohttp installed."""
         try:
             asyncio.get_running_loop()
@@ -101,7 +134,7 @@ class AiohttpUpstream:
             importlib.import_module("httpx_aiohttp.transport")
         except ImportError:
             return None
-        return cls(max_connections, timeout, module)
+        return cls(max_connections, timeout, module, max_head_bytes)
 
     def _get_session(self) -> aiohttp.ClientSession:
         session = self._session
@@ -113,17 +146,39 @@ class AiohttpUpstream:
                 keepalive_timeout=_KEEPALIVE_EXPIRY,
                 ssl=httpx.create_ssl_context(trust_env=False),
             )
+            # aiohttp bounds each head line and the number of headers (128), not the total:
+            # a line may not exceed the whole head's limit, and send() checks the total.
             session = self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self._timeout, auto_decompress=False, trust_env=False
+                connector=connector,
+                timeout=self._timeout,
+                auto_decompress=False,
+                trust_env=False,
+                max_line_size=self._max_head,
+                max_field_size=self._max_head,
             )
         return session
 
     async def send(self, url: str, headers: Mapping[str, str], content: bytes) -> AiohttpResponse:
         session = self._get_session()
-        with self._map():
-            response = await session.post(
-                url, data=content, headers=headers, allow_redirects=False, compress=False
-            )
+        aiohttp = self._aiohttp
+        try:
+            with self._map():
+                response = await session.post(
+                    url, data=content, headers=headers, allow_redirects=False, compress=False
+                )
+        except aiohttp.ClientResponseError as exc:
+            # The head did not parse (httpx-aiohttp leaves this one unmapped): a line over
+            # the limit or more than 128 headers is a head too large, anything else a
+            # broken response; aiohttp has closed the connection. Its client re-raises
+            # parser errors as a plain HttpProcessingError: only the message tells them.
+            text = str(exc.__cause__ or exc)
+            if "Got more than" in text or "Too many headers" in text:
+                raise ResponseHeadTooLarge(self._max_head) from exc
+            raise httpx.RemoteProtocolError("invalid HTTP response from the upstream") from exc
+        reason = response.reason or ""
+        if head_size(13 + len(reason), response.raw_headers) > self._max_head:
+            response.close()
+            raise ResponseHeadTooLarge(self._max_head)
         return AiohttpResponse(response, self._map, self._idle)
 
     async def aclose(self) -> None:

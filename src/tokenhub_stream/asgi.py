@@ -63,8 +63,10 @@ from .__version__ import __version__
 from ._models import ChatMessage, Usage
 from ._proxy_core import (
     DEFAULT_ALLOWED_FIELDS,
+    DEFAULT_MAX_RESPONSE_HEAD_BYTES,
     EventSplitter,
     ProxyRejection,
+    ResponseHeadTooLarge,
     TokenBucket,
     check_host,
     check_origin,
@@ -72,6 +74,9 @@ from ._proxy_core import (
     error_body,
     error_frame,
     first_forwarded,
+    is_identity,
+    is_json_answer,
+    is_length_framed,
     is_trusted,
     outgoing_body,
     parse_allowed_hosts,
@@ -89,7 +94,13 @@ from ._proxy_resume import (
     StreamInfo,
 )
 from ._proxy_sweep import Sweep
-from ._proxy_upstream import Upstream, UpstreamResponse, default_upstream
+from ._proxy_upstream import (
+    Upstream,
+    UpstreamResponse,
+    default_upstream,
+    httpx_head_size,
+    is_h11_head_overflow,
+)
 from ._tool_loop import DEFAULT_MAX_TURNS
 
 try:
@@ -136,9 +147,13 @@ DEFAULT_PROXY_TIMEOUT = httpx.Timeout(connect=10.0, read=120.0, write=30.0, pool
 DEFAULT_FINISH_TIMEOUT = 120.0
 #: Resumes one principal (or client address) may hold open at once in one process.
 DEFAULT_MAX_RESUMES_PER_PRINCIPAL = 4
+DEFAULT_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+DEFAULT_TOTAL_TIMEOUT = 600.0
 _CLOSE_TIMEOUT = 1.0
 _MAX_ERROR_BODY = 64 * 1024
 _KEEPALIVE = b": keep-alive\n\n"
+# On everything the proxy writes (issue #14): a browser never sniffs an answer into HTML.
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
 _REDACTED = b"[redacted]"
 
 
@@ -262,6 +277,7 @@ class _Turn:
         "collector",
         "response_done",
         "resume",
+        "expired",
     )
 
     def __init__(self) -> None:
@@ -285,6 +301,7 @@ class _Turn:
         self.collector: TurnCollector | None = None
         self.response_done = False
         self.resume: ResumableStream | None = None
+        self.expired = False  # cut by total_timeout
 
 
 class ChatProxy:
@@ -325,6 +342,15 @@ class ChatProxy:
         keepalive_interval: seconds of upstream silence before a `: keep-alive` comment
             (sent within a quarter of it, at most 1 s, later); `None` disables them.
         timeout: the upstream timeouts (`read` is also the idle limit of a stream).
+        total_timeout: seconds a turn may take, from the request to the end of the answer
+            (default 600); past it the upstream is closed and the browser gets a 504, or
+            an error frame and no `[DONE]` once the stream has started. `None`: no limit.
+        max_response_head_bytes: the largest upstream response head (status line and
+            headers, 1xx interim heads included; default 16 KiB); a larger one is refused
+            as it arrives, its connection closed, and the browser gets a 502.
+        max_response_bytes: the largest non-streaming (`"stream": false`) upstream answer
+            (default 4 MiB); a larger one is not read further, its connection closed, and
+            the browser gets a 502.
         max_connections: size of the outbound connection pool.
         transport: an `httpx.AsyncBaseTransport` for the upstream. Default, when the
             server runs on asyncio: a small HTTP/1.1 client of ours on httptools' C parser
@@ -370,6 +396,9 @@ class ChatProxy:
         finish_timeout: float = DEFAULT_FINISH_TIMEOUT,
         keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
         timeout: httpx.Timeout | float = DEFAULT_PROXY_TIMEOUT,
+        total_timeout: float | None = DEFAULT_TOTAL_TIMEOUT,
+        max_response_head_bytes: int = DEFAULT_MAX_RESPONSE_HEAD_BYTES,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         transport: httpx.AsyncBaseTransport | None = None,
         tools: ToolsTypes | None = None,
@@ -393,6 +422,12 @@ class ChatProxy:
             raise ValueError("keepalive_interval must be positive or None")
         if max_connections < 1:
             raise ValueError("max_connections must be positive")
+        if total_timeout is not None and not total_timeout > 0:
+            raise ValueError("total_timeout must be positive or None")
+        if max_response_head_bytes < 1:
+            raise ValueError("max_response_head_bytes must be positive")
+        if max_response_bytes < 1:
+            raise ValueError("max_response_bytes must be positive")
         if isinstance(max_tool_turns, bool) or not isinstance(max_tool_turns, int):
             raise ValueError("max_tool_turns must be a positive integer")
         if max_tool_turns < 1:
@@ -441,6 +476,9 @@ class ChatProxy:
         self.finish_timeout = finish_timeout
         self.keepalive_interval = keepalive_interval
         self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        self.total_timeout = total_timeout
+        self.max_response_head_bytes = max_response_head_bytes
+        self.max_response_bytes = max_response_bytes
         self._max_connections = max_connections
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
@@ -454,6 +492,10 @@ class ChatProxy:
         # The native relay's keep-alives: one timer for every open stream (_proxy_sweep).
         self._keepalives: Sweep[_Turn, Send] | None = (
             None if keepalive_interval is None else Sweep(keepalive_interval, self._tick)
+        )
+        # The native relay's total_timeout: one timer for every open turn, as above.
+        self._deadlines: Sweep[_Turn, asyncio.Task[None]] | None = (
+            None if total_timeout is None else Sweep(total_timeout, self._expire)
         )
         self.tools = tool_set
         self.max_tool_turns = max_tool_turns
@@ -675,7 +717,7 @@ class ChatProxy:
                     # Called here, not through a helper: each coroutine frame on this
                     # task's chain stays for the whole stream (docs/performance.md).
                     relay = self._exchange(request_body, stream, send, turn, None)
-                    await self._race_native(relay, receive, turn)
+                    await self._race_native(relay, receive, send, turn)
                 else:
                     await self._forward(request_body, stream, receive, send, turn)
             else:
@@ -792,7 +834,7 @@ class ChatProxy:
         await self._race(exchange, receive, send, turn)
 
     async def _race_native(
-        self, exchange: Coroutine[Any, Any, None], receive: Receive, turn: _Turn
+        self, exchange: Coroutine[Any, Any, None], receive: Receive, send: Send, turn: _Turn
     ) -> None:
         # _race on asyncio's own tasks, for our httptools client: anyio's task group, its
         # cancel scopes and task-state entries, and a keep-alive task per stream were
@@ -805,6 +847,9 @@ class ChatProxy:
         wake = _WakeHost(host)
         child = asyncio.get_running_loop().create_task(exchange)
         child.add_done_callback(wake)
+        deadlines = self._deadlines
+        if deadlines is not None:
+            deadlines.add(turn, child)
         try:
             # The watcher, inline (one frame less per open stream).
             while (await receive())["type"] != "http.disconnect":
@@ -832,6 +877,8 @@ class ChatProxy:
                 raise
         finally:
             wake.watching = False
+            if deadlines is not None:
+                deadlines.discard(turn)
             tick = turn.ticker_task
             if tick is not None and not tick.done():
                 tick.cancel()
@@ -840,6 +887,20 @@ class ChatProxy:
             failure = child.exception()
             if failure is not None:
                 raise failure
+        elif turn.expired:
+            await self._deadline_passed(send, turn)
+
+    def _expire(self, turns: list[tuple[_Turn, asyncio.Task[None]]]) -> None:
+        # The native relay's total_timeout look (self._deadlines): the exchange of a turn
+        # past it is cancelled (its upstream closes), and _race_native answers for it.
+        limit = self.total_timeout
+        if limit is None:
+            return
+        due = time.perf_counter() - limit
+        for turn, child in turns:
+            if turn.started <= due and not child.done():
+                turn.expired = True
+                child.cancel()
 
     async def _race(self, exchange: Exchange, receive: Receive, send: Send, turn: _Turn) -> None:
         # The exchange runs against the client's `http.disconnect` in one task group. It
@@ -851,7 +912,16 @@ class ChatProxy:
 
         async def run(tg: anyio.abc.TaskGroup) -> None:
             try:
-                await exchange(send, turn, tg)
+                limit = self.total_timeout
+                if limit is None:
+                    await exchange(send, turn, tg)
+                else:
+                    left = limit - (time.perf_counter() - turn.started)
+                    with anyio.move_on_after(left) as deadline:
+                        await exchange(send, turn, tg)
+                    if deadline.cancelled_caught:
+                        turn.expired = True
+                        await self._deadline_passed(send, turn)
             except Exception as exc:
                 failure.append(exc)
             finally:
@@ -901,7 +971,10 @@ class ChatProxy:
             response = await self._send_upstream(self._request_headers[stream], content)
         except Exception as exc:
             _log_upstream_failure(turn, exc)
-            if _is_timeout(exc):
+            if isinstance(exc, ResponseHeadTooLarge):
+                message = f"The upstream's response head is larger than {exc.limit} bytes."
+                await self._fail_before(send, turn, 502, message, "upstream_protocol_error")
+            elif _is_timeout(exc):
                 message = "The upstream timed out."
                 await self._fail_before(send, turn, 504, message, "upstream_timeout")
             else:
@@ -911,6 +984,11 @@ class ChatProxy:
         try:
             if not 200 <= response.status_code < 300:
                 await self._upstream_status(response, send, turn)
+            elif not is_identity(response.headers.get("content-encoding")):
+                # We ask for identity; compressed bytes relayed as text would be garbage
+                # behind a 200 (issue #14). The headers say so before any status is sent.
+                message = "The upstream sent a compressed answer."
+                await self._fail_before(send, turn, 502, message, "upstream_protocol_error")
             elif not stream:
                 await self._relay_json(response, send, turn)
             else:
@@ -937,7 +1015,9 @@ class ChatProxy:
         if not self._upstream_chosen:
             # Measured in docs/performance.md: no httpx objects per request or generators
             # per chunk, when no transport was given and this is asyncio.
-            self._upstream = upstream = default_upstream(self._max_connections, self._timeout)
+            self._upstream = upstream = default_upstream(
+                self._max_connections, self._timeout, self.max_response_head_bytes
+            )
             self._native = _is_native(upstream)
             self._upstream_chosen = True
 
@@ -948,7 +1028,18 @@ class ChatProxy:
             return await upstream.send(self._url, headers, content)
         client = self._get_client()
         request = client.build_request("POST", self._url, headers=headers, content=content)
-        return await client.send(request, stream=True)
+        limit = self.max_response_head_bytes
+        try:
+            response = await client.send(request, stream=True)
+        except httpx.RemoteProtocolError as exc:
+            if is_h11_head_overflow(exc):
+                raise ResponseHeadTooLarge(limit) from exc
+            raise
+        # httpx's own bound is h11's buffer (100 KiB in httpcore); ours is checked here.
+        if httpx_head_size(response) > limit:
+            await response.aclose()
+            raise ResponseHeadTooLarge(limit)
+        return response
 
     async def _fail_before(
         self, send: Send, turn: _Turn, status: int, message: str, code: str
@@ -958,6 +1049,28 @@ class ChatProxy:
         turn.error = message
         rejection = ProxyRejection(status, message, code=code, error_type="api_error")
         await self._send_start_error(send, turn, rejection)
+
+    async def _deadline_passed(self, send: Send, turn: _Turn) -> None:
+        # The turn ran past total_timeout (issue #14: an upstream trickling a byte a second
+        # never ended); its exchange was cancelled and the upstream closed.
+        if turn.response_done:
+            return  # it ended just as the deadline came
+        logger.warning("turn exceeded total_timeout request_id=%s", turn.request_id)
+        message = "The answer took longer than the proxy allows."
+        if turn.status == 0:
+            await self._fail_before(send, turn, 504, message, "upstream_timeout")
+            return
+        turn.outcome = "timeout"
+        turn.error = message
+        if turn.client_gone:
+            return
+        # After the start the status is fixed: an error frame, and no [DONE].
+        await self._write(send, turn, error_frame(message, code="upstream_timeout"))
+        writing = turn.ticker_writing
+        if writing is not None:
+            await writing.wait()
+        turn.response_done = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _send_start_error(self, send: Send, turn: _Turn, rejection: ProxyRejection) -> None:
         if turn.client_gone:
@@ -1022,8 +1135,17 @@ class ChatProxy:
         await self._send_start_error(send, turn, rejection)
 
     async def _relay_json(self, response: UpstreamResponse, send: Send, turn: _Turn) -> None:
+        # Only JSON is answered (issue #14: a text/html 200 was served from the app's
+        # origin), and only up to max_response_bytes is read into memory.
+        if not is_json_answer(response.headers.get("content-type")):
+            message = "The upstream answered a non-streaming request without JSON."
+            await self._fail_before(send, turn, 502, message, "upstream_protocol_error")
+            return
+        limit = self.max_response_bytes
+        length = response.headers.get("content-length", "").strip()
         try:
-            raw = await response.aread()
+            too_long = length.isdigit() and int(length) > limit
+            raw = None if too_long else await _read_up_to(response, limit)
         except Exception as exc:
             _log_upstream_failure(turn, exc)
             if _is_timeout(exc):
@@ -1034,12 +1156,19 @@ class ChatProxy:
                 send, turn, 502, "The upstream response broke off.", "upstream_error"
             )
             return
+        if raw is None:
+            logger.warning("upstream answer too large request_id=%s", turn.request_id)
+            message = f"The upstream's answer is larger than {limit} bytes."
+            await self._fail_before(send, turn, 502, message, "upstream_response_too_large")
+            return
         body = self._redact(raw)
         if turn.collector is not None:
             turn.collector.feed_json(body)
         turn.status = response.status_code
-        ctype = response.headers.get("content-type", "application/json").encode()
-        headers = [(b"content-type", ctype), (b"x-request-id", turn.request_id.encode())]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"x-request-id", turn.request_id.encode()),
+        ]
         if not turn.client_gone:
             turn.response_done = True
             await _send_simple(send, turn.status, body, headers)
@@ -1053,11 +1182,11 @@ class ChatProxy:
         turn: _Turn,
         tg: anyio.abc.TaskGroup | None,
     ) -> None:
-        turn.status = 200
         start_headers = [
             (b"content-type", b"text/event-stream"),
             (b"cache-control", b"no-cache, no-transform"),
             (b"x-accel-buffering", b"no"),
+            _NOSNIFF,
             (b"x-request-id", turn.request_id.encode()),
         ]
         resume = turn.resume
@@ -1066,6 +1195,8 @@ class ChatProxy:
                 start_headers.append((b"x-stream-id", resume.stream_id.encode()))
             else:
                 resume = turn.resume = None
+        # Set just before the start goes out: a status of 0 means none was sent.
+        turn.status = 200
         await send({"type": "http.response.start", "status": 200, "headers": start_headers})
         if resume is not None:
             assert tg is not None  # resumable streams take the anyio relay
@@ -1099,6 +1230,10 @@ class ChatProxy:
             finally:
                 await chunks.aclose()
             rest = self._redact(splitter.flush())
+            if rest.strip(b"\r\n") and not _is_framed(response):
+                # A close-delimited body ends with the connection, so a cut looks like an
+                # end: a half event there is a cut, never forwarded as if whole (issue #14).
+                raise httpx.RemoteProtocolError("the upstream closed the connection mid-event")
             if rest:
                 if collector is not None:
                     collector.feed(rest)
@@ -1438,7 +1573,7 @@ def _too_large(limit: int) -> ProxyRejection:
 async def _send_simple(
     send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
 ) -> None:
-    headers = [*headers, (b"content-length", str(len(body)).encode())]
+    headers = [*headers, _NOSNIFF, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -1455,6 +1590,31 @@ async def _send_error(send: Send, rejection: ProxyRejection, request_id: str | N
         headers.append((b"x-request-id", request_id.encode()))
     headers += [(k.encode(), v.encode()) for k, v in rejection.headers.items()]
     await _send_simple(send, rejection.status, body, headers)
+
+
+async def _read_up_to(response: UpstreamResponse, limit: int) -> bytes | None:
+    # The body, or None past `limit`: read no further than one chunk beyond it (the
+    # caller's close then drops the connection, and the upstream stops sending).
+    if response.is_stream_consumed:  # a response built in memory (httpx.MockTransport)
+        content = response.content
+        return content if len(content) <= limit else None
+    parts: list[bytes] = []
+    size = 0
+    chunks = _raw_chunks(response)
+    try:
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > limit:
+                return None
+            parts.append(chunk)
+    finally:
+        await chunks.aclose()
+    return b"".join(parts)
+
+
+def _is_framed(response: UpstreamResponse) -> bool:
+    version = getattr(response, "http_version", "HTTP/1.1")
+    return is_length_framed(response.headers, version if isinstance(version, str) else "HTTP/1.1")
 
 
 async def _read_capped(response: UpstreamResponse, limit: int) -> bytes:

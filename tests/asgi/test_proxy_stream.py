@@ -393,8 +393,12 @@ async def test_client_gone_while_sending_body(mock_upstream: MockUpstream) -> No
 
 
 async def test_unterminated_last_event_is_forwarded(mock_upstream: MockUpstream) -> None:
-    # An upstream that ends without the final blank line: its bytes still go out unchanged.
-    mock_upstream.responses.append(sse_response([chunk("a", "stop"), b"data: [DONE]"]))
+    # An upstream that ends a framed body (chunked here) without the final blank line: its
+    # bytes still go out unchanged. A close-delimited body that does so was cut (issue #14:
+    # test_issue_14_close_delimited_half_event_is_an_error_frame).
+    response = sse_response([chunk("a", "stop"), b"data: [DONE]"])
+    response.headers["transfer-encoding"] = "chunked"
+    mock_upstream.responses.append(response)
     records: list[CompletionRecord] = []
     client = FakeClient()
     with anyio.fail_after(2):

@@ -475,6 +475,7 @@ RESPONSE_HEADERS = {
     b"cache-control",
     b"x-accel-buffering",
     b"x-request-id",
+    b"x-content-type-options",
     b"retry-after",
     b"allow",
 }
