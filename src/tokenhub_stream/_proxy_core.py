@@ -557,6 +557,9 @@ _ANCHOR = 16
 # The rest of a key cut across two writes is looked for only from this length: a shorter
 # rest leaks too little to matter and would match by chance.
 _MIN_REST = 4
+# ... in the next few writes: a keep-alive comment or an Azure filter frame may come between
+# the two pieces.
+_REST_WRITES = 4
 _SHORT_ESCAPES = frozenset(b'"\\/')
 
 
@@ -591,8 +594,8 @@ class KeyRedactor:
     anchors, the first 16 characters of the key and the 16 from its middle, in those
     forms; a find is widened to the whole run of key characters around it. So a key cut in
     two (a model or gateway streaming it as two deltas) is caught: if the first piece holds
-    the first anchor, it is redacted and the next write is searched for the rest (when 4
-    characters or more remain); otherwise the second piece holds the middle anchor and is
+    the first anchor, it is redacted and the next 4 writes are searched for the rest (when
+    4 characters or more remain); otherwise the second piece holds the middle anchor and is
     redacted, and the browser has seen at most the first 15 characters. Not caught: a
     key cut in more pieces of which none holds an anchor (a model spelling it out token by
     token), other encodings (base64, hex, URL or HTML escapes) and a reversed key. A
@@ -682,9 +685,9 @@ class KeyRedactor:
             return data, 0
         return _cut(data, spans), pending
 
-    def _rest(self, data: bytes, done: int) -> bytes:
-        # The write after one that ended with a run up to key[done]: take out the first
-        # key[done:] (a cut key's second piece), then redact as usual.
+    def _rest(self, data: bytes, done: int) -> bytes | None:
+        # A write after one that ended with a run up to key[done]: take out the first
+        # key[done:] (a cut key's second piece). None: not in this write.
         rest = self._key[done:]
         if len(rest) < _MIN_REST:
             return data
@@ -693,32 +696,39 @@ class KeyRedactor:
             pattern = self._rests[done] = re.compile(_forms(rest))
         match = pattern.search(data)
         if match is None:
-            return data
+            return None
         return _cut(data, [match.span()])
 
 
 class StreamRedactor:
     """`KeyRedactor` for one stream: `feed(write) -> write`, never holding bytes back."""
 
-    __slots__ = ("_first", "_pending", "_second", "_shared")
+    __slots__ = ("_first", "_left", "_pending", "_second", "_shared")
 
     def __init__(self, shared: KeyRedactor) -> None:
         self._shared = shared
-        self._pending = 0  # where in the key a run the last write ended with stops
+        self._pending = 0  # where in the key a run a recent write ended with stops
+        self._left = 0  # the writes still searched for the rest of that run
         # KeyRedactor._redact inlined (one call less per write); b"" for a short key.
         self._first, self._second = (b"", b"") if shared._exact else shared._anchors
 
     def feed(self, data: bytes) -> bytes:
         shared = self._shared
         if self._pending:
-            data = shared._rest(data, self._pending)
-            self._pending = 0
+            cut = shared._rest(data, self._pending)
+            self._left -= 1
+            if cut is not None or not self._left:
+                self._pending = 0
+            if cut is not None:
+                data = cut
         first = self._first
         if not first:
             return shared._redact(data)[0]
         low = data.lower()
         if first in low or self._second in low or (b"\\" in low and shared._escaped(low)):
-            data, self._pending = shared._scan(data)
+            data, pending = shared._scan(data)
+            if pending:
+                self._pending, self._left = pending, _REST_WRITES
         return data
 
 

@@ -617,3 +617,18 @@ async def test_issue_14_utf8_charset_is_accepted(mock_upstream: MockUpstream, ch
     headers = {"content-type": f"application/json; charset={charset}"}
     response = await post(make_proxy(mock_upstream), BODY, headers=headers)
     assert response.status_code == 200
+
+
+def test_issue_14_rest_of_a_cut_key_is_found_past_a_keepalive() -> None:
+    from tokenhub_stream._proxy_core import KeyRedactor
+
+    feed = KeyRedactor(KEY).stream().feed
+    out = [feed(frame(KEY[:20])), feed(b": keep-alive\n\n"), feed(b'data: {"choices":[]}\n\n')]
+    out.append(feed(frame(KEY[20:])))
+    assert text_of(b"".join(out)) == "[redacted][redacted]"
+    # ... for a few writes only: later text is left alone.
+    feed = KeyRedactor(KEY).stream().feed
+    feed(frame(KEY[:20]))
+    for _ in range(4):
+        feed(b": keep-alive\n\n")
+    assert feed(frame(KEY[20:])) == frame(KEY[20:])
