@@ -539,10 +539,22 @@ async def test_issue_14_redacts_split_key_through_uvicorn() -> None:
     assert text.startswith("key: ") and text.endswith(" end")
 
 
-def redactor(key: str = KEY) -> object:
-    from tokenhub_stream._proxy_core import KeyRedactor
-
-    return KeyRedactor(key)
+async def test_issue_14_redacts_split_key_in_the_tool_loop_stream() -> None:
+    # The tool loop writes its own frames, one per delta: the same stream redaction.
+    upstream = FakeChatUpstream(api_key=KEY, delay=0.0)
+    upstream.enqueue(Script(deltas=["key: ", KEY[:20], KEY[20:].upper(), " end"]))
+    records = Records()
+    with run_upstream(upstream) as running:
+        proxy = ChatProxy(
+            api_key=KEY, base_url=running.base_url, tools=[get_time], on_complete=records
+        )
+        async with proxy:
+            with anyio.fail_after(10):
+                response = await post(proxy, BODY)
+                record = await records.wait()
+    text = text_of(response.content)
+    assert text == "key: [redacted][redacted] end"
+    assert record.message.content == "key: [redacted] end"  # the joined copy: one find
 
 
 def test_issue_14_redactor_unit_cases() -> None:
@@ -556,6 +568,10 @@ def test_issue_14_redactor_unit_cases() -> None:
     assert r(frame("x" + KEY[:20])) == frame("x[redacted]")
     assert r(frame(KEY[-20:] + "x")) == frame("[redacted]x")
     assert "KEY" not in repr(r) and KEY not in repr(r)
+    # Escapes of key characters that are not the key: looked at, left alone.
+    escaped = frame('\\u0073\\u006b and \\/ and \\"q\\"')
+    assert r(escaped) is escaped
+    assert r.stream().feed(escaped) is escaped
     # A key holding "/" (base64 keys) is also found with JSON's "\/".
     slash = "abcDEF/ghiJKL/mnoPQR/stu"
     assert KeyRedactor(slash)(frame(slash.replace("/", "\\/"))) == frame("[redacted]")
