@@ -362,8 +362,7 @@ def outgoing_body(
     """The upstream request body: the allow-listed fields, `stream`, then the caps.
 
     `include_usage` (streams only) sets `stream_options.include_usage`, keeping the other
-    stream options: a `UsageLimiter` needs the turn's usage. Like the caps it is applied
-    after the allow-list, as the proxy's own setting.
+    stream options: a `UsageLimiter` needs the turn's usage.
     """
     out = {k: v for k, v in body.items() if k in allowed}
     out["stream"] = stream

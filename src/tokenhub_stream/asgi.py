@@ -326,8 +326,8 @@ class ChatProxy:
             raise `starlette.exceptions.HTTPException` with a status of its choice.
         rate_limiter: a `RateLimiter`, keyed by principal (if any) or client address; a
             `UsageLimiter` also gets each turn's usage (`tokenhub_stream.redis` has both):
-            the proxy then asks streams for usage (`stream_options.include_usage`) and
-            charges an estimate for a turn that ended without it.
+            the proxy then asks streams for usage (`stream_options.include_usage`, if
+            that field is allowed) and charges an estimate for a turn that ended without it.
         on_request: `(request, body) -> body`, may rewrite the outgoing body.
         on_complete: `(CompletionRecord) -> None`, once per forwarded turn.
         on_disconnect: `"cancel"` closes the upstream when the client goes; `"finish"` reads
@@ -753,8 +753,13 @@ class ChatProxy:
             # Only a record needs them: a long conversation is not held for the whole stream.
             messages = body.get("messages")
             turn.messages = list(messages) if isinstance(messages, list) else []
-        # A budget needs every streamed turn's usage; the tool loop asks for it itself.
-        include_usage = usage_limiter is not None and self.tools is None
+        # A budget needs every streamed turn's usage; the tool loop asks for it itself. An
+        # allow-list without stream_options (an upstream that refuses them) opts out.
+        include_usage = (
+            usage_limiter is not None
+            and self.tools is None
+            and "stream_options" in self.allowed_fields
+        )
         content = outgoing_body(
             body, self.allowed_fields, stream, caps=self._caps, include_usage=include_usage
         )

@@ -648,3 +648,15 @@ def test_issue_14_rest_of_a_cut_key_is_found_past_a_keepalive() -> None:
     for _ in range(4):
         feed(b": keep-alive\n\n")
     assert feed(frame(KEY[20:])) == frame(KEY[20:])
+
+
+async def test_issue_14_allow_list_without_stream_options_opts_out_of_usage(
+    mock_upstream: MockUpstream,
+) -> None:
+    # For an upstream that refuses stream_options: the turn is charged the estimate instead.
+    budget = Budget()
+    fields = {"messages", "model", "stream"}
+    await post(make_proxy(mock_upstream, rate_limiter=budget, allowed_fields=fields), BODY)
+    assert "stream_options" not in sent_body(mock_upstream)
+    usage = await budget.wait()
+    assert usage.total_tokens is not None and usage.total_tokens > 0
