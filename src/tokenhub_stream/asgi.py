@@ -442,7 +442,6 @@ class ChatProxy:
         self.max_tokens_cap = max_tokens_cap
         self.max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = max_tokens_field
         self.max_choices = max_choices
-        self._caps = OutputCaps(max_tokens_cap, max_tokens_field, max_choices)
         self.max_body_bytes = max_body_bytes
         self.allowed_origins = (
             None
@@ -760,8 +759,10 @@ class ChatProxy:
             and self.tools is None
             and "stream_options" in self.allowed_fields
         )
+        # Read per request, as every other setting: the attributes may be reassigned.
+        caps = OutputCaps(self.max_tokens_cap, self.max_tokens_field, self.max_choices)
         content = outgoing_body(
-            body, self.allowed_fields, stream, caps=self._caps, include_usage=include_usage
+            body, self.allowed_fields, stream, caps=caps, include_usage=include_usage
         )
         return content, stream
 
