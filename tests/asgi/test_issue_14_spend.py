@@ -572,11 +572,14 @@ def test_issue_14_redactor_unit_cases() -> None:
     escaped = frame('\\u0073\\u006b and \\/ and \\"q\\"')
     assert r(escaped) is escaped
     assert r.stream().feed(escaped) is escaped
+    newline = frame("a\\nb")
+    assert r.stream().feed(newline) is newline
     # A key holding "/" (base64 keys) is also found with JSON's "\/".
     slash = "abcDEF/ghiJKL/mnoPQR/stu"
     assert KeyRedactor(slash)(frame(slash.replace("/", "\\/"))) == frame("[redacted]")
     # A short key (a placeholder) is matched as its exact bytes only.
     assert KeyRedactor("EMPTY")(b"empty, EMPTY, Empty") == b"empty, [redacted], Empty"
+    assert KeyRedactor("EMPTY").stream().feed(b"empty, EMPTY") == b"empty, [redacted]"
 
 
 def test_issue_14_stream_redactor_takes_the_rest_of_a_cut_key() -> None:
