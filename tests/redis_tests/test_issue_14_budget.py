@@ -73,11 +73,12 @@ class WatchedBudget(RedisBudget):
         self.charged.set()
 
 
-@pytest.mark.parametrize("words", [None, 59], ids=["whole", "59_of_60"])
+@pytest.mark.parametrize("words", [None, 57], ids=["whole", "57_of_60"])
 async def test_issue_14_leaving_early_is_charged_to_the_redis_budget(
     redis_url: str, words: int | None
 ) -> None:
-    # 50 ms between words: the close after word 59 reaches the upstream before word 60.
+    # 50 ms between words: the close after word 57 reaches the upstream before word 60
+    # (and the usage after it) with room to spare on a loaded machine.
     upstream = FakeChatUpstream(api_key=KEY, delay=0.05)
     upstream.enqueue(Script(text=ANSWER, usage=USAGE))
     budget = WatchedBudget(redis_url, requests=10, tokens=10_000, window=3600)
@@ -100,7 +101,7 @@ async def test_issue_14_leaving_early_is_charged_to_the_redis_budget(
         assert text == ANSWER
         assert tokens == USAGE["total_tokens"]  # the upstream's own count
         return
-    assert len(text.split()) >= 59
+    assert len(text.split()) >= 57
     assert not request.completed  # the proxy closed the upstream: no usage came
     # The estimate: ceil(request body bytes / 4) + ceil(text relayed / 4); the proxy may
     # have relayed a little more than the browser read before it noticed the close.
