@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -18,22 +19,84 @@ from ._models import ChatMessage, ToolCall, Usage
 if TYPE_CHECKING:
     from .asgi import CompletionRecord, Outcome
 
-__all__ = ["TurnCollector"]
+__all__ = ["TurnCollector", "add_usage", "estimate_usage"]
 
 logger = logging.getLogger("tokenhub_stream.asgi")
 
+# OpenAI's rule of thumb: a token is about 4 characters of English text.
+CHARS_PER_TOKEN = 4
+# About the size of one chat.completion.chunk event carrying one token, for a stream whose
+# text could not be read.
+BYTES_PER_EVENT = 200
+
+
+def estimate_usage(*, request_bytes: int, text_chars: int, event_bytes: int) -> Usage:
+    """A turn's usage when the upstream did not report it (docs/proxy.md).
+
+    prompt = ceil(request body bytes / 4); completion = ceil(text characters relayed / 4),
+    or, when no text could be read from the events relayed, ceil(their bytes / 200): never
+    0 for a turn that relayed anything.
+    """
+    prompt = math.ceil(request_bytes / CHARS_PER_TOKEN)
+    if text_chars:
+        completion = math.ceil(text_chars / CHARS_PER_TOKEN)
+    else:
+        completion = math.ceil(event_bytes / BYTES_PER_EVENT)
+    return Usage(prompt, completion, prompt + completion)
+
+
+def add_usage(total: Usage | None, usage: Usage | None) -> Usage | None:
+    """The sum of two usages, a count `None` only when `None` in both."""
+    if usage is None:
+        return total
+    if total is None:
+        return usage
+
+    def plus(a: int | None, b: int | None) -> int | None:
+        return None if a is None and b is None else (a or 0) + (b or 0)
+
+    return Usage(
+        plus(total.prompt_tokens, usage.prompt_tokens),
+        plus(total.completion_tokens, usage.completion_tokens),
+        plus(total.total_tokens, usage.total_tokens),
+        plus(total.reasoning_tokens, usage.reasoning_tokens),
+        plus(total.cached_tokens, usage.cached_tokens),
+    )
+
+
+def _text_chars(message: ChatMessage) -> int:
+    chars = len(message.content) + len(message.reasoning or "")
+    for call in message.tool_calls:
+        chars += len(call.name) + len(call.arguments)
+    return chars
+
 
 class TurnCollector:
-    __slots__ = ("_broken", "_message", "_parser", "_stream", "_usage")
+    __slots__ = (
+        "_broken",
+        "_event_bytes",
+        "_message",
+        "_parser",
+        "_request_bytes",
+        "_stream",
+        "_usage",
+        "unfinished",
+    )
 
-    def __init__(self, *, stream: bool) -> None:
+    def __init__(self, *, stream: bool, request_bytes: int = 0) -> None:
         self._stream = stream
         self._parser = ChunkParser() if stream else None
         self._message: ChatMessage | None = None
         self._usage: Usage | None = None
         self._broken = False
+        self._request_bytes = request_bytes
+        self._event_bytes = 0
+        # The tool loop's estimate of a turn cut before its usage arrived, added to the
+        # usage of the turns that finished.
+        self.unfinished: Usage | None = None
 
     def feed(self, data: bytes) -> None:
+        self._event_bytes += len(data)
         parser = self._parser
         if parser is None or parser.stopped or self._broken:
             return
@@ -44,6 +107,7 @@ class TurnCollector:
             logger.exception("on_complete copy-parser failed")
 
     def feed_json(self, raw: bytes) -> None:
+        self._event_bytes = len(raw)
         try:
             data = json.loads(raw)
             choice = data["choices"][0]
@@ -106,6 +170,17 @@ class TurnCollector:
         else:
             message = self._message or ChatMessage()
             usage = self._usage
+        estimated: Usage | None = None
+        if self.unfinished is not None:
+            estimated = add_usage(usage, self.unfinished)
+        elif usage is None and (200 <= status < 300 or status == 0):
+            # The upstream took the turn on (a 2xx, or the client left before any status)
+            # and its usage never came: charge what the relayed text shows it cost.
+            estimated = estimate_usage(
+                request_bytes=self._request_bytes,
+                text_chars=_text_chars(message),
+                event_bytes=self._event_bytes,
+            )
         return CompletionRecord(
             request_id=request_id,
             principal=principal,
@@ -121,4 +196,5 @@ class TurnCollector:
             ttfb=ttfb,
             duration=duration,
             bytes_sent=bytes_sent,
+            estimated_usage=estimated,
         )

@@ -39,8 +39,9 @@ from ._async_client import AsyncClient
 from ._base import Call, is_event_stream
 from ._config import Timeout
 from ._exceptions import APIError, ProtocolError, StreamTimeout, TokenHubError, TransportError
-from ._models import ContentDelta, Usage
+from ._models import ContentDelta, ReasoningDelta, Usage
 from ._proxy_core import ProxyRejection, ResponseHeadTooLarge, upstream_error_object
+from ._proxy_record import add_usage, estimate_usage
 from ._proxy_upstream import httpx_head_size, is_h11_head_overflow
 from ._tool_loop import arun_tools
 from .tools import MaxTurnsExceeded, ToolCallStarted, ToolResult, ToolSet, TurnFinished
@@ -152,6 +153,14 @@ class ToolExchange:
         self._turn: _Turn | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._prefix = b""
+        # The frames are the model's text: one stream redactor, so a key cut across two
+        # deltas is caught as in the passthrough.
+        self._redact = None if proxy._redactor is None else proxy._redactor.stream().feed
+        # For the estimate of a turn cut before its usage arrived: whether a turn's 2xx
+        # headers came and its TurnFinished did not yet, and the text it streamed so far.
+        self._in_turn = False
+        self._turn_chars = 0
+        self._loop: object = None
 
     async def run(self, send: Send, turn: _Turn, tg: anyio.abc.TaskGroup) -> None:
         self._send, self._turn, self._tg = send, turn, tg
@@ -165,7 +174,7 @@ class ToolExchange:
             + b',"choices":'
         )
         proxy = self._proxy
-        client = _UpstreamClient(proxy, self._start if self._stream else _nothing)
+        client = _UpstreamClient(proxy, self._headers_arrived)
         loop = arun_tools(
             client,
             self._messages,
@@ -182,16 +191,22 @@ class ToolExchange:
             ),
             **self._params,
         )
+        self._loop = loop
         completed = False
         try:
             async with loop:
                 async for event in loop:
                     if isinstance(event, ContentDelta):
                         self._parts.append(event.text)
+                        self._turn_chars += len(event.text)
                         if self._stream:
                             await self._frame([{"index": 0, "delta": {"content": event.text}}])
+                    elif isinstance(event, ReasoningDelta):
+                        self._turn_chars += len(event.text)
                     elif isinstance(event, TurnFinished):
-                        self._usage = _add(self._usage, event.usage)
+                        self._in_turn = False
+                        self._turn_chars = 0
+                        self._usage = add_usage(self._usage, event.usage)
                         self._finish_reason = event.message.finish_reason
                     elif isinstance(event, ToolCallStarted):
                         await self._comment(event.call.name, "running")
@@ -217,6 +232,11 @@ class ToolExchange:
             await self._answer()
 
     # --- streaming ----------------------------------------------------------------------
+
+    async def _headers_arrived(self) -> None:
+        self._in_turn = True
+        if self._stream:
+            await self._start()
 
     async def _start(self) -> None:
         # The first turn's 2xx headers arrived: the status is fixed from here on.
@@ -264,7 +284,8 @@ class ToolExchange:
         turn, send = self._turn, self._send
         assert turn is not None and send is not None
         if not turn.client_gone:
-            await self._proxy._write(send, turn, self._proxy._redact(data))
+            redact = self._redact
+            await self._proxy._write(send, turn, data if redact is None else redact(data))
 
     async def _finish_stream(self) -> None:
         turn, send = self._turn, self._send
@@ -371,10 +392,14 @@ class ToolExchange:
         completion = self._completion(turn.request_id, completed)
         # Redacted like the passthrough's copy: an echoed key stays out of on_complete.
         turn.collector.feed_json(self._proxy._redact(_dumps(completion)))
-
-
-async def _nothing() -> None:
-    return None
+        if not completed and self._in_turn:
+            # Cut mid-turn: that turn's usage never came. Its prompt was the conversation
+            # so far plus the tool schemas; its output, the text it streamed.
+            messages = getattr(self._loop, "messages", self._messages)
+            prompt = len(_dumps(messages)) + len(_dumps(self._tools.to_openai()))
+            turn.collector.unfinished = estimate_usage(
+                request_bytes=prompt, text_chars=self._turn_chars, event_bytes=0
+            )
 
 
 def _failure(
@@ -423,24 +448,6 @@ def _failure(
         return 502, "The upstream request failed.", "upstream_error", {}
     logger.error("tool loop failed: %s", type(exc).__name__, exc_info=exc)
     return 500, "The proxy failed.", "internal_error", {}
-
-
-def _add(total: Usage | None, usage: Usage | None) -> Usage | None:
-    if usage is None:
-        return total
-    if total is None:
-        return usage
-
-    def plus(a: int | None, b: int | None) -> int | None:
-        return None if a is None and b is None else (a or 0) + (b or 0)
-
-    return Usage(
-        plus(total.prompt_tokens, usage.prompt_tokens),
-        plus(total.completion_tokens, usage.completion_tokens),
-        plus(total.total_tokens, usage.total_tokens),
-        plus(total.reasoning_tokens, usage.reasoning_tokens),
-        plus(total.cached_tokens, usage.cached_tokens),
-    )
 
 
 def _usage_dict(usage: Usage) -> dict[str, object]:

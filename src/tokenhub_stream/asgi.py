@@ -65,9 +65,12 @@ from ._proxy_core import (
     DEFAULT_ALLOWED_FIELDS,
     DEFAULT_MAX_RESPONSE_HEAD_BYTES,
     EventSplitter,
+    KeyRedactor,
+    OutputCaps,
     ProxyRejection,
     ResponseHeadTooLarge,
     TokenBucket,
+    check_api_key,
     check_host,
     check_origin,
     client_address,
@@ -154,7 +157,6 @@ _MAX_ERROR_BODY = 64 * 1024
 _KEEPALIVE = b": keep-alive\n\n"
 # On everything the proxy writes (issue #14): a browser never sniffs an answer into HTML.
 _NOSNIFF = (b"x-content-type-options", b"nosniff")
-_REDACTED = b"[redacted]"
 
 
 @runtime_checkable
@@ -172,9 +174,11 @@ class RateLimiter(Protocol):
 class UsageLimiter(RateLimiter, Protocol):
     """A `RateLimiter` that also counts tokens (a budget), such as `redis.RedisBudget`.
 
-    After each turn whose usage is known (the upstream sent it), the proxy calls
-    `record(key, usage)` with the key `acquire` was called with. A failing `record` is
-    logged and never breaks the finished response.
+    After each turn the upstream took on, the proxy calls `record(key, usage)` with the key
+    `acquire` was called with: the upstream's usage (the proxy asks streams for it), or,
+    when that did not arrive (a client that left early), an estimate
+    (`CompletionRecord.estimated_usage`). A failing `record` is logged and never breaks the
+    finished response.
     """
 
     async def record(self, key: str, usage: Usage) -> None: ...
@@ -213,8 +217,12 @@ class CompletionRecord:
 
     `message` (content, tool calls), `finish_reason` and `usage` are assembled from a copy of
     the stream (or the JSON body when `stream` was false); empty/`None` when nothing arrived.
-    `started_at` is wall-clock (`time.time()`); `ttfb` (request to first byte sent to the
-    client) and `duration` are seconds.
+    `usage` is only ever what the upstream reported. `estimated_usage` is set when that is
+    missing or incomplete for a turn the upstream took on (a client that left early, a cut
+    stream, an upstream that sends no usage): the proxy's estimate of the whole turn, the
+    figure a `UsageLimiter` is charged instead (docs/proxy.md, "Usage of a turn that ends
+    early"). `started_at` is wall-clock (`time.time()`); `ttfb` (request to first byte sent
+    to the client) and `duration` are seconds.
     """
 
     request_id: str
@@ -231,6 +239,7 @@ class CompletionRecord:
     ttfb: float | None
     duration: float
     bytes_sent: int
+    estimated_usage: Usage | None = None
 
     def __repr__(self) -> str:
         return (
@@ -316,13 +325,22 @@ class ChatProxy:
     ```
 
     Args:
-        api_key: the upstream key; sent only to `base_url`, never shown anywhere. `None`
+        api_key: the upstream key; sent only to `base_url`, never shown anywhere (an
+            upstream's echo of it is redacted: docs/proxy.md, "Key redaction"). `None`
             for a local server that needs none (vLLM, Ollama): no `Authorization` is sent.
         base_url: the upstream API root; requests go to `base_url + "/chat/completions"`.
         default_model: used when the body has no `model` (default: the client's default).
         allowed_models: models the browser may ask for (`None`: any); also `GET <mount>/models`.
         allowed_fields: body fields forwarded upstream (default: OpenAI's chat parameters).
-        max_tokens_cap: `max_tokens` / `max_completion_tokens` above it are clamped to it.
+        max_tokens_cap: the most output tokens one answer may ask for. Every forwarded
+            request carries a limit no larger: `max_tokens` / `max_completion_tokens`
+            above it are clamped, and a body with neither (or `null`) gets
+            `max_tokens_field` set to it. Applied last, after `on_request`.
+        max_tokens_field: the field written when the body has no token limit:
+            `"max_tokens"` (understood most widely) or `"max_completion_tokens"` (what
+            OpenAI's reasoning models require).
+        max_choices: `n` (and `best_of`) above it are clamped to it; each choice is a
+            whole answer, billed as such. Applied last, after `on_request`.
         max_body_bytes: larger request bodies get 413.
         allowed_origins: origins allowed to POST (default: the request's own host; `"*"`: any).
         allowed_hosts: the host names the app is served as (`"app.example.com"`,
@@ -334,7 +352,9 @@ class ChatProxy:
         authorize: `request -> principal | None` (sync or async); `None` answers 401. It may
             raise `starlette.exceptions.HTTPException` with a status of its choice.
         rate_limiter: a `RateLimiter`, keyed by principal (if any) or client address; a
-            `UsageLimiter` also gets each turn's usage (`tokenhub_stream.redis` has both).
+            `UsageLimiter` also gets each turn's usage (`tokenhub_stream.redis` has both):
+            the proxy then asks streams for usage (`stream_options.include_usage`, if
+            that field is allowed) and charges an estimate for a turn that ended without it.
         on_request: `(request, body) -> body`, may rewrite the outgoing body.
         on_complete: `(CompletionRecord) -> None`, once per forwarded turn.
         on_disconnect: `"cancel"` closes the upstream when the client goes; `"finish"` reads
@@ -372,7 +392,8 @@ class ChatProxy:
         resume_ttl: seconds a finished stream stays resumable.
 
     Raises:
-        ValueError: an invalid option.
+        ValueError: an invalid option, or an `api_key` with whitespace, control or
+            non-ASCII characters (a trailing newline, say); the message never shows it.
     """
 
     def __init__(
@@ -384,6 +405,8 @@ class ChatProxy:
         allowed_models: Collection[str] | None = None,
         allowed_fields: Collection[str] = DEFAULT_ALLOWED_FIELDS,
         max_tokens_cap: int | None = None,
+        max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens",
+        max_choices: int = 1,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         allowed_origins: Collection[str] | None = None,
         allowed_hosts: Collection[str] | None = None,
@@ -412,10 +435,20 @@ class ChatProxy:
 
         if api_key is not None and (not isinstance(api_key, str) or not api_key):
             raise ValueError("api_key must be a non-empty string, or None for no key")
+        if api_key is not None:
+            check_api_key(api_key)
         if on_disconnect not in ("cancel", "finish"):
             raise ValueError("on_disconnect must be 'cancel' or 'finish'")
-        if max_tokens_cap is not None and max_tokens_cap < 1:
+        if max_tokens_cap is not None and (
+            isinstance(max_tokens_cap, bool)
+            or not isinstance(max_tokens_cap, int)
+            or max_tokens_cap < 1
+        ):
             raise ValueError("max_tokens_cap must be a positive integer or None")
+        if max_tokens_field not in ("max_tokens", "max_completion_tokens"):
+            raise ValueError("max_tokens_field must be 'max_tokens' or 'max_completion_tokens'")
+        if isinstance(max_choices, bool) or not isinstance(max_choices, int) or max_choices < 1:
+            raise ValueError("max_choices must be a positive integer")
         if max_body_bytes < 1:
             raise ValueError("max_body_bytes must be positive")
         if keepalive_interval is not None and keepalive_interval <= 0:
@@ -451,14 +484,16 @@ class ChatProxy:
         if not base.startswith(("http://", "https://")):
             raise ValueError("base_url must be an http:// or https:// URL")
         self._api_key = api_key
-        # None when there is no key: b"" would "match" everywhere in the redaction below.
-        self._key_bytes = api_key.encode() if api_key else None
+        # None when there is no key: an empty key would "match" everywhere.
+        self._redactor = KeyRedactor(api_key) if api_key else None
         self._url = base + "/chat/completions"
         self.base_url = base
         self.default_model = default_model or _config.DEFAULT_MODEL
         self.allowed_models = None if allowed_models is None else frozenset(allowed_models)
         self.allowed_fields = frozenset(allowed_fields)
         self.max_tokens_cap = max_tokens_cap
+        self.max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = max_tokens_field
+        self.max_choices = max_choices
         self.max_body_bytes = max_body_bytes
         self.allowed_origins = (
             None
@@ -702,7 +737,9 @@ class ChatProxy:
             from ._proxy_record import TurnCollector
 
             # The tool loop hands over its answer as one chat.completion object.
-            turn.collector = TurnCollector(stream=stream and self.tools is None)
+            turn.collector = TurnCollector(
+                stream=stream and self.tools is None, request_bytes=len(request_body)
+            )
         if stream and self.stream_buffer is not None:
             from ._proxy_resume import owner_of, wants_resumable
 
@@ -760,11 +797,24 @@ class ChatProxy:
             body = dict(rewritten)
         model = body.get("model")
         turn.model = model if isinstance(model, str) else "-"
-        if self.on_complete is not None or self._usage_limiter() is not None:
+        usage_limiter = self._usage_limiter()
+        if self.on_complete is not None or usage_limiter is not None:
             # Only a record needs them: a long conversation is not held for the whole stream.
             messages = body.get("messages")
             turn.messages = list(messages) if isinstance(messages, list) else []
-        return outgoing_body(body, self.allowed_fields, stream), stream
+        # A budget needs every streamed turn's usage; the tool loop asks for it itself. An
+        # allow-list without stream_options (an upstream that refuses them) opts out.
+        include_usage = (
+            usage_limiter is not None
+            and self.tools is None
+            and "stream_options" in self.allowed_fields
+        )
+        # Read per request, as every other setting: the attributes may be reassigned.
+        caps = OutputCaps(self.max_tokens_cap, self.max_tokens_field, self.max_choices)
+        content = outgoing_body(
+            body, self.allowed_fields, stream, caps=caps, include_usage=include_usage
+        )
+        return content, stream
 
     def _own_host(self, headers: dict[str, str], peer: str | None) -> str | None:
         """The host the client asked for; 400 if `allowed_hosts` does not list it.
@@ -1208,7 +1258,7 @@ class ChatProxy:
         elif self.keepalive_interval is not None and tg is not None:
             tg.start_soon(self._keepalive, send, turn, self.keepalive_interval)
         splitter = EventSplitter()
-        key = self._key_bytes
+        redact = None if self._redactor is None else self._redactor.stream().feed
         collector = turn.collector
         # From here on the status is fixed: a failure ends the stream with an error frame.
         try:
@@ -1219,8 +1269,8 @@ class ChatProxy:
                     out = splitter.feed(chunk)
                     if not out:
                         continue
-                    if key is not None and key in out:
-                        out = out.replace(key, _REDACTED)
+                    if redact is not None:
+                        out = redact(out)
                     if collector is not None:
                         collector.feed(out)
                     if resume is not None:
@@ -1229,11 +1279,13 @@ class ChatProxy:
                         await self._write(send, turn, out)
             finally:
                 await chunks.aclose()
-            rest = self._redact(splitter.flush())
+            rest = splitter.flush()
             if rest.strip(b"\r\n") and not _is_framed(response):
                 # A close-delimited body ends with the connection, so a cut looks like an
                 # end: a half event there is a cut, never forwarded as if whole (issue #14).
                 raise httpx.RemoteProtocolError("the upstream closed the connection mid-event")
+            if rest and redact is not None:
+                rest = redact(rest)
             if rest:
                 if collector is not None:
                     collector.feed(rest)
@@ -1338,9 +1390,9 @@ class ChatProxy:
         turn.last_write = time.monotonic()
 
     def _redact(self, data: bytes) -> bytes:
-        if self._key_bytes is not None and self._key_bytes in data:
-            return data.replace(self._key_bytes, _REDACTED)
-        return data
+        # A whole body (an error, a JSON answer); streams use a StreamRedactor.
+        redactor = self._redactor
+        return data if redactor is None else redactor(data)
 
     # --- after the turn ---------------------------------------------------------------------
 
@@ -1397,9 +1449,10 @@ class ChatProxy:
         except Exception:
             logger.exception("on_complete failed request_id=%s", turn.request_id)
             return
-        if limiter is not None and turn.limit_key is not None and record.usage is not None:
+        usage = record.usage if record.estimated_usage is None else record.estimated_usage
+        if limiter is not None and turn.limit_key is not None and usage is not None:
             try:
-                await limiter.record(turn.limit_key, record.usage)
+                await limiter.record(turn.limit_key, usage)
             except Exception:
                 # Like a failing hook: logged, and the finished response stays intact.
                 logger.exception("rate_limiter.record failed request_id=%s", turn.request_id)

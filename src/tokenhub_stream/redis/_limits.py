@@ -323,17 +323,17 @@ class RedisBudget(_RedisLimit):
     from tokenhub_stream.redis import RedisBudget
 
     budget = RedisBudget("redis://localhost:6379/0", requests=200, tokens=100_000, window=86400)
-    proxy = ChatProxy(api_key=key, base_url=url, rate_limiter=budget, on_request=ask_usage)
+    proxy = ChatProxy(api_key=key, base_url=url, rate_limiter=budget, max_tokens_cap=2048)
     ```
 
     As a `ChatProxy` `rate_limiter`, `acquire(key)` refuses (with the seconds until the
     window ends) once the key made `requests` requests or used `tokens` tokens in the
     current window, and counts one request otherwise. It is also a `UsageLimiter`: after
-    each turn whose usage is known the proxy calls `record(key, usage)`, which adds the
-    turn's total tokens. Tokens are checked before a turn and charged after it, so the last
-    turn of a window may overshoot `tokens` by at most one answer (`max_tokens_cap` bounds
-    it). Streamed turns report usage only when the request asks for it
-    (`stream_options.include_usage`, which `on_request` can add).
+    each turn the proxy calls `record(key, usage)`, which adds the turn's total tokens.
+    The proxy asks streamed turns for their usage, and charges an estimate for a turn that
+    ended without it (a client that left early). Tokens are checked before a turn and
+    charged after it, so the last turn of a window may overshoot `tokens` by at most one
+    answer (`max_tokens_cap` bounds it).
 
     Windows are fixed (aligned to multiples of `window` seconds of Redis' clock), so a key
     may spend up to twice its budget across a window boundary. Keys expire when their
