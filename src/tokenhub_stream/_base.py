@@ -141,6 +141,7 @@ class BaseClient:
         timeout: TimeoutTypes = DEFAULT_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
         max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT,
+        include_usage: bool = False,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         strict_utf8: bool = False,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
@@ -156,6 +157,7 @@ class BaseClient:
         self.timeout = Timeout.coerce(timeout)
         self.max_retries = max_retries
         self.max_retry_wait = max_retry_wait
+        self.include_usage = include_usage
         self.max_event_bytes = max_event_bytes
         self.strict_utf8 = strict_utf8
         self.drain_timeout = drain_timeout
@@ -182,7 +184,7 @@ class BaseClient:
         stream: bool,
         timeout: TimeoutTypes | UnsetType,
         max_retries: int | UnsetType,
-        include_usage: bool,
+        include_usage: bool | UnsetType,
         extra_headers: HeaderTypes | None,
     ) -> Call:
         if "stream" in params:
@@ -200,6 +202,8 @@ class BaseClient:
         body: dict[str, object] = {"model": model_name, "messages": list(messages)}
         body["stream"] = stream
         body.update(params)
+        if include_usage is UNSET:
+            include_usage = self.include_usage
         if stream and include_usage:
             options = params.get("stream_options")
             merged = dict(options) if isinstance(options, Mapping) else {}

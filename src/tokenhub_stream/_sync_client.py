@@ -244,6 +244,8 @@ class Client(BaseClient):
         max_retries: retries before the first delta (connect errors, 408, 429, 5xx,
             retryable error frames).
         max_retry_wait: the longest `Retry-After` honoured; beyond it the error is raised.
+        include_usage: ask for a final usage chunk (`stream_options.include_usage`) on
+            every stream; a call's `include_usage` overrides it.
         max_event_bytes: the largest SSE event accepted (`ProtocolError` beyond).
         strict_utf8: raise `ProtocolError` on invalid UTF-8 instead of U+FFFD.
         drain_timeout: how long to read on after `[DONE]` to keep the connection.
@@ -260,6 +262,7 @@ class Client(BaseClient):
         timeout: TimeoutTypes = DEFAULT_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
         max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT,
+        include_usage: bool = False,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         strict_utf8: bool = False,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
@@ -273,6 +276,7 @@ class Client(BaseClient):
             timeout=timeout,
             max_retries=max_retries,
             max_retry_wait=max_retry_wait,
+            include_usage=include_usage,
             max_event_bytes=max_event_bytes,
             strict_utf8=strict_utf8,
             drain_timeout=drain_timeout,
@@ -311,7 +315,7 @@ class Client(BaseClient):
         model: str | UnsetType = UNSET,
         timeout: TimeoutTypes | UnsetType = UNSET,
         max_retries: int | UnsetType = UNSET,
-        include_usage: bool = False,
+        include_usage: bool | UnsetType = UNSET,
         extra_headers: HeaderTypes | None = None,
         **params: object,
     ) -> ChatStream:
@@ -321,7 +325,8 @@ class Client(BaseClient):
             messages: the conversation, OpenAI shape.
             model: the model; default the client's.
             timeout, max_retries: override the client's for this call.
-            include_usage: ask for a final usage chunk (`stream_options.include_usage`).
+            include_usage: ask for a final usage chunk (`stream_options.include_usage`);
+                default the client's.
             extra_headers: headers for this request only.
             **params: other body fields (`temperature`, `max_tokens`, `tools`, ...).
 
@@ -353,7 +358,7 @@ class Client(BaseClient):
         max_turns: int = DEFAULT_MAX_TURNS,
         timeout: TimeoutTypes | UnsetType = UNSET,
         max_retries: int | UnsetType = UNSET,
-        include_usage: bool = False,
+        include_usage: bool | UnsetType = UNSET,
         extra_headers: HeaderTypes | None = None,
         **params: object,
     ) -> ToolLoop:
@@ -416,7 +421,7 @@ class Client(BaseClient):
             stream=False,
             timeout=timeout,
             max_retries=max_retries,
-            include_usage=False,
+            include_usage=False,  # no usage chunk without a stream
             extra_headers=extra_headers,
         )
         attempt = 0
