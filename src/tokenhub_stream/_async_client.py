@@ -18,6 +18,7 @@ from ._base import (
     HeaderTypes,
     MessagesTypes,
     StreamState,
+    StreamView,
     TimeoutTypes,
     async_sleep,
     direct_request,
@@ -46,7 +47,7 @@ from .tools import ToolsTypes
 __all__ = ["AsyncChatStream", "AsyncClient"]
 
 
-class AsyncChatStream(StreamState):
+class AsyncChatStream(StreamView):
     """One streamed chat completion: an async iterator of text deltas and an async
     context manager. The request is sent on enter, or on first iteration.
 
@@ -60,24 +61,28 @@ class AsyncChatStream(StreamState):
     Iterate it once, either directly (text deltas) or through `events()` (typed
     events); `message`, `usage`, `timings` and `outcome` are filled either way.
     Leaving the `async with` block, `aclose()`, or cancelling the task closes the
-    upstream connection at once.
+    upstream connection at once. So does dropping an unfinished stream (a bare `break`
+    with no `async with`), with a `ResourceWarning`, as for an unclosed file.
     """
 
+    _state: _AsyncStreamCore
+
     def __init__(self, client: AsyncClient, call: Call, *, owns_client: bool = False) -> None:
-        super().__init__(client, call)
-        self._client = client
-        self._owns_client = owns_client
-        self._response: httpx.Response | None = None
-        self._chunks: AsyncIterator[bytes] | None = None
+        # The state is shared with the consuming generators; it never points back at
+        # this object or at them, so nothing here is a reference cycle and a dropped
+        # stream is noticed at once (see `StreamState._adopt`).
+        self._state = state = _AsyncStreamCore(client, call, owns_client)
+        state._adopt(self)
         self._consumer: AsyncIterator[Any] | None = None
         self._next_consumer: AsyncIterator[str] | None = None
 
     async def __aenter__(self) -> Self:
+        state = self._state
         try:
-            if self._response is None:
-                await self._open()
+            if state._response is None:
+                await state._open()
         except BaseException as exc:
-            self._record_exit(exc)
+            state._record_exit(exc)
             await self.aclose()
             raise
         return self
@@ -89,33 +94,52 @@ class AsyncChatStream(StreamState):
         tb: TracebackType | None,
     ) -> None:
         if exc is not None:
-            self._record_exit(exc)
+            self._state._record_exit(exc)
         await self.aclose()
 
     def __aiter__(self) -> AsyncIterator[str]:
         if self._next_consumer is not None:  # reading already began with anext()
             return self._next_consumer
-        self._consumer = self._consume(text=True)
+        self._consumer = self._state._consumer(text=True)
         return self._consumer
 
     async def __anext__(self) -> str:
         if self._next_consumer is None:
-            self._next_consumer = self._consumer = self._consume(text=True)
+            self._next_consumer = self._consumer = self._state._consumer(text=True)
         return await self._next_consumer.__anext__()
 
     def events(self) -> AsyncIterator[StreamEvent]:
         """Iterate typed events: content, reasoning and tool-call deltas, finish, usage."""
-        self._consumer = self._consume(text=False)
+        self._consumer = self._state._consumer(text=False)
         return self._consumer
 
     async def aclose(self) -> None:
         """Close the upstream connection (at once if the body was not read to its end)."""
-        self._record_exit(None)
+        state = self._state
+        state._record_exit(None)
         consumer, self._consumer = self._consumer, None
         if consumer is not None and not generator_done(consumer):
             with AsyncShield():
                 await _close_generator(consumer)
-        await self._release()
+        await state._release()
+
+
+class _AsyncStreamCore(StreamState):
+    """What an `AsyncChatStream` and its consuming generator share: the response, the
+    parser and the I/O that reads it."""
+
+    _public_name = "AsyncChatStream"
+
+    def __init__(self, client: AsyncClient, call: Call, owns_client: bool) -> None:
+        super().__init__(client, call)
+        self._client = client
+        self._owns_client = owns_client
+        self._chunks: AsyncIterator[bytes] | None = None
+
+    def _consumer(self, text: bool) -> AsyncIterator[Any]:
+        consumer = self._consume(text)
+        self._adopt(consumer)
+        return consumer
 
     async def _open(self) -> None:
         while True:
@@ -189,6 +213,7 @@ class AsyncChatStream(StreamState):
     async def _release_response(self) -> None:
         if self._timer is not None:
             self._timer.stop()
+        self._sock = None  # closed, or back in the pool: never ours to shut down again
         response, self._response = self._response, None
         chunks, self._chunks = self._chunks, None
         if chunks is not None and generator_done(chunks):
