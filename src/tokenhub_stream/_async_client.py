@@ -125,8 +125,8 @@ class AsyncChatStream(StreamView):
 
 
 class _AsyncStreamCore(StreamState):
-    """What an `AsyncChatStream` and its consuming generator share: the response, the
-    parser and the I/O that reads it."""
+    """What the public stream (`AsyncChatStream`) and its consuming generators share:
+    the response, the parser and the I/O that reads it."""
 
     _public_name = "AsyncChatStream"
 

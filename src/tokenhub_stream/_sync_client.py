@@ -125,8 +125,8 @@ class ChatStream(StreamView):
 
 
 class _StreamCore(StreamState):
-    """What an `ChatStream` and its consuming generator share: the response, the
-    parser and the I/O that reads it."""
+    """What the public stream (`ChatStream`) and its consuming generators share:
+    the response, the parser and the I/O that reads it."""
 
     _public_name = "ChatStream"
 
