@@ -17,6 +17,7 @@ PAIRS = [(SRC / "_async_client.py", SRC / "_sync_client.py")]
 # Whole-word replacements, applied in order.
 SUBS = [
     ("AsyncChatStream", "ChatStream"),
+    ("_AsyncStreamCore", "_StreamCore"),
     ("AsyncToolLoop", "ToolLoop"),
     ("arun_tools", "run_tools_sync"),
     ("async for event in client.run_tools", "for event in client.run_tools"),

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import socket
+import sys
 import time
+import warnings
 import weakref
 from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from types import FrameType
+from typing import Self, TypeAlias
 from urllib.request import getproxies
 
 import anyio
@@ -142,6 +147,7 @@ class BaseClient:
         timeout: TimeoutTypes = DEFAULT_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
         max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT,
+        include_usage: bool = False,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         strict_utf8: bool = False,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
@@ -157,6 +163,7 @@ class BaseClient:
         self.timeout = Timeout.coerce(timeout)
         self.max_retries = max_retries
         self.max_retry_wait = max_retry_wait
+        self.include_usage = include_usage
         self.max_event_bytes = max_event_bytes
         self.strict_utf8 = strict_utf8
         self.drain_timeout = drain_timeout
@@ -183,7 +190,7 @@ class BaseClient:
         stream: bool,
         timeout: TimeoutTypes | UnsetType,
         max_retries: int | UnsetType,
-        include_usage: bool,
+        include_usage: bool | UnsetType,
         extra_headers: HeaderTypes | None,
     ) -> Call:
         if "stream" in params:
@@ -201,6 +208,8 @@ class BaseClient:
         body: dict[str, object] = {"model": model_name, "messages": list(messages)}
         body["stream"] = stream
         body.update(params)
+        if include_usage is UNSET:
+            include_usage = self.include_usage
         if stream and include_usage:
             options = params.get("stream_options")
             merged = dict(options) if isinstance(options, Mapping) else {}
@@ -304,9 +313,15 @@ def watch_response(
     response: httpx.Response, timer: StreamTimer, total_deadline: float | None
 ) -> bool:
     """Hand the response's socket to the watchdog; False without one (mock transports)."""
+    sock = socket_of(response)
+    return sock is not None and watchdog.watch(timer, sock, total_deadline)
+
+
+def socket_of(response: httpx.Response) -> object | None:
+    """The socket under a response (httpx's `network_stream` extension), or None."""
     stream = response.extensions.get("network_stream")
     if stream is None:
-        return False
+        return None
     try:
         sock = _SOCKETS.get(stream)
     except TypeError:  # not weak-referenceable
@@ -315,12 +330,12 @@ def watch_response(
         get_info = getattr(stream, "get_extra_info", None)
         sock = get_info("socket") if get_info is not None else None
         if sock is None:
-            return False
+            return None
         # A network stream keeps its socket for life and is reused by every request on
         # its pooled connection; anyio's lookup builds a dict of attributes each time.
         with contextlib.suppress(TypeError):
             _SOCKETS[stream] = sock
-    return watchdog.watch(timer, sock, total_deadline)
+    return sock
 
 
 _SOCKETS: weakref.WeakKeyDictionary[object, object] = weakref.WeakKeyDictionary()
@@ -403,7 +418,16 @@ def wants_raw(response: httpx.Response) -> bool:
 
 
 class StreamState:
-    """Bookkeeping of one stream shared by `ChatStream` and `AsyncChatStream`."""
+    """Bookkeeping of one stream, shared by its public object (`ChatStream`,
+    `AsyncChatStream`) and the generators that consume it.
+
+    Those are its owners, and it never refers back to them: a stream nobody reads any
+    more is then freed by reference counting, not by a later garbage collection, and when
+    the last owner goes while the response is still open, `_abandon()` shuts the
+    connection down from the weakref callback itself, with no event loop turn (issue 15).
+    """
+
+    _public_name = "ChatStream"
 
     def __init__(self, client: BaseClient, call: Call) -> None:
         self._base = client
@@ -412,6 +436,13 @@ class StreamState:
         self._parser = self._new_parser()
         self._timer: StreamTimer | None = None
         self._watched = False
+        self._response: httpx.Response | None = None  # open, and not yet released
+        self._sock: object | None = None  # the open response's socket, if it has one
+        self._owners: list[_OwnerRef] = []
+        # Where the caller made the stream, for the warning if it is dropped unclosed
+        # (tracemalloc cannot tell on Python 3.11 for an object with a `__dict__`).
+        made = _outside_frame(sys._getframe(1))
+        self._made_at = (made.f_code.co_filename, made.f_lineno)
         self._total_deadline: float | None = None
         self._attempt = 0
         self._claimed = False
@@ -465,7 +496,8 @@ class StreamState:
             # backstop; the watchdog enforces the exact first-token/idle/total deadlines.
             timeouts["read"] = _max(t.first_token, t.idle, t.total)
         self._timer = timer = StreamTimer(self._parser, first_token=t.first_token, idle=t.idle)
-        self._watched = watch_response(response, timer, self._total_deadline)
+        self._sock = sock = socket_of(response)
+        self._watched = sock is not None and watchdog.watch(timer, sock, self._total_deadline)
 
     def _read_error(self, exc: Exception) -> TokenHubError:
         """Translate an httpx error raised while reading the body."""
@@ -539,6 +571,45 @@ class StreamState:
         if self._parser.ended_at is None:
             self._parser.ended_at = time.monotonic()
 
+    # --- owners ------------------------------------------------------------------
+
+    def _adopt(self, owner: object) -> None:
+        """Count `owner` (the public stream, or a consuming generator) as keeping this
+        stream in use; per stream, never per chunk."""
+        self._owners.append(_OwnerRef(owner, self))
+
+    def _on_owner_gone(self) -> None:
+        if any(ref() is not None for ref in self._owners):
+            return
+        if self._response is not None:  # opened, and nobody closed it
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Every owner is gone and the response is open: close the connection now.
+
+        This runs inside a weakref callback, so it must not await: it shuts the socket
+        down as the watchdog does (the pending or next read ends at once, and the
+        upstream sees the disconnect), and leaves the rest of the cleanup to the
+        consuming generator's `finally` (run at once in sync code, and by the event
+        loop's async-generator finalizer in async code). The socket is not closed here:
+        its descriptor still belongs to the event loop's transport.
+        """
+        sock, self._sock = self._sock, None
+        if self._timer is not None:
+            self._timer.stop()  # the watchdog forgets the socket first
+        if sock is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+        filename, line = self._made_at
+        message = (
+            f"unclosed stream {self!r} made at {filename}:{line}: its connection was shut "
+            "down when it was dropped (use a with block, or close the stream)"
+        )
+        self._record_exit(None)
+        # As CPython's own unclosed files and sockets, the warning points at the code
+        # that dropped the stream, and `source` lets tracemalloc show where it was made.
+        warnings.warn(message, ResourceWarning, stacklevel=_outside_stacklevel(), source=self)
+
     # --- results -----------------------------------------------------------------
 
     @property
@@ -592,7 +663,95 @@ class StreamState:
 
     def __repr__(self) -> str:
         state = self._outcome.kind if self._outcome else ("open" if self._claimed else "new")
-        return f"<{type(self).__name__} model={self._call.model!r} {state}>"
+        return f"<{self._public_name} model={self._call.model!r} {state}>"
+
+
+class _OwnerRef(weakref.ref[object]):
+    """A weak reference to one owner of a stream that tells the stream when the owner is
+    gone. It holds the stream weakly too, so it adds no reference cycle."""
+
+    __slots__ = ("state",)
+
+    def __new__(cls, owner: object, state: StreamState) -> Self:
+        return super().__new__(cls, owner, _owner_gone)
+
+    def __init__(self, owner: object, state: StreamState) -> None:
+        self.state = weakref.ref(state)
+
+
+def _owner_gone(ref: weakref.ref[object]) -> None:
+    # Runs inside the owner's deallocation, where an exception can only be printed and
+    # ignored; at interpreter exit the process is about to drop its sockets anyway.
+    state = ref.state() if isinstance(ref, _OwnerRef) else None
+    if state is not None and not sys.is_finalizing():
+        state._on_owner_gone()
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _outside_frame(frame: FrameType) -> FrameType:
+    """`frame`, or the innermost of its callers outside this package."""
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+    return frame
+
+
+def _outside_stacklevel() -> int:
+    """The `stacklevel` that points `warn()`, called by our caller, at the innermost frame
+    outside this package."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+class StreamView:
+    """The results of a stream, as its public object shows them (read from its state)."""
+
+    _state: StreamState
+
+    @property
+    def response(self) -> httpx.Response | None:
+        """The `httpx.Response` of the stream once its headers arrived (closed after)."""
+        return self._state.response
+
+    @property
+    def message(self) -> ChatMessage:
+        """The assistant message assembled so far (content, reasoning, tool calls)."""
+        return self._state.message
+
+    @property
+    def usage(self) -> Usage | None:
+        """The last usage the upstream reported, normalised; None if it sent none."""
+        return self._state.usage
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._state.finish_reason
+
+    @property
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        return self._state.tool_calls
+
+    @property
+    def outcome(self) -> Outcome | None:
+        """How the stream ended; None while it is still open."""
+        return self._state.outcome
+
+    @property
+    def request_id(self) -> str | None:
+        return self._state.request_id
+
+    @property
+    def timings(self) -> Timings:
+        """Time to first token, total time and rate (tokens/s from usage, else deltas/s)."""
+        return self._state.timings
+
+    def __repr__(self) -> str:
+        return repr(self._state)
 
 
 def outcome_for(error: TokenHubError, had_response: bool) -> Outcome:

@@ -17,6 +17,7 @@ from ._base import (
     HeaderTypes,
     MessagesTypes,
     StreamState,
+    StreamView,
     SyncShield,
     TimeoutTypes,
     direct_request,
@@ -46,7 +47,7 @@ from .tools import ToolsTypes
 __all__ = ["ChatStream", "Client"]
 
 
-class ChatStream(StreamState):
+class ChatStream(StreamView):
     """One streamed chat completion: an iterator of text deltas and a
     context manager. The request is sent on enter, or on first iteration.
 
@@ -60,24 +61,28 @@ class ChatStream(StreamState):
     Iterate it once, either directly (text deltas) or through `events()` (typed
     events); `message`, `usage`, `timings` and `outcome` are filled either way.
     Leaving the `with` block, `close()`, or Ctrl-C closes the
-    upstream connection at once.
+    upstream connection at once. So does dropping an unfinished stream (a bare `break`
+    with no `with`), with a `ResourceWarning`, as for an unclosed file.
     """
 
+    _state: _StreamCore
+
     def __init__(self, client: Client, call: Call, *, owns_client: bool = False) -> None:
-        super().__init__(client, call)
-        self._client = client
-        self._owns_client = owns_client
-        self._response: httpx.Response | None = None
-        self._chunks: Iterator[bytes] | None = None
+        # The state is shared with the consuming generators; it never points back at
+        # this object or at them, so nothing here is a reference cycle and a dropped
+        # stream is noticed at once (see `StreamState._adopt`).
+        self._state = state = _StreamCore(client, call, owns_client)
+        state._adopt(self)
         self._consumer: Iterator[Any] | None = None
         self._next_consumer: Iterator[str] | None = None
 
     def __enter__(self) -> Self:
+        state = self._state
         try:
-            if self._response is None:
-                self._open()
+            if state._response is None:
+                state._open()
         except BaseException as exc:
-            self._record_exit(exc)
+            state._record_exit(exc)
             self.close()
             raise
         return self
@@ -89,33 +94,52 @@ class ChatStream(StreamState):
         tb: TracebackType | None,
     ) -> None:
         if exc is not None:
-            self._record_exit(exc)
+            self._state._record_exit(exc)
         self.close()
 
     def __iter__(self) -> Iterator[str]:
         if self._next_consumer is not None:  # reading already began with next()
             return self._next_consumer
-        self._consumer = self._consume(text=True)
+        self._consumer = self._state._consumer(text=True)
         return self._consumer
 
     def __next__(self) -> str:
         if self._next_consumer is None:
-            self._next_consumer = self._consumer = self._consume(text=True)
+            self._next_consumer = self._consumer = self._state._consumer(text=True)
         return self._next_consumer.__next__()
 
     def events(self) -> Iterator[StreamEvent]:
         """Iterate typed events: content, reasoning and tool-call deltas, finish, usage."""
-        self._consumer = self._consume(text=False)
+        self._consumer = self._state._consumer(text=False)
         return self._consumer
 
     def close(self) -> None:
         """Close the upstream connection (at once if the body was not read to its end)."""
-        self._record_exit(None)
+        state = self._state
+        state._record_exit(None)
         consumer, self._consumer = self._consumer, None
         if consumer is not None and not generator_done(consumer):
             with SyncShield():
                 _close_generator(consumer)
-        self._release()
+        state._release()
+
+
+class _StreamCore(StreamState):
+    """What the public stream (`ChatStream`) and its consuming generators share:
+    the response, the parser and the I/O that reads it."""
+
+    _public_name = "ChatStream"
+
+    def __init__(self, client: Client, call: Call, owns_client: bool) -> None:
+        super().__init__(client, call)
+        self._client = client
+        self._owns_client = owns_client
+        self._chunks: Iterator[bytes] | None = None
+
+    def _consumer(self, text: bool) -> Iterator[Any]:
+        consumer = self._consume(text)
+        self._adopt(consumer)
+        return consumer
 
     def _open(self) -> None:
         while True:
@@ -188,6 +212,7 @@ class ChatStream(StreamState):
     def _release_response(self) -> None:
         if self._timer is not None:
             self._timer.stop()
+        self._sock = None  # closed, or back in the pool: never ours to shut down again
         response, self._response = self._response, None
         chunks, self._chunks = self._chunks, None
         if chunks is not None and generator_done(chunks):
@@ -244,6 +269,8 @@ class Client(BaseClient):
         max_retries: retries before the first delta (connect errors, 408, 429, 5xx,
             retryable error frames).
         max_retry_wait: the longest `Retry-After` honoured; beyond it the error is raised.
+        include_usage: ask for a final usage chunk (`stream_options.include_usage`) on
+            every stream; a call's `include_usage` overrides it.
         max_event_bytes: the largest SSE event accepted (`ProtocolError` beyond).
         strict_utf8: raise `ProtocolError` on invalid UTF-8 instead of U+FFFD.
         drain_timeout: how long to read on after `[DONE]` to keep the connection.
@@ -260,6 +287,7 @@ class Client(BaseClient):
         timeout: TimeoutTypes = DEFAULT_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
         max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT,
+        include_usage: bool = False,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         strict_utf8: bool = False,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
@@ -273,6 +301,7 @@ class Client(BaseClient):
             timeout=timeout,
             max_retries=max_retries,
             max_retry_wait=max_retry_wait,
+            include_usage=include_usage,
             max_event_bytes=max_event_bytes,
             strict_utf8=strict_utf8,
             drain_timeout=drain_timeout,
@@ -311,7 +340,7 @@ class Client(BaseClient):
         model: str | UnsetType = UNSET,
         timeout: TimeoutTypes | UnsetType = UNSET,
         max_retries: int | UnsetType = UNSET,
-        include_usage: bool = False,
+        include_usage: bool | UnsetType = UNSET,
         extra_headers: HeaderTypes | None = None,
         **params: object,
     ) -> ChatStream:
@@ -321,7 +350,8 @@ class Client(BaseClient):
             messages: the conversation, OpenAI shape.
             model: the model; default the client's.
             timeout, max_retries: override the client's for this call.
-            include_usage: ask for a final usage chunk (`stream_options.include_usage`).
+            include_usage: ask for a final usage chunk (`stream_options.include_usage`);
+                default the client's.
             extra_headers: headers for this request only.
             **params: other body fields (`temperature`, `max_tokens`, `tools`, ...).
 
@@ -353,7 +383,7 @@ class Client(BaseClient):
         max_turns: int = DEFAULT_MAX_TURNS,
         timeout: TimeoutTypes | UnsetType = UNSET,
         max_retries: int | UnsetType = UNSET,
-        include_usage: bool = False,
+        include_usage: bool | UnsetType = UNSET,
         extra_headers: HeaderTypes | None = None,
         **params: object,
     ) -> ToolLoop:
@@ -416,7 +446,7 @@ class Client(BaseClient):
             stream=False,
             timeout=timeout,
             max_retries=max_retries,
-            include_usage=False,
+            include_usage=False,  # no usage chunk without a stream
             extra_headers=extra_headers,
         )
         attempt = 0

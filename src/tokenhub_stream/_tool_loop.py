@@ -477,7 +477,7 @@ class ToolLoop:
 class _StreamOptions:
     timeout: TimeoutTypes | UnsetType
     max_retries: int | UnsetType
-    include_usage: bool
+    include_usage: bool | UnsetType
     extra_headers: HeaderTypes | None
     params: dict[str, object]
 
@@ -491,7 +491,7 @@ def arun_tools(
     max_turns: int = DEFAULT_MAX_TURNS,
     timeout: TimeoutTypes | UnsetType = UNSET,
     max_retries: int | UnsetType = UNSET,
-    include_usage: bool = False,
+    include_usage: bool | UnsetType = UNSET,
     extra_headers: HeaderTypes | None = None,
     **params: object,
 ) -> AsyncToolLoop:
@@ -529,7 +529,7 @@ def run_tools_sync(
     max_turns: int = DEFAULT_MAX_TURNS,
     timeout: TimeoutTypes | UnsetType = UNSET,
     max_retries: int | UnsetType = UNSET,
-    include_usage: bool = False,
+    include_usage: bool | UnsetType = UNSET,
     extra_headers: HeaderTypes | None = None,
     **params: object,
 ) -> ToolLoop:
