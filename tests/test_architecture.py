@@ -35,6 +35,7 @@ KNOWN: set[str] = {
     "size: asgi.py",
     "size: testing.py",
     "size: _chunks.py",
+    "size: _base.py",
     "size: _proxy_core.py",
     "private: tokenhub_stream._proxy_resume <- tokenhub_stream._proxy_core._BOUNDARY",
     "private: tokenhub_stream._proxy_resume <- tokenhub_stream.asgi._Turn",
