@@ -306,7 +306,7 @@ def _chatproxy_app(upstream: str, transport_name: str = "default") -> object:
     if transport_name == "aiohttp":  # the fallback without httptools (private: no option)
         import aiohttp
 
-        from tokenhub_stream._proxy_upstream import AiohttpUpstream
+        from tokenhub_stream.asgi._upstream import AiohttpUpstream
 
         proxy._upstream = AiohttpUpstream(proxy._max_connections, proxy._timeout, aiohttp)
         proxy._upstream_chosen = True

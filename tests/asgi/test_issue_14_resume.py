@@ -16,8 +16,9 @@ import httpx
 import pytest
 from starlette.requests import Request
 
-from tokenhub_stream._proxy_core import ProxyRejection, check_host, parse_allowed_hosts
 from tokenhub_stream.asgi import DEFAULT_MAX_RESUMES_PER_PRINCIPAL, ChatProxy, InMemoryStreamBuffer
+from tokenhub_stream.asgi._admission import check_host, parse_allowed_hosts
+from tokenhub_stream.asgi._wire import ProxyRejection
 from tokenhub_stream.testing import Script
 
 from .conftest import KEY, assert_no_key

@@ -560,7 +560,7 @@ async def test_issue_14_redacts_split_key_in_the_tool_loop_stream() -> None:
 
 
 def test_issue_14_redactor_unit_cases() -> None:
-    from tokenhub_stream._proxy_core import KeyRedactor
+    from tokenhub_stream.asgi._redact import KeyRedactor
 
     r = KeyRedactor(KEY)
     plain = frame("nothing to see, caf\\u00e9 \\u003cb\\u003e \\n")
@@ -585,7 +585,7 @@ def test_issue_14_redactor_unit_cases() -> None:
 
 
 def test_issue_14_stream_redactor_takes_the_rest_of_a_cut_key() -> None:
-    from tokenhub_stream._proxy_core import KeyRedactor
+    from tokenhub_stream.asgi._redact import KeyRedactor
 
     r = KeyRedactor(KEY)
     for cut in range(1, len(KEY)):
@@ -641,7 +641,7 @@ async def test_issue_14_utf8_charset_is_accepted(mock_upstream: MockUpstream, ch
 
 
 def test_issue_14_rest_of_a_cut_key_is_found_past_a_keepalive() -> None:
-    from tokenhub_stream._proxy_core import KeyRedactor
+    from tokenhub_stream.asgi._redact import KeyRedactor
 
     feed = KeyRedactor(KEY).stream().feed
     out = [feed(frame(KEY[:20])), feed(b": keep-alive\n\n"), feed(b'data: {"choices":[]}\n\n')]

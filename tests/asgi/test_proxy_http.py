@@ -22,10 +22,10 @@ import anyio
 import httpx
 import pytest
 
-from tokenhub_stream import _proxy_http
-from tokenhub_stream._proxy_http import HttpResponse, HttpUpstream
-from tokenhub_stream._proxy_upstream import AiohttpUpstream, default_upstream
+from tokenhub_stream._engine import _http as _proxy_http
+from tokenhub_stream._engine._http import HttpResponse, HttpUpstream
 from tokenhub_stream.asgi import ChatProxy
+from tokenhub_stream.asgi._upstream import AiohttpUpstream, default_upstream
 from tokenhub_stream.testing import Script
 
 from .conftest import KEY, assert_no_key, serve

@@ -12,9 +12,9 @@ import anyio
 import httpx
 import pytest
 
-from tokenhub_stream._proxy_http import HttpUpstream
-from tokenhub_stream._proxy_upstream import AiohttpUpstream
+from tokenhub_stream._engine._http import HttpUpstream
 from tokenhub_stream.asgi import ChatProxy
+from tokenhub_stream.asgi._upstream import AiohttpUpstream
 from tokenhub_stream.testing import Script
 
 from .conftest import KEY, assert_no_key, serve

@@ -25,11 +25,11 @@ import anyio.to_thread
 import httpx
 import pytest
 
-from tokenhub_stream import _proxy_http
-from tokenhub_stream._proxy_core import ResponseHeadTooLarge
-from tokenhub_stream._proxy_http import HttpResponse, HttpUpstream
-from tokenhub_stream._proxy_upstream import AiohttpUpstream
+from tokenhub_stream._engine import ResponseHeadTooLarge
+from tokenhub_stream._engine import _http as _proxy_http
+from tokenhub_stream._engine._http import HttpResponse, HttpUpstream
 from tokenhub_stream.asgi import ChatProxy
+from tokenhub_stream.asgi._upstream import AiohttpUpstream
 from tokenhub_stream.testing import FakeChatUpstream, Script, run_upstream
 
 from .conftest import KEY, LeakScanner, _ProxyApp, http_client, serve

@@ -1,34 +1,4 @@
-"""A key-hiding streaming proxy for OpenAI-compatible chat completions, as a pure ASGI app.
-
-```python
-from starlette.applications import Starlette
-from tokenhub_stream.asgi import ChatProxy
-
-proxy = ChatProxy(api_key=os.environ["TOKENHUB_KEY"], base_url="https://api.sandboxclaw.com/v1")
-app = Starlette(middleware=[proxy.middleware("/api/chat")])  # or routes=proxy.routes(...)
-```
-
-Deliberate divergences from the usual Starlette streaming endpoint, with reasons:
-
-- Pure ASGI, not a `StreamingResponse`: the relay races the upstream against
-  `http.disconnect` itself, also while waiting for the first token, because recent servers no
-  longer make `StreamingResponse` notice a gone client before a write fails (the billing
-  gotcha: tokens streamed to nobody).
-- The upstream's SSE bytes are forwarded unchanged, cut only at event boundaries; the JSON is
-  decoded (from a copy) only when `on_complete` or a `UsageLimiter` is set.
-- The HTTP status is sent only once the upstream's 2xx headers arrive. After that the status
-  is fixed, so a failure ends the stream with an OpenAI-shaped error frame and no `[DONE]`
-  instead of a truncated answer that looks complete.
-- `ChatProxy.routes(path)` instead of a bare `Mount`: Starlette's `Mount` answers an exact
-  `POST /api/chat` with a 307 to `/api/chat/`, which `fetch` follows as a GET.
-  `ChatProxy.middleware(path)` serves the same requests ahead of the app's routing: every
-  open stream holds the coroutine chain above the proxy, and this one is shorter.
-- No CORS headers at all; cross-site requests are refused (403) instead.
-- The one exception to byte-exact passthrough: with `tools=`, the proxy runs the tool loop
-  itself and writes its own `chat.completion.chunk` frames (content deltas only, tool
-  progress as SSE comments, one `[DONE]`), so the browser never sees tool plumbing
-  (`_proxy_tools.py`).
-"""
+"""`ChatProxy`: settings, mounting (routes, middleware, lifespan) and dispatch."""
 
 from __future__ import annotations
 
@@ -53,58 +23,59 @@ from collections.abc import (
     MutableMapping,
 )
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, cast
 
 import anyio
 import anyio.abc
 import httpx
 
-from .__version__ import __version__
-from ._models import ChatMessage, Usage
-from ._proxy_core import (
-    DEFAULT_ALLOWED_FIELDS,
-    DEFAULT_MAX_RESPONSE_HEAD_BYTES,
-    EventSplitter,
-    KeyRedactor,
-    OutputCaps,
-    ProxyRejection,
-    ResponseHeadTooLarge,
-    TokenBucket,
-    check_api_key,
+from ..__version__ import __version__
+from .._engine import DEFAULT_MAX_RESPONSE_HEAD_BYTES, ResponseHeadTooLarge
+from .._models import ChatMessage, Usage
+from .._sweep import Sweep
+from .._tool_loop import DEFAULT_MAX_TURNS
+from ._admission import (
     check_host,
     check_origin,
     client_address,
-    error_body,
-    error_frame,
     first_forwarded,
-    is_identity,
-    is_json_answer,
-    is_length_framed,
     is_trusted,
-    outgoing_body,
     parse_allowed_hosts,
+    parse_networks,
+)
+from ._body import (
+    DEFAULT_ALLOWED_FIELDS,
+    OutputCaps,
+    outgoing_body,
     parse_body,
     parse_content_type,
-    parse_networks,
-    upstream_error_object,
     validate_body,
 )
-from ._proxy_resume import (
+from ._limits import RateLimiter, UsageLimiter
+from ._redact import KeyRedactor, check_api_key
+from ._resume import (
     DEFAULT_RESUME_TTL,
     InMemoryStreamBuffer,
     ResumableStream,
     StreamBuffer,
-    StreamInfo,
 )
-from ._proxy_sweep import Sweep
-from ._proxy_upstream import (
+from ._upstream import (
     Upstream,
     UpstreamResponse,
     default_upstream,
     httpx_head_size,
     is_h11_head_overflow,
 )
-from ._tool_loop import DEFAULT_MAX_TURNS
+from ._wire import (
+    EventSplitter,
+    ProxyRejection,
+    error_body,
+    error_frame,
+    is_identity,
+    is_json_answer,
+    is_length_framed,
+    upstream_error_object,
+)
 
 try:
     from starlette.exceptions import HTTPException
@@ -118,21 +89,10 @@ except ImportError as exc:  # pragma: no cover
     ) from exc
 
 if TYPE_CHECKING:
-    from ._proxy_record import TurnCollector
-    from .tools import ToolSet, ToolsTypes
+    from ..tools import ToolSet, ToolsTypes
+    from ._record import TurnCollector
 
-__all__ = [
-    "DEFAULT_ALLOWED_FIELDS",
-    "ChatProxy",
-    "CompletionRecord",
-    "InMemoryRateLimiter",
-    "InMemoryStreamBuffer",
-    "Outcome",
-    "RateLimiter",
-    "StreamBuffer",
-    "StreamInfo",
-    "UsageLimiter",
-]
+__all__ = ["ChatProxy", "CompletionRecord", "Outcome"]
 
 logger = logging.getLogger("tokenhub_stream.asgi")
 
@@ -157,58 +117,6 @@ _MAX_ERROR_BODY = 64 * 1024
 _KEEPALIVE = b": keep-alive\n\n"
 # On everything the proxy writes (issue #14): a browser never sniffs an answer into HTML.
 _NOSNIFF = (b"x-content-type-options", b"nosniff")
-
-
-@runtime_checkable
-class RateLimiter(Protocol):
-    """Check and record one request for `key` (a principal or a client address).
-
-    Return `None` to let the request through (and count it), or the number of seconds after
-    which the caller may retry; the proxy then answers 429 with that `Retry-After`.
-    """
-
-    async def acquire(self, key: str) -> float | None: ...
-
-
-@runtime_checkable
-class UsageLimiter(RateLimiter, Protocol):
-    """A `RateLimiter` that also counts tokens (a budget), such as `redis.RedisBudget`.
-
-    After each turn the upstream took on, the proxy calls `record(key, usage)` with the key
-    `acquire` was called with: the upstream's usage (the proxy asks streams for it), or,
-    when that did not arrive (a client that left early), an estimate
-    (`CompletionRecord.estimated_usage`). A failing `record` is logged and never breaks the
-    finished response.
-    """
-
-    async def record(self, key: str, usage: Usage) -> None: ...
-
-
-class InMemoryRateLimiter:
-    """A token bucket per key, in this process's memory.
-
-    ```python
-    limiter = InMemoryRateLimiter(rate=1 / 6, burst=10)  # 10 at once, then 10 a minute
-    proxy = ChatProxy(api_key=key, base_url=url, rate_limiter=limiter)
-    ```
-
-    Args:
-        rate: tokens added per second.
-        burst: bucket size, the requests allowed at once.
-        max_keys: buckets kept; the least recently used is forgotten first.
-
-    Raises:
-        ValueError: a non-positive rate, burst or max_keys.
-    """
-
-    def __init__(self, rate: float = 1.0, burst: int = 10, *, max_keys: int = 100_000) -> None:
-        self._bucket = TokenBucket(rate, burst, max_keys)
-
-    def __repr__(self) -> str:
-        return f"InMemoryRateLimiter(rate={self._bucket.rate!r}, burst={self._bucket.burst!r})"
-
-    async def acquire(self, key: str) -> float | None:
-        return self._bucket.take(key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,7 +339,7 @@ class ChatProxy:
         max_resumes_per_principal: int = DEFAULT_MAX_RESUMES_PER_PRINCIPAL,
         resume_ttl: float = DEFAULT_RESUME_TTL,
     ) -> None:
-        from . import _config
+        from .. import _config
 
         if api_key is not None and (not isinstance(api_key, str) or not api_key):
             raise ValueError("api_key must be a non-empty string, or None for no key")
@@ -475,7 +383,7 @@ class ChatProxy:
             raise ValueError("max_resumes_per_principal must be a positive integer")
         tool_set: ToolSet | None = None
         if tools is not None:
-            from .tools import ToolSet
+            from ..tools import ToolSet
 
             tool_set = ToolSet.coerce(tools)
             if not tool_set:
@@ -661,7 +569,7 @@ class ChatProxy:
             if path.rstrip("/") == "/models":
                 await self._models(scope, send)
             elif path.startswith("/streams/"):
-                from ._proxy_resume import serve_resume
+                from ._resume import serve_resume
 
                 await serve_resume(self, scope, receive, send, path[len("/streams/") :])
             else:
@@ -734,14 +642,14 @@ class ChatProxy:
             return
         request_body, stream = prepared
         if self.on_complete is not None or self._usage_limiter() is not None:
-            from ._proxy_record import TurnCollector
+            from ._record import TurnCollector
 
             # The tool loop hands over its answer as one chat.completion object.
             turn.collector = TurnCollector(
                 stream=stream and self.tools is None, request_bytes=len(request_body)
             )
         if stream and self.stream_buffer is not None:
-            from ._proxy_resume import owner_of, wants_resumable
+            from ._resume import owner_of, wants_resumable
 
             headers = _headers(scope)
             if wants_resumable(headers):
@@ -758,7 +666,7 @@ class ChatProxy:
                 else:
                     await self._forward(request_body, stream, receive, send, turn)
             else:
-                from ._proxy_tools import ToolExchange
+                from ._tools import ToolExchange
 
                 exchange = ToolExchange(self, request_body, stream)
                 await self._race(exchange.run, receive, send, turn)
@@ -787,7 +695,7 @@ class ChatProxy:
             max_tokens_cap=self.max_tokens_cap,
         )
         if self.tools is not None:
-            from ._proxy_tools import reject_tool_fields
+            from ._tools import reject_tool_fields
 
             reject_tool_fields(body)  # the browser's own body, before on_request
         if self.on_request is not None:
@@ -1530,7 +1438,7 @@ class _ClosesNow(Protocol):
 
 def _is_native(upstream: Upstream | None) -> bool:
     # Imported only if default_upstream chose it (it needs httptools).
-    native = sys.modules.get(f"{__package__}._proxy_http")
+    native = sys.modules.get("tokenhub_stream._engine._http")
     return native is not None and isinstance(upstream, native.HttpUpstream)
 
 

@@ -35,19 +35,20 @@ from typing import TYPE_CHECKING, Literal
 import anyio.abc
 import httpx
 
-from ._async_client import AsyncClient
-from ._base import Call, is_event_stream
-from ._config import Timeout
-from ._exceptions import APIError, ProtocolError, StreamTimeout, TokenHubError, TransportError
-from ._models import ContentDelta, ReasoningDelta, Usage
-from ._proxy_core import ProxyRejection, ResponseHeadTooLarge, upstream_error_object
-from ._proxy_record import add_usage, estimate_usage
-from ._proxy_upstream import httpx_head_size, is_h11_head_overflow
-from ._tool_loop import arun_tools
-from .tools import MaxTurnsExceeded, ToolCallStarted, ToolResult, ToolSet, TurnFinished
+from .._async_client import AsyncClient
+from .._base import Call, is_event_stream
+from .._config import Timeout
+from .._engine import ResponseHeadTooLarge
+from .._exceptions import APIError, ProtocolError, StreamTimeout, TokenHubError, TransportError
+from .._models import ContentDelta, ReasoningDelta, Usage
+from .._tool_loop import arun_tools
+from ..tools import MaxTurnsExceeded, ToolCallStarted, ToolResult, ToolSet, TurnFinished
+from ._record import add_usage, estimate_usage
+from ._upstream import httpx_head_size, is_h11_head_overflow
+from ._wire import ProxyRejection, upstream_error_object
 
 if TYPE_CHECKING:
-    from .asgi import ChatProxy, Send, _Turn
+    from ._proxy import ChatProxy, Send, _Turn
 
 __all__ = ["ToolExchange", "reject_tool_fields"]
 

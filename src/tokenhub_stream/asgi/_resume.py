@@ -26,15 +26,11 @@ from urllib.parse import parse_qs
 import anyio
 import anyio.abc
 
-from ._proxy_core import (
-    _BOUNDARY,
-    ProxyRejection,
-    check_origin,
-    error_frame,
-)
+from ._admission import check_origin
+from ._wire import EVENT_BOUNDARY, ProxyRejection, error_frame
 
 if TYPE_CHECKING:
-    from .asgi import ChatProxy, Receive, Scope, Send, _Turn
+    from ._proxy import ChatProxy, Receive, Scope, Send, _Turn
 
 __all__ = ["InMemoryStreamBuffer", "StreamBuffer", "StreamInfo"]
 
@@ -327,7 +323,7 @@ def tag_events(data: bytes, next_id: int) -> list[tuple[int, bytes]]:
     """
     out: list[tuple[int, bytes]] = []
     start = 0
-    for match in _BOUNDARY.finditer(data):
+    for match in EVENT_BOUNDARY.finditer(data):
         end = match.end()
         # The boundary is the last field line's terminator, then the blank line.
         blank = end - 2 if data[end - 2 : end] == b"\r\n" else end - 1
@@ -445,7 +441,7 @@ def wants_resumable(headers: dict[str, str]) -> bool:
 
 def owner_of(proxy: ChatProxy, principal: object, scope: Scope, headers: dict[str, str]) -> str:
     """Who a stream belongs to: the `authorize` principal, else the client's address."""
-    from .asgi import _peer
+    from ._proxy import _peer
 
     return proxy._client_key(principal, _peer(scope), headers)
 
@@ -489,7 +485,7 @@ async def _resume(
 ) -> None:
     from starlette.requests import Request
 
-    from .asgi import _headers, _peer, _send_error, _Turn
+    from ._proxy import _headers, _peer, _send_error, _Turn
 
     turn = _Turn()
     after = 0
@@ -639,7 +635,7 @@ async def _stop(
     turn: _Turn,
 ) -> None:
     """`DELETE <mount>/streams/{id}`: the user stopped the answer; close its upstream."""
-    from .asgi import _send_simple
+    from ._proxy import _send_simple
 
     live = proxy._live_streams.get(stream_id)
     if live is not None and _SAFE_EQUAL(live.owner.encode(), owner.encode()):

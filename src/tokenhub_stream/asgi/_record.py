@@ -12,12 +12,12 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from ._chunks import ChunkParser, content_text
-from ._exceptions import APIError
-from ._models import ChatMessage, ToolCall, Usage
+from .._chunks import ChunkParser, content_text
+from .._exceptions import APIError
+from .._models import ChatMessage, ToolCall, Usage
 
 if TYPE_CHECKING:
-    from .asgi import CompletionRecord, Outcome
+    from ._proxy import CompletionRecord, Outcome
 
 __all__ = ["TurnCollector", "add_usage", "estimate_usage"]
 
@@ -150,7 +150,7 @@ class TurnCollector:
         duration: float,
         bytes_sent: int,
     ) -> CompletionRecord:
-        from .asgi import CompletionRecord
+        from ._proxy import CompletionRecord
 
         parser = self._parser
         if parser is not None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
-from ._proxy_core import DEFAULT_MAX_RESPONSE_HEAD_BYTES, ResponseHeadTooLarge
+from .._engine import DEFAULT_MAX_RESPONSE_HEAD_BYTES, ResponseHeadTooLarge
 
 if TYPE_CHECKING:
     import aiohttp
@@ -76,7 +76,7 @@ def default_upstream(
     except RuntimeError:  # not on asyncio (trio)
         return None
     if importlib.util.find_spec("httptools") is not None:
-        from ._proxy_http import HttpUpstream
+        from .._engine._http import HttpUpstream
 
         return HttpUpstream(max_connections, timeout, max_head_bytes)
     return AiohttpUpstream.create(max_connections, timeout, max_head_bytes)

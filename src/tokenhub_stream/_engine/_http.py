@@ -52,8 +52,8 @@ from urllib.parse import urlsplit
 import httptools
 import httpx
 
-from ._proxy_core import DEFAULT_MAX_RESPONSE_HEAD_BYTES, ResponseHeadTooLarge
-from ._proxy_sweep import Sweep
+from .._sweep import Sweep
+from ._errors import DEFAULT_MAX_RESPONSE_HEAD_BYTES, ResponseHeadTooLarge
 
 __all__ = ["HttpResponse", "HttpUpstream"]
 
