@@ -27,20 +27,9 @@ GENERATED = {"_sync_client.py", "tools/_loop_sync.py"}
 KNOWN: set[str] = {
     "circle: tokenhub_stream._async_client -> tokenhub_stream._tool_loop",
     "circle: tokenhub_stream._sync_client -> tokenhub_stream._tool_loop",
-    "circle: tokenhub_stream.asgi._proxy -> tokenhub_stream.asgi._record",
-    "circle: tokenhub_stream.asgi._proxy -> tokenhub_stream.asgi._resume",
-    "circle: tokenhub_stream.asgi._proxy -> tokenhub_stream.asgi._tools",
-    "circle: tokenhub_stream.asgi._record -> tokenhub_stream.asgi._tools",
     "circle: tokenhub_stream.store._recorder -> tokenhub_stream.store._store",
-    "size: asgi/_proxy.py",
     "size: testing.py",
     "size: _chunks.py",
-    "private: tokenhub_stream.asgi._resume <- tokenhub_stream.asgi._proxy._Turn",
-    "private: tokenhub_stream.asgi._resume <- tokenhub_stream.asgi._proxy._headers",
-    "private: tokenhub_stream.asgi._resume <- tokenhub_stream.asgi._proxy._peer",
-    "private: tokenhub_stream.asgi._resume <- tokenhub_stream.asgi._proxy._send_error",
-    "private: tokenhub_stream.asgi._resume <- tokenhub_stream.asgi._proxy._send_simple",
-    "private: tokenhub_stream.asgi._tools <- tokenhub_stream.asgi._proxy._Turn",
 }
 
 

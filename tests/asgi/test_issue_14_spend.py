@@ -527,6 +527,18 @@ async def test_issue_14_redacts_key_split_across_two_events(
     assert text.endswith(" end")
 
 
+@pytest.mark.parametrize("cut", [16, 20, 24])
+def test_issue_14_redacts_split_key_in_one_write(cut: int) -> None:
+    # The two events of a cut key can reach the relay in one read (they were written
+    # together, or the proxy was busy): the rest is taken out of the same write.
+    from tokenhub_stream.asgi._redact import KeyRedactor
+
+    write = frame("key: " + KEY[:cut]) + frame(KEY[cut:].upper() + " end")
+    for redact in (KeyRedactor(KEY), KeyRedactor(KEY).stream().feed):
+        text = text_of(redact(write))
+        assert text == "key: [redacted][redacted] end", text
+
+
 async def test_issue_14_redacts_split_key_through_uvicorn() -> None:
     # The same through a real upstream, so the relay on the proxy's own HTTP client runs.
     upstream = FakeChatUpstream(api_key=KEY, delay=0.001)

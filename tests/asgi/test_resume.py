@@ -22,7 +22,7 @@ from tokenhub_stream.asgi import (
     InMemoryStreamBuffer,
     StreamBuffer,
 )
-from tokenhub_stream.asgi._resume import tag_events
+from tokenhub_stream.asgi._buffers import tag_events
 from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, Script
 
 from .conftest import KEY, assert_no_key, serve, text_of

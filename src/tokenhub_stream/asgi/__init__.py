@@ -41,6 +41,7 @@ except ImportError as exc:  # pragma: no cover
 
 from .._engine import DEFAULT_MAX_RESPONSE_HEAD_BYTES
 from ._body import DEFAULT_ALLOWED_FIELDS
+from ._buffers import DEFAULT_RESUME_TTL, InMemoryStreamBuffer, StreamBuffer, StreamInfo
 from ._limits import InMemoryRateLimiter, RateLimiter, UsageLimiter
 from ._proxy import (
     DEFAULT_FINISH_TIMEOUT,
@@ -52,10 +53,8 @@ from ._proxy import (
     DEFAULT_PROXY_TIMEOUT,
     DEFAULT_TOTAL_TIMEOUT,
     ChatProxy,
-    CompletionRecord,
-    Outcome,
 )
-from ._resume import DEFAULT_RESUME_TTL, InMemoryStreamBuffer, StreamBuffer, StreamInfo
+from ._record import CompletionRecord, TurnOutcome
 
 __all__ = [
     "DEFAULT_ALLOWED_FIELDS",
@@ -73,10 +72,10 @@ __all__ = [
     "CompletionRecord",
     "InMemoryRateLimiter",
     "InMemoryStreamBuffer",
-    "Outcome",
     "RateLimiter",
     "StreamBuffer",
     "StreamInfo",
+    "TurnOutcome",
     "UsageLimiter",
 ]
 
@@ -85,3 +84,18 @@ for _name in __all__:  # shown as tokenhub_stream.asgi.X (reprs, docs), as httpx
     if isinstance(_value, type):
         _value.__module__ = __name__
 del _name, _value
+
+
+def __getattr__(name: str) -> object:
+    # 0.x: `Outcome` was renamed `TurnOutcome` (it clashed with `tokenhub_stream.Outcome`,
+    # the client's dataclass); the old name stays for one release.
+    if name == "Outcome":
+        import warnings
+
+        warnings.warn(
+            "tokenhub_stream.asgi.Outcome is deprecated: use tokenhub_stream.asgi.TurnOutcome",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return TurnOutcome
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -171,19 +171,34 @@ class KeyRedactor:
                 end, j = end + n, j + 1
             spans.append((start, end))
             pending = j if j < len(key) else 0
+            if pending:
+                # The rest of a cut key may follow in this same write (two events that
+                # arrived together): look for it here before the next writes.
+                rest = self._rest_pattern(pending)
+                after = rest.search(data, end) if rest is not None else None
+                if after is not None:
+                    spans.append(after.span())
+                    pending = 0
         if not spans:
             return data, 0
         return _cut(data, spans), pending
 
-    def _rest(self, data: bytes, done: int) -> bytes | None:
-        # A write after one that ended with a run up to key[done]: take out the first
-        # key[done:] (a cut key's second piece). None: not in this write.
+    def _rest_pattern(self, done: int) -> re.Pattern[bytes] | None:
+        # The forms of key[done:] (a cut key's second piece); None when too short to tell.
         rest = self._key[done:]
         if len(rest) < _MIN_REST:
-            return data
+            return None
         pattern = self._rests.get(done)
         if pattern is None:
             pattern = self._rests[done] = re.compile(_forms(rest))
+        return pattern
+
+    def _rest(self, data: bytes, done: int) -> bytes | None:
+        # A write after one that ended with a run up to key[done]: take out the first
+        # key[done:] (a cut key's second piece). None: not in this write.
+        pattern = self._rest_pattern(done)
+        if pattern is None:
+            return data
         match = pattern.search(data)
         if match is None:
             return None

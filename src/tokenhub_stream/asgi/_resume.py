@@ -1,13 +1,13 @@
-"""Resumable streams for `ChatProxy`: event ids, the stream buffer, `GET <mount>/streams/{id}`.
+"""The resume route: `GET <mount>/streams/{id}` replays a resumable stream's events after
+`Last-Event-ID: n` (or `?last_event_id=n`) from its `StreamBuffer`, then tails the live
+rest until the stream's end marker, without a second upstream request. `DELETE` on the
+same path is the user's Stop: it closes the stream's upstream.
 
-Opt-in per request: a POST with `X-Resumable: 1` to a proxy built with `resumable=True`
-(or a `stream_buffer=`) gets an `X-Stream-Id` header, and every event the proxy forwards
-carries an `id:` line with its sequence number (1, 2, 3, ...). The tagged events go to a
-`StreamBuffer` before they are written to the client, so any id a client has seen is in
-the buffer. `GET <mount>/streams/{id}` with `Last-Event-ID: n` (or `?last_event_id=n`)
-replays the events after `n`, then tails the live rest until the stream's end marker.
+A resume is admitted like a chat (`Gate`: host, origin, `authorize`, the rate limiter),
+and at most `max_resumes_per_principal` run at once per principal in this process; a
+stream is served only to the principal (or client address) that started it.
 
-Plain requests are untouched: their bytes stay exactly the upstream's.
+Internal interface of `tokenhub_stream.asgi` (used by `_proxy.py`).
 """
 
 from __future__ import annotations
@@ -15,438 +15,236 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-import secrets
 import time
-from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Protocol
 from urllib.parse import parse_qs
 
-import anyio
-import anyio.abc
+from starlette.requests import Request
 
-from ._admission import check_origin
-from ._wire import EVENT_BOUNDARY, ProxyRejection, error_frame
+from ._admission import Gate
+from ._buffers import ResumableStream, StreamBuffer
+from ._relay import Relay
+from ._turn import Receive, Scope, Send, Turn, peer, request_headers, send_error, send_simple
+from ._wire import ProxyRejection, error_frame
 
-if TYPE_CHECKING:
-    from ._proxy import ChatProxy, Receive, Scope, Send, _Turn
-
-__all__ = ["InMemoryStreamBuffer", "StreamBuffer", "StreamInfo"]
+__all__: list[str] = []
 
 logger = logging.getLogger("tokenhub_stream.asgi")
 
-#: How long a finished stream's events stay resumable, in seconds.
-DEFAULT_RESUME_TTL = 300.0
 #: The request header that asks for a resumable stream.
 RESUMABLE_HEADER = "x-resumable"
 _STREAM_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 _MAX_EVENT_ID = 10**15
-#: `InMemoryStreamBuffer` defaults: at most about 1,000 x 256 KiB = 250 MiB per process.
-DEFAULT_MAX_STREAMS = 1000
-DEFAULT_MAX_STREAM_BYTES = 256 * 1024
-DEFAULT_MAX_STREAMS_PER_OWNER = 16
-# What one kept event costs beyond its bytes: the tuple, the bytes and int objects' headers,
-# the deque slot (measured with tracemalloc: about 130 bytes for a 170-byte event).
-_EVENT_OVERHEAD = 128
 # A stream id, and the owner it belongs to, are never compared in variable time.
 _SAFE_EQUAL = hmac.compare_digest
 
 
-@dataclass(frozen=True, slots=True)
-class StreamInfo:
-    """What a `StreamBuffer` knows of one stream.
-
-    `first_id` is the lowest event id still kept (ids start at 1; a buffer that trimmed the
-    oldest events of a long stream reports a higher one), `last_id` the highest appended
-    (0 before the first), `ended` whether the end marker was written.
-    """
-
-    owner: str
-    first_id: int
-    last_id: int
-    ended: bool
+def wants_resumable(headers: Mapping[str, str]) -> bool:
+    """Whether a chat request asks for a resumable stream (`X-Resumable: 1`)."""
+    return headers.get(RESUMABLE_HEADER, "").strip().lower() in ("1", "true", "yes")
 
 
-@runtime_checkable
-class StreamBuffer(Protocol):
-    """Where `ChatProxy` keeps the events of resumable streams.
+class ResumeSettings(Protocol):
+    """The proxy settings the route reads on every request."""
 
-    The proxy calls `create` once when a resumable stream starts, `append` with the tagged
-    events of each upstream chunk (ids consecutive, in order) before it writes them to the
-    client, and `end` once when the stream is over (also when it failed or was cut), after
-    which the stream may be forgotten `ttl` seconds later. `read` serves a resume.
-
-    ```python
-    proxy = ChatProxy(api_key=key, base_url=url, stream_buffer=InMemoryStreamBuffer())
-    ```
-
-    Implementations: `InMemoryStreamBuffer` (one process) and
-    `tokenhub_stream.redis.RedisStreamBuffer` (Redis Streams, shared by every process).
-    """
-
-    async def create(self, stream_id: str, owner: str) -> None:
-        """Register a new, live stream belonging to `owner`."""
-        ...
-
-    async def append(self, stream_id: str, events: Sequence[tuple[int, bytes]]) -> None:
-        """Keep `events` (`(id, bytes)` pairs, ids consecutive) and wake the readers."""
-        ...
-
-    async def end(self, stream_id: str, ttl: float) -> None:
-        """Write the end marker; the stream may be forgotten `ttl` seconds from now."""
-        ...
-
-    async def info(self, stream_id: str) -> StreamInfo | None:
-        """The stream's owner and ids, or `None` if it is unknown or expired."""
-        ...
-
-    def read(self, stream_id: str, after: int, *, idle: float) -> AsyncIterator[tuple[int, bytes]]:
-        """Yield the events with an id above `after`, then the live ones, until the end marker.
-
-        Raises `LookupError` if the stream disappears meanwhile (expired, evicted), and
-        `TimeoutError` if the stream is live but nothing arrived for `idle` seconds.
-        """
-        ...
+    stream_buffer: StreamBuffer | None
+    max_resumes_per_principal: int
 
 
-# --- in memory -------------------------------------------------------------------------------
+class ResumeRoute:
+    """`GET` and `DELETE <mount>/streams/{id}` of one proxy."""
 
-
-class _MemoryStream:
-    __slots__ = ("changed", "ended", "events", "expires", "first_id", "last_id", "owner", "size")
-
-    def __init__(self, owner: str) -> None:
-        self.owner = owner
-        self.events: deque[tuple[int, bytes]] = deque()
-        self.size = 0
-        self.first_id = 1
-        self.last_id = 0
-        self.ended = False
-        self.expires: float | None = None
-        self.changed: anyio.Event | None = None
-
-    def wake(self) -> None:
-        changed, self.changed = self.changed, None
-        if changed is not None:
-            changed.set()
-
-
-class StreamBufferFull(RuntimeError):
-    """Raised by `InMemoryStreamBuffer.create` when every kept stream is another owner's, live.
-
-    The proxy then relays the stream without `X-Stream-Id` (not resumable), as for any
-    buffer that fails to create one.
-    """
-
-
-class InMemoryStreamBuffer:
-    """Resumable streams in this process's memory: the default of `ChatProxy(resumable=True)`.
-
-    ```python
-    proxy = ChatProxy(api_key=key, base_url=url,
-                      stream_buffer=InMemoryStreamBuffer(max_streams=500))
-    ```
-
-    Bounded, and one owner cannot push out another's streams:
-
-    - at most `max_streams_per_owner` streams per owner (the `authorize` principal, else
-      the client address); a new one beyond that forgets the owner's own oldest stream
-      (a finished one first);
-    - at most `max_streams` in all; a new one beyond that forgets the stream that finished
-      first, else the owner's own oldest. A live stream is never forgotten for another
-      owner's new one: when every kept stream is live and someone else's, `create` raises
-      a `RuntimeError` and the proxy relays the new stream without `X-Stream-Id`;
-    - at most `max_stream_bytes` per stream, counting 128 bytes of bookkeeping per event
-      (its oldest events are dropped first; a resume from before them gets 410).
-
-    So the buffer holds at most about `max_streams` x `max_stream_bytes` per process: 250 MiB
-    with the defaults (1,000 x 256 KiB), 4 MiB per owner. Finished streams are forgotten
-    after the proxy's `resume_ttl`. One process only: a resume must reach the worker that
-    ran the stream; use `RedisStreamBuffer` behind several workers.
-
-    Args:
-        max_streams: streams kept at once.
-        max_stream_bytes: bytes of events kept per stream.
-        max_streams_per_owner: streams kept at once per owner.
-
-    Raises:
-        ValueError: a non-positive bound.
-    """
+    __slots__ = ("_gate", "_idle", "_live", "_relay", "_settings", "resumes")
 
     def __init__(
         self,
         *,
-        max_streams: int = DEFAULT_MAX_STREAMS,
-        max_stream_bytes: int = DEFAULT_MAX_STREAM_BYTES,
-        max_streams_per_owner: int = DEFAULT_MAX_STREAMS_PER_OWNER,
+        settings: ResumeSettings,
+        gate: Gate,
+        relay: Relay,
+        live_streams: dict[str, ResumableStream],
+        idle: float,
     ) -> None:
-        if max_streams < 1 or max_stream_bytes < 1 or max_streams_per_owner < 1:
-            raise ValueError(
-                "max_streams, max_stream_bytes and max_streams_per_owner must be positive"
-            )
-        self.max_streams = max_streams
-        self.max_stream_bytes = max_stream_bytes
-        self.max_streams_per_owner = max_streams_per_owner
-        self._streams: OrderedDict[str, _MemoryStream] = OrderedDict()
-        # Per owner, their streams' ids, oldest first; and every finished stream, in the
-        # order they finished: what may be forgotten for someone else's new stream.
-        self._owned: dict[str, OrderedDict[str, None]] = {}
-        self._finished: OrderedDict[str, None] = OrderedDict()
-        self._swept = 0.0
+        self._settings = settings
+        self._gate = gate
+        self._relay = relay
+        self._live = live_streams  # streams relayed by this process, for DELETE
+        self._idle = idle  # how long a tail waits for the live stream's next event
+        # Resumes being served per owner (the max_resumes_per_principal cap).
+        self.resumes: dict[str, int] = {}
 
-    def __repr__(self) -> str:
-        return (
-            f"InMemoryStreamBuffer(max_streams={self.max_streams!r}, "
-            f"max_stream_bytes={self.max_stream_bytes!r}, "
-            f"max_streams_per_owner={self.max_streams_per_owner!r}, "
-            f"streams={len(self._streams)})"
-        )
+    async def serve(self, scope: Scope, receive: Receive, send: Send, stream_id: str) -> None:
+        """Answer `GET`/`DELETE <mount>/streams/{stream_id}`."""
+        held: list[str] = []  # the owner whose resume slot this request took, if it took one
+        try:
+            await self._serve(scope, receive, send, stream_id, held)
+        finally:
+            for owner in held:
+                left = self.resumes.pop(owner) - 1
+                if left:
+                    self.resumes[owner] = left
 
-    def __len__(self) -> int:
-        self._sweep(force=True)
-        return len(self._streams)
-
-    def _sweep(self, *, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._swept < 1.0:
-            return
-        self._swept = now
-        gone = [k for k, s in self._streams.items() if s.expires is not None and s.expires <= now]
-        for key in gone:
-            self._forget(key)
-
-    def _forget(self, stream_id: str) -> None:
-        stream = self._streams.pop(stream_id)
-        owned = self._owned.get(stream.owner)
-        if owned is not None:
-            owned.pop(stream_id, None)
-            if not owned:
-                del self._owned[stream.owner]
-        self._finished.pop(stream_id, None)
-        stream.wake()
-
-    def _get(self, stream_id: str) -> _MemoryStream | None:
-        stream = self._streams.get(stream_id)
-        if stream is not None and stream.expires is not None and stream.expires <= time.monotonic():
-            self._forget(stream_id)
-            return None
-        return stream
-
-    def _own_oldest(self, owned: OrderedDict[str, None]) -> str:
-        # The owner's oldest finished stream, else their oldest.
-        return next((k for k in owned if k in self._finished), next(iter(owned)))
-
-    async def create(self, stream_id: str, owner: str) -> None:
-        self._sweep()
-        if stream_id in self._streams:
-            self._forget(stream_id)
-        owned = self._owned.get(owner)
-        if owned is not None and len(owned) >= self.max_streams_per_owner:
-            self._forget(self._own_oldest(owned))
-        if len(self._streams) >= self.max_streams:
-            # Full: the first stream to finish goes, else the owner's own oldest; another
-            # owner's live stream never does.
-            if self._finished:
-                self._forget(next(iter(self._finished)))
-            elif owned:
-                self._forget(self._own_oldest(owned))
-            else:
-                raise StreamBufferFull("every kept stream is live and another owner's")
-        self._streams[stream_id] = _MemoryStream(owner)
-        self._owned.setdefault(owner, OrderedDict())[stream_id] = None
-
-    async def append(self, stream_id: str, events: Sequence[tuple[int, bytes]]) -> None:
-        stream = self._get(stream_id)
-        if stream is None or stream.ended:
-            return
-        for event_id, data in events:
-            stream.events.append((event_id, data))
-            stream.size += len(data) + _EVENT_OVERHEAD
-            stream.last_id = event_id
-        while stream.size > self.max_stream_bytes and len(stream.events) > 1:
-            _, dropped = stream.events.popleft()
-            stream.size -= len(dropped) + _EVENT_OVERHEAD
-            stream.first_id = stream.events[0][0]
-        stream.wake()
-
-    async def end(self, stream_id: str, ttl: float) -> None:
-        stream = self._get(stream_id)
-        if stream is None:
-            return
-        stream.ended = True
-        stream.expires = time.monotonic() + ttl
-        self._finished[stream_id] = None
-        stream.wake()
-
-    async def info(self, stream_id: str) -> StreamInfo | None:
-        stream = self._get(stream_id)
-        if stream is None:
-            return None
-        return StreamInfo(stream.owner, stream.first_id, stream.last_id, stream.ended)
-
-    async def read(
-        self, stream_id: str, after: int, *, idle: float
-    ) -> AsyncIterator[tuple[int, bytes]]:
-        cursor = after
-        while True:
-            stream = self._get(stream_id)
-            if stream is None or self._streams.get(stream_id) is not stream:
-                raise LookupError("the stream expired")
-            # Events are consecutive: the one after `cursor` sits at a known offset.
-            start = max(0, cursor + 1 - stream.first_id)
-            batch = [stream.events[i] for i in range(start, len(stream.events))]
-            for event in batch:
-                yield event
-                cursor = event[0]
-            if batch:
-                continue  # the reader may have been slow: look again before waiting
-            if stream.ended:
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, stream_id: str, held: list[str]
+    ) -> None:
+        turn = Turn()
+        after = 0
+        gate = self._gate
+        try:
+            buffer = self._settings.stream_buffer
+            headers = request_headers(scope)
+            address = peer(scope)
+            own_host = gate.own_host(headers, address)  # 400 for a host not in allowed_hosts
+            if scope["method"] not in ("GET", "DELETE"):
+                raise ProxyRejection(
+                    405,
+                    "Method not allowed.",
+                    code="method_not_allowed",
+                    headers={"allow": "GET, DELETE"},
+                )
+            if buffer is None or _STREAM_ID.fullmatch(stream_id) is None:
+                raise _not_found()
+            gate.check_origin(headers, own_host)
+            if scope["method"] == "DELETE":
+                # Stop saves spend, so it is never rate limited: `authorize` only.
+                turn.principal = await gate.authorize(Request(scope))
+                owner = gate.client_key(turn.principal, address, headers)
+                await self._stop(buffer, stream_id, owner, send, turn)
+                _log(turn, stream_id, after, 0, "stopped")
                 return
-            if stream.changed is None:
-                stream.changed = anyio.Event()
-            changed = stream.changed
-            with anyio.move_on_after(idle) as waited:
-                await changed.wait()
-            if waited.cancelled_caught:
-                raise TimeoutError("the stream went silent")
-
-
-# --- tagging the live stream -----------------------------------------------------------------
-
-
-def tag_events(data: bytes, next_id: int) -> list[tuple[int, bytes]]:
-    """Split `data` (whole events, as `EventSplitter` hands them out) and give each an `id:`.
-
-    The `id:` line goes just before the blank line that ends the event, so it belongs to
-    the event whatever lines precede it; the event's own bytes are kept as they are.
-    """
-    out: list[tuple[int, bytes]] = []
-    start = 0
-    for match in EVENT_BOUNDARY.finditer(data):
-        end = match.end()
-        # The boundary is the last field line's terminator, then the blank line.
-        blank = end - 2 if data[end - 2 : end] == b"\r\n" else end - 1
-        event = data[start:blank] + b"id: %d\n" % next_id + data[blank:end]
-        out.append((next_id, event))
-        next_id += 1
-        start = end
-    if start < len(data):
-        # The upstream's unfinished last bytes at EOF: kept as they are (a client drops an
-        # unfinished event), under an id of their own so a resume replays them too.
-        out.append((next_id, data[start:]))
-    return out
-
-
-class ResumableStream:
-    """One resumable stream while the proxy relays it (created per request)."""
-
-    __slots__ = (
-        "_buffer",
-        "_complete",
-        "_ended",
-        "_next",
-        "_opened",
-        "_registry",
-        "_scope",
-        "_ttl",
-        "_turn",
-        "announced",
-        "owner",
-        "stream_id",
-    )
-
-    def __init__(self, buffer: StreamBuffer, owner: str, ttl: float) -> None:
-        self._buffer = buffer
-        self._ttl = ttl
-        self.owner = owner
-        self.stream_id = secrets.token_urlsafe(18)  # 144 random bits, 24 characters
-        self._next = 1
-        self._opened = False
-        self._complete = False
-        self._ended = False
-        # The client got X-Stream-Id and an event: from now on a gone client means "finish".
-        self.announced = False
-        self._turn: _Turn | None = None
-        self._scope: anyio.CancelScope | None = None
-        self._registry: dict[str, ResumableStream] | None = None
-
-    def announce(
-        self, turn: _Turn, scope: anyio.CancelScope, registry: dict[str, ResumableStream]
-    ) -> None:
-        """The response with X-Stream-Id has started: `DELETE` may stop it from now on."""
-        self._turn, self._scope, self._registry = turn, scope, registry
-        registry[self.stream_id] = self
-
-    def stop(self) -> None:
-        """Stop this stream's upstream now (`DELETE <mount>/streams/{id}`: the user's Stop)."""
-        turn, scope = self._turn, self._scope
-        if turn is not None and turn.outcome == "completed":
-            turn.outcome = "client_disconnect"
-        if scope is not None:
-            scope.cancel()
-
-    async def open(self) -> bool:
-        try:
-            await self._buffer.create(self.stream_id, self.owner)
-        except Exception as exc:
-            # The stream still flows, just not resumable (no X-Stream-Id tells the client).
-            logger.warning("stream buffer failed to create a stream: %s", type(exc).__name__)
-            return False
-        self._opened = True
-        return True
-
-    async def tag(self, data: bytes) -> bytes:
-        events = tag_events(data, self._next)
-        if not events:
-            return data
-        # Before its first event a gone client has nothing to resume (and an Escape while
-        # waiting cannot know the id yet): the usual on_disconnect policy applies until here.
-        self.announced = self._turn is not None
-        self._next = events[-1][0] + 1
-        if self._opened:
+            # A resume costs the server what a chat's stream does (a task, a buffer reader,
+            # on Redis a blocking read): the same admission as a chat, and a cap per owner.
+            await gate.admit(Request(scope), turn, headers, address)
+            owner = gate.client_key(turn.principal, address, headers)
+            after = _last_event_id(scope, headers)
+            count = self.resumes.get(owner, 0)
+            if count >= self._settings.max_resumes_per_principal:
+                raise ProxyRejection(
+                    429,
+                    "Too many resumes at once: finish one first.",
+                    code="too_many_resumes",
+                    headers={"retry-after": "1"},
+                )
+            self.resumes[owner] = count + 1
+            held.append(owner)
             try:
-                await self._buffer.append(self.stream_id, events)
+                info = await buffer.info(stream_id)
             except Exception as exc:
-                self._opened = False  # later resumes get a gap (410), never wrong text
-                logger.warning("stream buffer failed to append: %s", type(exc).__name__)
-        return b"".join(event for _, event in events)
-
-    def mark_complete(self) -> None:
-        """The relay ended the stream itself ([DONE], a bare close or an error frame)."""
-        self._complete = True
-
-    async def close(self) -> None:
-        """Write the end marker (once); a stream cut short first gets an error frame."""
-        if self._registry is not None:
-            self._registry.pop(self.stream_id, None)
-        if self._ended or not self._opened:
+                logger.warning("stream buffer failed: %s", type(exc).__name__)
+                raise ProxyRejection(
+                    503, "The stream buffer is unavailable.", code="stream_buffer_unavailable"
+                ) from None
+            if info is None or not _SAFE_EQUAL(info.owner.encode(), owner.encode()):
+                raise _not_found()
+            if after > info.last_id:
+                raise ProxyRejection(
+                    400, "Last-Event-ID is ahead of the stream.", code="invalid_last_event_id"
+                )
+            if after + 1 < info.first_id:
+                raise ProxyRejection(
+                    410,
+                    "The events after that id are no longer kept.",
+                    code="stream_events_expired",
+                )
+        except ProxyRejection as rejection:
+            turn.status = rejection.status
+            await send_error(send, rejection, turn.request_id)
+            _log(turn, stream_id, after, 0, "rejected")
             return
-        self._ended = True
+        except Exception:
+            logger.exception("resume failed request_id=%s", turn.request_id)
+            turn.status = 500
+            failure = ProxyRejection(500, "The proxy failed.", code="internal_error")
+            await send_error(send, failure, turn.request_id)
+            _log(turn, stream_id, after, 0, "rejected")
+            return
+        tail = _Tail(self._relay, buffer, stream_id, after, self._idle)
+        await self._relay.race(turn, tail.run(send, turn), receive, send, _leave_now)
+        outcome = tail.outcome
+        if turn.client_gone:
+            outcome = "client_disconnect"
+        elif turn.expired:
+            outcome = "timeout"
+        _log(turn, stream_id, after, tail.sent, outcome)
+
+    async def _stop(
+        self, buffer: StreamBuffer, stream_id: str, owner: str, send: Send, turn: Turn
+    ) -> None:
+        """`DELETE <mount>/streams/{id}`: the user stopped the answer; close its upstream."""
+        live = self._live.get(stream_id)
+        if live is not None and _SAFE_EQUAL(live.owner.encode(), owner.encode()):
+            live.stop()
+            turn.status = 204
+            await send_simple(send, 204, b"", [(b"x-request-id", turn.request_id.encode())])
+            return
         try:
-            if not self._complete:
-                frame = error_frame("The answer was interrupted.", code="stream_interrupted")
-                await self.tag(frame)
-            await self._buffer.end(self.stream_id, self._ttl)
+            info = await buffer.info(stream_id)
         except Exception as exc:
-            logger.warning("stream buffer failed to end a stream: %s", type(exc).__name__)
+            logger.warning("stream buffer failed: %s", type(exc).__name__)
+            raise ProxyRejection(
+                503, "The stream buffer is unavailable.", code="stream_buffer_unavailable"
+            ) from None
+        if info is None or not _SAFE_EQUAL(info.owner.encode(), owner.encode()):
+            raise _not_found()
+        if not info.ended:
+            # Relayed by another process: only that one can close the upstream connection.
+            raise ProxyRejection(
+                409, "The stream runs in another process of this server.", code="stream_elsewhere"
+            )
+        turn.status = 204  # over already: nothing to stop
+        await send_simple(send, 204, b"", [(b"x-request-id", turn.request_id.encode())])
 
 
-# --- the request side ------------------------------------------------------------------------
+class _Tail:
+    """The resume's 200: the kept events after `after`, then the live rest, then the end."""
+
+    __slots__ = ("_after", "_buffer", "_idle", "_relay", "_stream_id", "outcome", "sent")
+
+    def __init__(
+        self, relay: Relay, buffer: StreamBuffer, stream_id: str, after: int, idle: float
+    ) -> None:
+        self._relay = relay
+        self._buffer = buffer
+        self._stream_id = stream_id
+        self._after = after
+        self._idle = idle
+        self.outcome = "completed"
+        self.sent = 0
+
+    async def run(self, send: Send, turn: Turn) -> None:
+        relay = self._relay
+        await relay.start(send, turn, ((b"x-stream-id", self._stream_id.encode()),))
+        expected = self._after + 1
+        ended_badly: tuple[str, str] | None = None
+        try:
+            reader = self._buffer.read(self._stream_id, self._after, idle=self._idle)
+            async for event_id, data in reader:
+                if event_id != expected:
+                    ended_badly = ("Events of this stream were lost.", "stream_events_expired")
+                    break
+                expected += 1
+                await relay.write(send, turn, data)
+                self.sent += 1
+        except LookupError:
+            ended_badly = ("The stream expired.", "stream_expired")
+        except TimeoutError:
+            ended_badly = ("The stream went silent.", "upstream_timeout")
+        except Exception as exc:
+            logger.warning("stream buffer failed: %s", type(exc).__name__)
+            ended_badly = ("The stream buffer failed.", "stream_buffer_unavailable")
+        if ended_badly is not None:
+            self.outcome = "upstream_error"
+            await relay.write(send, turn, error_frame(ended_badly[0], code=ended_badly[1]))
+        await relay.end(send, turn)
 
 
-def wants_resumable(headers: dict[str, str]) -> bool:
-    return headers.get(RESUMABLE_HEADER, "").strip().lower() in ("1", "true", "yes")
+def _leave_now(turn: Turn) -> float | None:
+    # A resume's reader left: only this reader stops; the stream itself runs on.
+    return None
 
 
-def owner_of(proxy: ChatProxy, principal: object, scope: Scope, headers: dict[str, str]) -> str:
-    """Who a stream belongs to: the `authorize` principal, else the client's address."""
-    from ._proxy import _peer
-
-    return proxy._client_key(principal, _peer(scope), headers)
-
-
-def _last_event_id(scope: Scope, headers: dict[str, str]) -> int:
+def _last_event_id(scope: Scope, headers: Mapping[str, str]) -> int:
     value = headers.get("last-event-id")
     if value is None:
         query = scope.get("query_string", b"")
@@ -466,210 +264,7 @@ def _not_found() -> ProxyRejection:
     return ProxyRejection(404, "No such stream.", code="stream_not_found")
 
 
-async def serve_resume(
-    proxy: ChatProxy, scope: Scope, receive: Receive, send: Send, stream_id: str
-) -> None:
-    """`GET <mount>/streams/{stream_id}`: replay after Last-Event-ID, then tail the live rest."""
-    held: list[str] = []  # the owner whose resume slot this request took, if it took one
-    try:
-        await _resume(proxy, scope, receive, send, stream_id, held)
-    finally:
-        for owner in held:
-            left = proxy._resumes.pop(owner) - 1
-            if left:
-                proxy._resumes[owner] = left
-
-
-async def _resume(
-    proxy: ChatProxy, scope: Scope, receive: Receive, send: Send, stream_id: str, held: list[str]
-) -> None:
-    from starlette.requests import Request
-
-    from ._proxy import _headers, _peer, _send_error, _Turn
-
-    turn = _Turn()
-    after = 0
-    try:
-        buffer = proxy.stream_buffer
-        headers = _headers(scope)
-        peer = _peer(scope)
-        own_host = proxy._own_host(headers, peer)  # 400 for a host not in allowed_hosts
-        if scope["method"] not in ("GET", "DELETE"):
-            raise ProxyRejection(
-                405,
-                "Method not allowed.",
-                code="method_not_allowed",
-                headers={"allow": "GET, DELETE"},
-            )
-        if buffer is None or _STREAM_ID.fullmatch(stream_id) is None:
-            raise _not_found()
-        check_origin(headers, own_host=own_host, allowed_origins=proxy.allowed_origins)
-        if scope["method"] == "DELETE":
-            # Stop saves spend, so it is never rate limited: `authorize` only.
-            turn.principal = await proxy._authorize(Request(scope))
-            owner = owner_of(proxy, turn.principal, scope, headers)
-            await _stop(proxy, buffer, stream_id, owner, send, turn)
-            _log(turn, stream_id, after, 0, "stopped")
-            return
-        # A resume costs the server what a chat's stream does (a task, a buffer reader, on
-        # Redis a blocking read): the same admission as a chat, and a cap per owner.
-        await proxy._admit(Request(scope), turn, headers, peer)
-        owner = owner_of(proxy, turn.principal, scope, headers)
-        after = _last_event_id(scope, headers)
-        count = proxy._resumes.get(owner, 0)
-        if count >= proxy.max_resumes_per_principal:
-            raise ProxyRejection(
-                429,
-                "Too many resumes at once: finish one first.",
-                code="too_many_resumes",
-                headers={"retry-after": "1"},
-            )
-        proxy._resumes[owner] = count + 1
-        held.append(owner)
-        try:
-            info = await buffer.info(stream_id)
-        except Exception as exc:
-            logger.warning("stream buffer failed: %s", type(exc).__name__)
-            raise ProxyRejection(
-                503, "The stream buffer is unavailable.", code="stream_buffer_unavailable"
-            ) from None
-        if info is None or not _SAFE_EQUAL(info.owner.encode(), owner.encode()):
-            raise _not_found()
-        if after > info.last_id:
-            raise ProxyRejection(
-                400, "Last-Event-ID is ahead of the stream.", code="invalid_last_event_id"
-            )
-        if after + 1 < info.first_id:
-            raise ProxyRejection(
-                410,
-                "The events after that id are no longer kept.",
-                code="stream_events_expired",
-            )
-    except ProxyRejection as rejection:
-        turn.status = rejection.status
-        await _send_error(send, rejection, turn.request_id)
-        _log(turn, stream_id, after, 0, "rejected")
-        return
-    except Exception:
-        logger.exception("resume failed request_id=%s", turn.request_id)
-        turn.status = 500
-        failure = ProxyRejection(500, "The proxy failed.", code="internal_error")
-        await _send_error(send, failure, turn.request_id)
-        _log(turn, stream_id, after, 0, "rejected")
-        return
-    await _tail(proxy, receive, send, turn, buffer, stream_id, after)
-
-
-async def _tail(
-    proxy: ChatProxy,
-    receive: Receive,
-    send: Send,
-    turn: _Turn,
-    buffer: StreamBuffer,
-    stream_id: str,
-    after: int,
-) -> None:
-    """The resume's 200: the kept events after `after`, then the live rest, then the end."""
-    outcome = "completed"
-    sent = 0
-    idle = (proxy._timeout.read or 120.0) + 10.0
-    turn.status = 200
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_watch, receive, tg.cancel_scope, turn)
-        try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/event-stream"),
-                        (b"cache-control", b"no-cache, no-transform"),
-                        (b"x-accel-buffering", b"no"),
-                        (b"x-content-type-options", b"nosniff"),
-                        (b"x-request-id", turn.request_id.encode()),
-                        (b"x-stream-id", stream_id.encode()),
-                    ],
-                }
-            )
-            turn.last_write = time.monotonic()
-            if proxy.keepalive_interval is not None:
-                tg.start_soon(proxy._keepalive, send, turn, proxy.keepalive_interval)
-            expected = after + 1
-            ended_badly: tuple[str, str] | None = None
-            try:
-                async for event_id, data in buffer.read(stream_id, after, idle=idle):
-                    if event_id != expected:
-                        ended_badly = ("Events of this stream were lost.", "stream_events_expired")
-                        break
-                    expected += 1
-                    await proxy._write(send, turn, data)
-                    sent += 1
-            except LookupError:
-                ended_badly = ("The stream expired.", "stream_expired")
-            except TimeoutError:
-                ended_badly = ("The stream went silent.", "upstream_timeout")
-            except Exception as exc:
-                logger.warning("stream buffer failed: %s", type(exc).__name__)
-                ended_badly = ("The stream buffer failed.", "stream_buffer_unavailable")
-            if ended_badly is not None:
-                outcome = "upstream_error"
-                await proxy._write(send, turn, error_frame(ended_badly[0], code=ended_badly[1]))
-            ticker = turn.ticker_writing
-            if ticker is not None:
-                await ticker.wait()
-            turn.response_done = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            tg.cancel_scope.cancel()
-    if turn.client_gone:
-        outcome = "client_disconnect"
-    _log(turn, stream_id, after, sent, outcome)
-
-
-async def _stop(
-    proxy: ChatProxy,
-    buffer: StreamBuffer,
-    stream_id: str,
-    owner: str,
-    send: Send,
-    turn: _Turn,
-) -> None:
-    """`DELETE <mount>/streams/{id}`: the user stopped the answer; close its upstream."""
-    from ._proxy import _send_simple
-
-    live = proxy._live_streams.get(stream_id)
-    if live is not None and _SAFE_EQUAL(live.owner.encode(), owner.encode()):
-        live.stop()
-        turn.status = 204
-        await _send_simple(send, 204, b"", [(b"x-request-id", turn.request_id.encode())])
-        return
-    try:
-        info = await buffer.info(stream_id)
-    except Exception as exc:
-        logger.warning("stream buffer failed: %s", type(exc).__name__)
-        raise ProxyRejection(
-            503, "The stream buffer is unavailable.", code="stream_buffer_unavailable"
-        ) from None
-    if info is None or not _SAFE_EQUAL(info.owner.encode(), owner.encode()):
-        raise _not_found()
-    if not info.ended:
-        # Relayed by another process: only that one can close the upstream connection.
-        raise ProxyRejection(
-            409, "The stream runs in another process of this server.", code="stream_elsewhere"
-        )
-    turn.status = 204  # over already: nothing to stop
-    await _send_simple(send, 204, b"", [(b"x-request-id", turn.request_id.encode())])
-
-
-async def _watch(receive: Receive, scope: anyio.CancelScope, turn: _Turn) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    if not turn.response_done:
-        turn.client_gone = True
-        scope.cancel()  # only this reader stops; the stream itself runs on
-
-
-def _log(turn: _Turn, stream_id: str, after: int, events: int, outcome: str) -> None:
+def _log(turn: Turn, stream_id: str, after: int, events: int, outcome: str) -> None:
     logger.info(
         "resume request_id=%s stream_id=%s principal=%s status=%s after=%d events=%d "
         "duration_ms=%.1f outcome=%s",
