@@ -26,24 +26,11 @@ GENERATED = {"_sync_client.py", "tools/_loop_sync.py"}
 #: Debts the redesign (#16) is paying off; each entry names what is still wrong.
 KNOWN: set[str] = {
     "circle: tokenhub_stream._async_client -> tokenhub_stream._tool_loop",
-    "circle: tokenhub_stream._proxy_record -> tokenhub_stream.asgi",
-    "circle: tokenhub_stream._proxy_resume -> tokenhub_stream.asgi",
-    "circle: tokenhub_stream._proxy_tools -> tokenhub_stream.asgi",
-    "circle: tokenhub_stream._proxy_record -> tokenhub_stream._proxy_tools",
     "circle: tokenhub_stream._sync_client -> tokenhub_stream._tool_loop",
     "circle: tokenhub_stream.store._recorder -> tokenhub_stream.store._store",
-    "size: asgi.py",
     "size: testing.py",
     "size: _chunks.py",
     "size: _base.py",
-    "size: _proxy_core.py",
-    "private: tokenhub_stream._proxy_resume <- tokenhub_stream._proxy_core._BOUNDARY",
-    "private: tokenhub_stream._proxy_resume <- tokenhub_stream.asgi._Turn",
-    "private: tokenhub_stream._proxy_resume <- tokenhub_stream.asgi._headers",
-    "private: tokenhub_stream._proxy_resume <- tokenhub_stream.asgi._peer",
-    "private: tokenhub_stream._proxy_resume <- tokenhub_stream.asgi._send_error",
-    "private: tokenhub_stream._proxy_resume <- tokenhub_stream.asgi._send_simple",
-    "private: tokenhub_stream._proxy_tools <- tokenhub_stream.asgi._Turn",
 }
 
 

@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 
 import tokenhub_stream as ts
 from tokenhub_stream import ChunkParser, ContentDelta, ServerSentEvent, SSEDecoder
-from tokenhub_stream._proxy_core import EventSplitter
 from tokenhub_stream.asgi import ChatProxy, CompletionRecord
+from tokenhub_stream.asgi._wire import EventSplitter
 from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, Script, run_upstream
 
 KEY = "sk-canary-issue-15-3b9d0c"

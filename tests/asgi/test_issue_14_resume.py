@@ -16,8 +16,9 @@ import httpx
 import pytest
 from starlette.requests import Request
 
-from tokenhub_stream._proxy_core import ProxyRejection, check_host, parse_allowed_hosts
 from tokenhub_stream.asgi import DEFAULT_MAX_RESUMES_PER_PRINCIPAL, ChatProxy, InMemoryStreamBuffer
+from tokenhub_stream.asgi._admission import check_host, parse_allowed_hosts
+from tokenhub_stream.asgi._wire import ProxyRejection
 from tokenhub_stream.testing import Script
 
 from .conftest import KEY, assert_no_key
@@ -221,9 +222,9 @@ async def test_issue_14_resume_cap_per_principal(upstream: Upstream) -> None:
                         "GET", f"{url}/api/chat/streams/{bob_id}", headers=bob
                     ) as bobs:
                         assert bobs.status_code == 200
-                    assert proxy._resumes["principal:alice"] == 2
+                    assert proxy._resume.resumes["principal:alice"] == 2
                 # Both of alice's readers left: her slots are free again.
-                await eventually(lambda: not proxy._resumes)
+                await eventually(lambda: not proxy._resume.resumes)
                 async with client.stream("GET", target, headers=alice) as again:
                     assert again.status_code == 200
                 for user, stream_id in ((alice, alice_id), (bob, bob_id)):

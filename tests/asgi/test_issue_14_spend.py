@@ -527,6 +527,18 @@ async def test_issue_14_redacts_key_split_across_two_events(
     assert text.endswith(" end")
 
 
+@pytest.mark.parametrize("cut", [16, 20, 24])
+def test_issue_14_redacts_split_key_in_one_write(cut: int) -> None:
+    # The two events of a cut key can reach the relay in one read (they were written
+    # together, or the proxy was busy): the rest is taken out of the same write.
+    from tokenhub_stream.asgi._redact import KeyRedactor
+
+    write = frame("key: " + KEY[:cut]) + frame(KEY[cut:].upper() + " end")
+    for redact in (KeyRedactor(KEY), KeyRedactor(KEY).stream().feed):
+        text = text_of(redact(write))
+        assert text == "key: [redacted][redacted] end", text
+
+
 async def test_issue_14_redacts_split_key_through_uvicorn() -> None:
     # The same through a real upstream, so the relay on the proxy's own HTTP client runs.
     upstream = FakeChatUpstream(api_key=KEY, delay=0.001)
@@ -560,7 +572,7 @@ async def test_issue_14_redacts_split_key_in_the_tool_loop_stream() -> None:
 
 
 def test_issue_14_redactor_unit_cases() -> None:
-    from tokenhub_stream._proxy_core import KeyRedactor
+    from tokenhub_stream.asgi._redact import KeyRedactor
 
     r = KeyRedactor(KEY)
     plain = frame("nothing to see, caf\\u00e9 \\u003cb\\u003e \\n")
@@ -585,7 +597,7 @@ def test_issue_14_redactor_unit_cases() -> None:
 
 
 def test_issue_14_stream_redactor_takes_the_rest_of_a_cut_key() -> None:
-    from tokenhub_stream._proxy_core import KeyRedactor
+    from tokenhub_stream.asgi._redact import KeyRedactor
 
     r = KeyRedactor(KEY)
     for cut in range(1, len(KEY)):
@@ -641,7 +653,7 @@ async def test_issue_14_utf8_charset_is_accepted(mock_upstream: MockUpstream, ch
 
 
 def test_issue_14_rest_of_a_cut_key_is_found_past_a_keepalive() -> None:
-    from tokenhub_stream._proxy_core import KeyRedactor
+    from tokenhub_stream.asgi._redact import KeyRedactor
 
     feed = KeyRedactor(KEY).stream().feed
     out = [feed(frame(KEY[:20])), feed(b": keep-alive\n\n"), feed(b'data: {"choices":[]}\n\n')]

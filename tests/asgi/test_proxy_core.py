@@ -2,18 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from tokenhub_stream._proxy_core import (
-    EventSplitter,
-    ProxyRejection,
-    TokenBucket,
-    check_origin,
-    client_address,
-    outgoing_body,
-    parse_body,
-    parse_content_type,
-    parse_networks,
-    validate_body,
-)
+from tokenhub_stream.asgi._admission import check_origin, client_address, parse_networks
+from tokenhub_stream.asgi._body import outgoing_body, parse_body, parse_content_type, validate_body
+from tokenhub_stream.asgi._limits import TokenBucket
+from tokenhub_stream.asgi._wire import EventSplitter, ProxyRejection
 
 STREAMS = [
     b'data: {"a":1}\n\ndata: {"b":2}\n\n: keep-alive\n\ndata: [DONE]\n\n',

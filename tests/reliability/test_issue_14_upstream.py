@@ -5,8 +5,8 @@ The upstream here is a raw HTTP/1.1 server on a thread and event loop of its own
 never end, answers larger than any limit, bodies without framing cut mid-event,
 compressed streams, HTML, a byte at a time. The proxy runs under uvicorn (`serve`), and
 each test runs on every upstream path the proxy has (`path`): our httptools client (the
-default on asyncio), aiohttp (the fallback without httptools), and httpx (`transport=`;
-what trio uses).
+default on asyncio), httpx's own transport (the fallback without httptools), and httpx
+with a `transport=` (what trio uses).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import anyio.to_thread
 import httpx
 import pytest
 
-from tokenhub_stream import _proxy_http
-from tokenhub_stream._proxy_core import ResponseHeadTooLarge
-from tokenhub_stream._proxy_http import HttpResponse, HttpUpstream
-from tokenhub_stream._proxy_upstream import AiohttpUpstream
+from tokenhub_stream._engine import ResponseHeadTooLarge
+from tokenhub_stream._engine import _http as _proxy_http
+from tokenhub_stream._engine._http import HttpEngine, HttpResponse
 from tokenhub_stream.asgi import ChatProxy
+from tokenhub_stream.asgi._upstream import HttpxUpstream
 from tokenhub_stream.testing import FakeChatUpstream, Script, run_upstream
 
 from .conftest import KEY, LeakScanner, _ProxyApp, http_client, serve
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.anyio
 
 Handler = Callable[["Conn"], Awaitable[None]]
 
-PATHS = ["native", "aiohttp", "httpx"]
+PATHS = ["native", "nohttptools", "httpx"]
 EVENT = content_frame("hello")
 DONE = b"data: [DONE]\n\n"
 SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
@@ -180,7 +180,7 @@ class Conn:
 @pytest.fixture(params=PATHS)
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     name = str(request.param)
-    if name == "aiohttp":
+    if name == "nohttptools":
         find_spec = importlib.util.find_spec
 
         def without_httptools(module: str, package: str | None = None) -> object:
@@ -203,14 +203,11 @@ def proxied(path: str, base_url: str, **options: object) -> Iterator[tuple[str, 
 
 def assert_path(proxy: ChatProxy, path: str) -> None:
     """The request really went through the upstream client the test is named after."""
-    upstream = proxy._upstream
+    upstream = proxy._upstreams.chosen
     if path == "native":
-        assert type(upstream) is HttpUpstream
-    elif path == "aiohttp":
-        assert type(upstream) is AiohttpUpstream
+        assert type(upstream) is HttpEngine
     else:
-        assert upstream is None and proxy._client is not None
-    assert proxy._client is None or path == "httpx"
+        assert type(upstream) is HttpxUpstream
 
 
 def error_of(response: httpx.Response) -> dict[str, object]:
@@ -444,7 +441,7 @@ async def test_issue_14_tool_loop_holds_max_response_head_bytes(leaks: LeakScann
 
 async def test_issue_14_interim_heads_count_toward_the_head_limit(leaks: LeakScanner) -> None:
     # A 103 and a 200 head, each under the limit, together over it (our httptools client;
-    # httpx and aiohttp keep interim heads out of their own limits).
+    # httpx keeps interim heads out of its own limits).
     early = head_of(1200, status=b"103 Early Hints", ctype=b"text/plain") + b"\r\n"
     final = head_of(1200) + b"content-length: %d\r\n\r\n" % len(DONE) + DONE
     assert len(early) < 2048 and len(final) < 2048 < len(early + final)

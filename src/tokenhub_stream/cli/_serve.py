@@ -63,15 +63,9 @@ import anyio
 import httpx
 
 from .._config import DEFAULT_BASE_URL, DEFAULT_MODEL, env_base_url
-from .._proxy_core import (
-    HostPattern,
-    ProxyRejection,
-    check_host,
-    check_origin,
-    error_body,
-    parse_allowed_hosts,
-)
 from ..asgi import DEFAULT_KEEPALIVE_INTERVAL, ChatProxy, CompletionRecord
+from ..asgi._admission import HostPattern, check_host, check_origin, parse_allowed_hosts
+from ..asgi._wire import ProxyRejection, error_body
 from ._upstream import Upstream, default_model, resolve_upstream
 
 try:

@@ -40,7 +40,7 @@ except ImportError as exc:  # pragma: no cover
         "tokenhub_stream.redis needs redis-py: pip install 'tokenhub_stream[redis]'"
     ) from exc
 
-from .._proxy_resume import StreamInfo
+from ..asgi._buffers import StreamInfo
 
 __all__ = ["RedisStreamBuffer"]
 

@@ -1,4 +1,5 @@
-"""The proxy's default upstream on asyncio: a small HTTP/1.1 client on httptools' C parser.
+"""The HTTP/1.1 engine on asyncio: a small client on httptools' C parser, the proxy's
+default upstream.
 
 Measured under `benchmarks/proxy_bench.py` (docs/performance.md, "Proxy benchmark"), the
 relay's per-stream cost was mostly in the client layers: aiohttp's response, stream
@@ -52,10 +53,10 @@ from urllib.parse import urlsplit
 import httptools
 import httpx
 
-from ._proxy_core import DEFAULT_MAX_RESPONSE_HEAD_BYTES, ResponseHeadTooLarge
-from ._proxy_sweep import Sweep
+from .._sweep import Sweep
+from ._errors import DEFAULT_MAX_RESPONSE_HEAD_BYTES, ResponseHeadTooLarge
 
-__all__ = ["HttpResponse", "HttpUpstream"]
+__all__ = ["HttpResponse", "HttpEngine"]
 
 _KEEPALIVE_EXPIRY = httpx.Limits(max_connections=None).keepalive_expiry or 5.0  # httpx's 5 s
 # Unread body bytes above which the socket stops being read until the reader catches up.
@@ -64,7 +65,7 @@ _DNS_TTL = 10.0  # aiohttp's default ttl_dns_cache
 _Origin = tuple[str, str, int]
 
 
-class HttpUpstream:
+class HttpEngine:
     """Keep-alive HTTP/1.1 pools, one per origin, for the proxy's upstream POSTs."""
 
     def __init__(
@@ -90,7 +91,7 @@ class HttpUpstream:
         )
 
     def __repr__(self) -> str:
-        return f"HttpUpstream(origins={sorted(self._pools)!r}, limit={self._limit})"
+        return f"HttpEngine(origins={sorted(self._pools)!r}, limit={self._limit})"
 
     async def send(self, url: str, headers: Mapping[str, str], content: bytes) -> HttpResponse:
         """POST `content` to `url`; return once the response's headers have arrived.
@@ -437,6 +438,7 @@ class HttpResponse:
         "_head_limit",
         "_head_room",
         "_informational",
+        "_join",
         "_keep_alive",
         "_loop",
         "_parser",
@@ -473,6 +475,7 @@ class HttpResponse:
         self._paused = False
         self._framed = False
         self._informational = False
+        self._join = True  # hand out everything one read delivered (aiter_raw)
         self._keep_alive = False
         self.status_code = 0
         self.headers: dict[str, str] = {}
@@ -507,6 +510,13 @@ class HttpResponse:
             raise httpx.StreamConsumed()
         self.is_stream_consumed = True
         return self
+
+    def aiter_chunks(self) -> HttpResponse:
+        """The body one chunk body at a time (an HTTP chunk, or one read of a body that is
+        not chunked), where `aiter_raw` hands out all that one read delivered, joined: a
+        parser that takes whole events per chunk then takes its fast path."""
+        self._join = False
+        return self.aiter_raw()
 
     def __aiter__(self) -> HttpResponse:
         return self
@@ -547,10 +557,14 @@ class HttpResponse:
 
     def _take(self) -> bytes:
         pending = self._pending
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        pending.clear()
-        self._pending_size = 0
-        if self._paused:
+        if len(pending) == 1 or self._join:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            self._pending_size = 0
+        else:
+            data = pending.pop(0)
+            self._pending_size -= len(data)
+        if self._paused and not pending:
             self._paused = False
             connection = self._connection
             if connection is not None and connection.transport is not None:

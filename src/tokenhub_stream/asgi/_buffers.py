@@ -1,60 +1,56 @@
-"""Resumable streams for `ChatProxy`: event ids, the stream buffer, `GET <mount>/streams/{id}`.
+"""Resumable streams' storage: the `StreamBuffer` protocol, `InMemoryStreamBuffer`, and
+`ResumableStream`, which tags a live stream's events with ids and keeps them in a buffer.
 
 Opt-in per request: a POST with `X-Resumable: 1` to a proxy built with `resumable=True`
 (or a `stream_buffer=`) gets an `X-Stream-Id` header, and every event the proxy forwards
 carries an `id:` line with its sequence number (1, 2, 3, ...). The tagged events go to a
 `StreamBuffer` before they are written to the client, so any id a client has seen is in
-the buffer. `GET <mount>/streams/{id}` with `Last-Event-ID: n` (or `?last_event_id=n`)
-replays the events after `n`, then tails the live rest until the stream's end marker.
-
-Plain requests are untouched: their bytes stay exactly the upstream's.
+the buffer; `_resume.py` serves `GET <mount>/streams/{id}` from it. Plain requests are
+untouched: their bytes stay exactly the upstream's.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
-import re
 import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
-from urllib.parse import parse_qs
+from typing import Protocol, runtime_checkable
 
 import anyio
-import anyio.abc
 
-from ._proxy_core import (
-    _BOUNDARY,
-    ProxyRejection,
-    check_origin,
-    error_frame,
-)
-
-if TYPE_CHECKING:
-    from .asgi import ChatProxy, Receive, Scope, Send, _Turn
+from ._wire import EVENT_BOUNDARY, error_frame
 
 __all__ = ["InMemoryStreamBuffer", "StreamBuffer", "StreamInfo"]
+
+
+class Stoppable(Protocol):
+    """The turn a resumable stream belongs to, as `stop()` sees it (`_turn.Turn`)."""
+
+    def stop(self) -> None: ...
+
 
 logger = logging.getLogger("tokenhub_stream.asgi")
 
 #: How long a finished stream's events stay resumable, in seconds.
 DEFAULT_RESUME_TTL = 300.0
-#: The request header that asks for a resumable stream.
-RESUMABLE_HEADER = "x-resumable"
-_STREAM_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
-_MAX_EVENT_ID = 10**15
+
+
 #: `InMemoryStreamBuffer` defaults: at most about 1,000 x 256 KiB = 250 MiB per process.
 DEFAULT_MAX_STREAMS = 1000
+
+
 DEFAULT_MAX_STREAM_BYTES = 256 * 1024
+
+
 DEFAULT_MAX_STREAMS_PER_OWNER = 16
+
+
 # What one kept event costs beyond its bytes: the tuple, the bytes and int objects' headers,
 # the deque slot (measured with tracemalloc: about 130 bytes for a 170-byte event).
 _EVENT_OVERHEAD = 128
-# A stream id, and the owner it belongs to, are never compared in variable time.
-_SAFE_EQUAL = hmac.compare_digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +108,6 @@ class StreamBuffer(Protocol):
         `TimeoutError` if the stream is live but nothing arrived for `idle` seconds.
         """
         ...
-
-
-# --- in memory -------------------------------------------------------------------------------
 
 
 class _MemoryStream:
@@ -316,9 +309,6 @@ class InMemoryStreamBuffer:
                 raise TimeoutError("the stream went silent")
 
 
-# --- tagging the live stream -----------------------------------------------------------------
-
-
 def tag_events(data: bytes, next_id: int) -> list[tuple[int, bytes]]:
     """Split `data` (whole events, as `EventSplitter` hands them out) and give each an `id:`.
 
@@ -327,7 +317,7 @@ def tag_events(data: bytes, next_id: int) -> list[tuple[int, bytes]]:
     """
     out: list[tuple[int, bytes]] = []
     start = 0
-    for match in _BOUNDARY.finditer(data):
+    for match in EVENT_BOUNDARY.finditer(data):
         end = match.end()
         # The boundary is the last field line's terminator, then the blank line.
         blank = end - 2 if data[end - 2 : end] == b"\r\n" else end - 1
@@ -352,7 +342,6 @@ class ResumableStream:
         "_next",
         "_opened",
         "_registry",
-        "_scope",
         "_ttl",
         "_turn",
         "announced",
@@ -371,24 +360,18 @@ class ResumableStream:
         self._ended = False
         # The client got X-Stream-Id and an event: from now on a gone client means "finish".
         self.announced = False
-        self._turn: _Turn | None = None
-        self._scope: anyio.CancelScope | None = None
+        self._turn: Stoppable | None = None
         self._registry: dict[str, ResumableStream] | None = None
 
-    def announce(
-        self, turn: _Turn, scope: anyio.CancelScope, registry: dict[str, ResumableStream]
-    ) -> None:
+    def announce(self, turn: Stoppable, registry: dict[str, ResumableStream]) -> None:
         """The response with X-Stream-Id has started: `DELETE` may stop it from now on."""
-        self._turn, self._scope, self._registry = turn, scope, registry
+        self._turn, self._registry = turn, registry
         registry[self.stream_id] = self
 
     def stop(self) -> None:
         """Stop this stream's upstream now (`DELETE <mount>/streams/{id}`: the user's Stop)."""
-        turn, scope = self._turn, self._scope
-        if turn is not None and turn.outcome == "completed":
-            turn.outcome = "client_disconnect"
-        if scope is not None:
-            scope.cancel()
+        if self._turn is not None:
+            self._turn.stop()
 
     async def open(self) -> bool:
         try:
@@ -434,255 +417,3 @@ class ResumableStream:
             await self._buffer.end(self.stream_id, self._ttl)
         except Exception as exc:
             logger.warning("stream buffer failed to end a stream: %s", type(exc).__name__)
-
-
-# --- the request side ------------------------------------------------------------------------
-
-
-def wants_resumable(headers: dict[str, str]) -> bool:
-    return headers.get(RESUMABLE_HEADER, "").strip().lower() in ("1", "true", "yes")
-
-
-def owner_of(proxy: ChatProxy, principal: object, scope: Scope, headers: dict[str, str]) -> str:
-    """Who a stream belongs to: the `authorize` principal, else the client's address."""
-    from .asgi import _peer
-
-    return proxy._client_key(principal, _peer(scope), headers)
-
-
-def _last_event_id(scope: Scope, headers: dict[str, str]) -> int:
-    value = headers.get("last-event-id")
-    if value is None:
-        query = scope.get("query_string", b"")
-        text = query.decode("latin-1") if isinstance(query, bytes) else ""
-        values = parse_qs(text).get("last_event_id")
-        value = values[-1] if values else "0"
-    value = value.strip() or "0"
-    if not value.isascii() or not value.isdigit() or int(value) > _MAX_EVENT_ID:
-        raise ProxyRejection(
-            400, "Last-Event-ID must be a non-negative integer.", code="invalid_last_event_id"
-        )
-    return int(value)
-
-
-def _not_found() -> ProxyRejection:
-    # Unknown, expired and someone else's streams look the same.
-    return ProxyRejection(404, "No such stream.", code="stream_not_found")
-
-
-async def serve_resume(
-    proxy: ChatProxy, scope: Scope, receive: Receive, send: Send, stream_id: str
-) -> None:
-    """`GET <mount>/streams/{stream_id}`: replay after Last-Event-ID, then tail the live rest."""
-    held: list[str] = []  # the owner whose resume slot this request took, if it took one
-    try:
-        await _resume(proxy, scope, receive, send, stream_id, held)
-    finally:
-        for owner in held:
-            left = proxy._resumes.pop(owner) - 1
-            if left:
-                proxy._resumes[owner] = left
-
-
-async def _resume(
-    proxy: ChatProxy, scope: Scope, receive: Receive, send: Send, stream_id: str, held: list[str]
-) -> None:
-    from starlette.requests import Request
-
-    from .asgi import _headers, _peer, _send_error, _Turn
-
-    turn = _Turn()
-    after = 0
-    try:
-        buffer = proxy.stream_buffer
-        headers = _headers(scope)
-        peer = _peer(scope)
-        own_host = proxy._own_host(headers, peer)  # 400 for a host not in allowed_hosts
-        if scope["method"] not in ("GET", "DELETE"):
-            raise ProxyRejection(
-                405,
-                "Method not allowed.",
-                code="method_not_allowed",
-                headers={"allow": "GET, DELETE"},
-            )
-        if buffer is None or _STREAM_ID.fullmatch(stream_id) is None:
-            raise _not_found()
-        check_origin(headers, own_host=own_host, allowed_origins=proxy.allowed_origins)
-        if scope["method"] == "DELETE":
-            # Stop saves spend, so it is never rate limited: `authorize` only.
-            turn.principal = await proxy._authorize(Request(scope))
-            owner = owner_of(proxy, turn.principal, scope, headers)
-            await _stop(proxy, buffer, stream_id, owner, send, turn)
-            _log(turn, stream_id, after, 0, "stopped")
-            return
-        # A resume costs the server what a chat's stream does (a task, a buffer reader, on
-        # Redis a blocking read): the same admission as a chat, and a cap per owner.
-        await proxy._admit(Request(scope), turn, headers, peer)
-        owner = owner_of(proxy, turn.principal, scope, headers)
-        after = _last_event_id(scope, headers)
-        count = proxy._resumes.get(owner, 0)
-        if count >= proxy.max_resumes_per_principal:
-            raise ProxyRejection(
-                429,
-                "Too many resumes at once: finish one first.",
-                code="too_many_resumes",
-                headers={"retry-after": "1"},
-            )
-        proxy._resumes[owner] = count + 1
-        held.append(owner)
-        try:
-            info = await buffer.info(stream_id)
-        except Exception as exc:
-            logger.warning("stream buffer failed: %s", type(exc).__name__)
-            raise ProxyRejection(
-                503, "The stream buffer is unavailable.", code="stream_buffer_unavailable"
-            ) from None
-        if info is None or not _SAFE_EQUAL(info.owner.encode(), owner.encode()):
-            raise _not_found()
-        if after > info.last_id:
-            raise ProxyRejection(
-                400, "Last-Event-ID is ahead of the stream.", code="invalid_last_event_id"
-            )
-        if after + 1 < info.first_id:
-            raise ProxyRejection(
-                410,
-                "The events after that id are no longer kept.",
-                code="stream_events_expired",
-            )
-    except ProxyRejection as rejection:
-        turn.status = rejection.status
-        await _send_error(send, rejection, turn.request_id)
-        _log(turn, stream_id, after, 0, "rejected")
-        return
-    except Exception:
-        logger.exception("resume failed request_id=%s", turn.request_id)
-        turn.status = 500
-        failure = ProxyRejection(500, "The proxy failed.", code="internal_error")
-        await _send_error(send, failure, turn.request_id)
-        _log(turn, stream_id, after, 0, "rejected")
-        return
-    await _tail(proxy, receive, send, turn, buffer, stream_id, after)
-
-
-async def _tail(
-    proxy: ChatProxy,
-    receive: Receive,
-    send: Send,
-    turn: _Turn,
-    buffer: StreamBuffer,
-    stream_id: str,
-    after: int,
-) -> None:
-    """The resume's 200: the kept events after `after`, then the live rest, then the end."""
-    outcome = "completed"
-    sent = 0
-    idle = (proxy._timeout.read or 120.0) + 10.0
-    turn.status = 200
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_watch, receive, tg.cancel_scope, turn)
-        try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/event-stream"),
-                        (b"cache-control", b"no-cache, no-transform"),
-                        (b"x-accel-buffering", b"no"),
-                        (b"x-content-type-options", b"nosniff"),
-                        (b"x-request-id", turn.request_id.encode()),
-                        (b"x-stream-id", stream_id.encode()),
-                    ],
-                }
-            )
-            turn.last_write = time.monotonic()
-            if proxy.keepalive_interval is not None:
-                tg.start_soon(proxy._keepalive, send, turn, proxy.keepalive_interval)
-            expected = after + 1
-            ended_badly: tuple[str, str] | None = None
-            try:
-                async for event_id, data in buffer.read(stream_id, after, idle=idle):
-                    if event_id != expected:
-                        ended_badly = ("Events of this stream were lost.", "stream_events_expired")
-                        break
-                    expected += 1
-                    await proxy._write(send, turn, data)
-                    sent += 1
-            except LookupError:
-                ended_badly = ("The stream expired.", "stream_expired")
-            except TimeoutError:
-                ended_badly = ("The stream went silent.", "upstream_timeout")
-            except Exception as exc:
-                logger.warning("stream buffer failed: %s", type(exc).__name__)
-                ended_badly = ("The stream buffer failed.", "stream_buffer_unavailable")
-            if ended_badly is not None:
-                outcome = "upstream_error"
-                await proxy._write(send, turn, error_frame(ended_badly[0], code=ended_badly[1]))
-            ticker = turn.ticker_writing
-            if ticker is not None:
-                await ticker.wait()
-            turn.response_done = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            tg.cancel_scope.cancel()
-    if turn.client_gone:
-        outcome = "client_disconnect"
-    _log(turn, stream_id, after, sent, outcome)
-
-
-async def _stop(
-    proxy: ChatProxy,
-    buffer: StreamBuffer,
-    stream_id: str,
-    owner: str,
-    send: Send,
-    turn: _Turn,
-) -> None:
-    """`DELETE <mount>/streams/{id}`: the user stopped the answer; close its upstream."""
-    from .asgi import _send_simple
-
-    live = proxy._live_streams.get(stream_id)
-    if live is not None and _SAFE_EQUAL(live.owner.encode(), owner.encode()):
-        live.stop()
-        turn.status = 204
-        await _send_simple(send, 204, b"", [(b"x-request-id", turn.request_id.encode())])
-        return
-    try:
-        info = await buffer.info(stream_id)
-    except Exception as exc:
-        logger.warning("stream buffer failed: %s", type(exc).__name__)
-        raise ProxyRejection(
-            503, "The stream buffer is unavailable.", code="stream_buffer_unavailable"
-        ) from None
-    if info is None or not _SAFE_EQUAL(info.owner.encode(), owner.encode()):
-        raise _not_found()
-    if not info.ended:
-        # Relayed by another process: only that one can close the upstream connection.
-        raise ProxyRejection(
-            409, "The stream runs in another process of this server.", code="stream_elsewhere"
-        )
-    turn.status = 204  # over already: nothing to stop
-    await _send_simple(send, 204, b"", [(b"x-request-id", turn.request_id.encode())])
-
-
-async def _watch(receive: Receive, scope: anyio.CancelScope, turn: _Turn) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    if not turn.response_done:
-        turn.client_gone = True
-        scope.cancel()  # only this reader stops; the stream itself runs on
-
-
-def _log(turn: _Turn, stream_id: str, after: int, events: int, outcome: str) -> None:
-    logger.info(
-        "resume request_id=%s stream_id=%s principal=%s status=%s after=%d events=%d "
-        "duration_ms=%.1f outcome=%s",
-        turn.request_id,
-        stream_id,
-        "-" if turn.principal is None else turn.principal,
-        turn.status,
-        after,
-        events,
-        (time.perf_counter() - turn.started) * 1000,
-        outcome,
-    )

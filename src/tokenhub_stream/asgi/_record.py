@@ -1,7 +1,9 @@
-"""Assemble the turn for `ChatProxy(on_complete=...)` from a copy of the relayed bytes.
+"""The turn record: `CompletionRecord`, assembled by `TurnCollector` from a copy of the
+relayed bytes, for `on_complete` and a `UsageLimiter`.
 
-Imported only when `on_complete` is set, so the plain passthrough never decodes JSON.
-Never raises from `feed*`: a frame it cannot read only ends the copy-parsing.
+A collector exists only when `on_complete` or a `UsageLimiter` is set, so the plain
+passthrough never decodes JSON. Never raises from `feed*`: a frame it cannot read only
+ends the copy-parsing.
 """
 
 from __future__ import annotations
@@ -9,17 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
 
-from ._chunks import ChunkParser, content_text
-from ._exceptions import APIError
-from ._models import ChatMessage, ToolCall, Usage
+from .._chunks import ChunkParser, content_text
+from .._exceptions import APIError
+from .._models import ChatMessage, ToolCall, Usage
 
-if TYPE_CHECKING:
-    from .asgi import CompletionRecord, Outcome
+__all__ = ["CompletionRecord", "TurnCollector", "TurnOutcome", "add_usage", "estimate_usage"]
 
-__all__ = ["TurnCollector", "add_usage", "estimate_usage"]
+#: How a forwarded turn ended (`CompletionRecord.outcome`).
+TurnOutcome = Literal["completed", "upstream_error", "client_disconnect", "timeout"]
 
 logger = logging.getLogger("tokenhub_stream.asgi")
 
@@ -28,6 +31,46 @@ CHARS_PER_TOKEN = 4
 # About the size of one chat.completion.chunk event carrying one token, for a stream whose
 # text could not be read.
 BYTES_PER_EVENT = 200
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRecord:
+    """One turn through the proxy, handed to `on_complete`.
+
+    `message` (content, tool calls), `finish_reason` and `usage` are assembled from a copy of
+    the stream (or the JSON body when `stream` was false); empty/`None` when nothing arrived.
+    `usage` is only ever what the upstream reported. `estimated_usage` is set when that is
+    missing or incomplete for a turn the upstream took on (a client that left early, a cut
+    stream, an upstream that sends no usage): the proxy's estimate of the whole turn, the
+    figure a `UsageLimiter` is charged instead (docs/proxy.md, "Usage of a turn that ends
+    early"). `started_at` is wall-clock (`time.time()`); `ttfb` (request to first byte sent
+    to the client) and `duration` are seconds.
+    """
+
+    request_id: str
+    principal: object
+    model: str
+    messages: list[object]
+    message: ChatMessage
+    finish_reason: str | None
+    usage: Usage | None
+    outcome: TurnOutcome
+    status: int
+    error: str | None
+    started_at: float
+    ttfb: float | None
+    duration: float
+    bytes_sent: int
+    estimated_usage: Usage | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"CompletionRecord(request_id={self.request_id!r}, model={self.model!r}, "
+            f"outcome={self.outcome!r}, finish_reason={self.finish_reason!r})"
+        )
+
+
+OnCompleteHook = Callable[[CompletionRecord], Awaitable[None] | None]
 
 
 def estimate_usage(*, request_bytes: int, text_chars: int, event_bytes: int) -> Usage:
@@ -142,7 +185,7 @@ class TurnCollector:
         principal: object,
         model: str,
         messages: list[object],
-        outcome: Outcome,
+        outcome: TurnOutcome,
         status: int,
         error: str | None,
         started_at: float,
@@ -150,8 +193,6 @@ class TurnCollector:
         duration: float,
         bytes_sent: int,
     ) -> CompletionRecord:
-        from .asgi import CompletionRecord
-
         parser = self._parser
         if parser is not None:
             if not parser.stopped and outcome == "completed":
