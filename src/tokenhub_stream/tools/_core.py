@@ -186,15 +186,13 @@ class LoopCore:
         self.messages.extend(result.to_message() for result in results)
         return results
 
-    def __repr__(self) -> str:
-        return f"turn {self.turn} of at most {self.max_turns}"
-
 
 def dropped_warning(name: str, core: LoopCore) -> str:
     """The `ResourceWarning` text for a loop dropped mid-stream (both shells' `__del__`)."""
     filename, line = core.made_at
     return (
-        f"unclosed tool loop <{name} {core!r}> made at {filename}:{line}: its stream's "
+        f"unclosed tool loop <{name} in turn {core.turn + 1} of at most {core.max_turns}> "
+        f"made at {filename}:{line}: its stream's "
         "connection was shut down when it was dropped (use a with block, or close the loop)"
     )
 

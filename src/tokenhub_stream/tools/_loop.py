@@ -12,6 +12,8 @@ client imports the loop, never the other way round.
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import AsyncGenerator, AsyncIterator
 from types import TracebackType
 from typing import Protocol, Self
@@ -20,7 +22,7 @@ from .._base import HeaderTypes, MessagesTypes, TimeoutTypes
 from .._config import UNSET, UnsetType
 from .._exceptions import StreamConsumed
 from .._models import ChatMessage, ContentDelta, ReasoningDelta, StreamEvent, Usage
-from ._core import DEFAULT_MAX_TURNS, LoopCore, StreamOptions, arun_calls
+from ._core import DEFAULT_MAX_TURNS, LoopCore, StreamOptions, arun_calls, dropped_warning
 from ._events import ToolCallStarted, ToolLoopEvent
 from ._tool import ToolsTypes
 
@@ -98,7 +100,8 @@ class AsyncToolLoop:
     The calls of one turn run side by side, in a task group (sync tools in worker threads).
 
     Iterate it once; `until_done()` iterates for you. Leaving the `async with` block or
-    `aclose()` closes the current stream.
+    `aclose()` closes the current stream. So does dropping an unfinished loop (a bare
+    `break` with no `async with`), with a `ResourceWarning`, as for an unclosed file.
     """
 
     def __init__(
@@ -173,6 +176,20 @@ class AsyncToolLoop:
         # The generator gets what it needs, not `self`: a loop object and its generator
         # referring to each other would live on until a garbage collection.
         return _run(self._client, self._core, self._options, self._reading)
+
+    def __del__(self) -> None:
+        # Dropped while a stream is open (a bare `break`): let go of the stream now, and
+        # its own finalizer shuts the connection down at once, awaiting nothing (issue 15
+        # finding 2). The generator itself is closed later (by the event loop, for an
+        # async one), and finds nothing left to close.
+        reading = self._reading
+        if reading.stream is None or sys.is_finalizing():
+            return
+        try:
+            message = dropped_warning(type(self).__name__, self._core)
+            warnings.warn(message, ResourceWarning, stacklevel=2, source=self._core)
+        finally:  # even when warnings are errors
+            reading.stream = reading.events = None
 
 
 async def _run(
