@@ -15,13 +15,7 @@ Needs the `redis` extra (redis-py): `pip install 'tokenhub_stream[redis]'`. Uses
 
 from __future__ import annotations
 
-try:
-    import redis  # noqa: F401
-except ImportError as exc:  # pragma: no cover
-    raise ImportError(
-        "tokenhub_stream.redis needs redis-py: pip install 'tokenhub_stream[redis]'"
-    ) from exc
-
+# Without redis-py, the first import below raises an ImportError naming the extra.
 from ._limits import BudgetUsage, OnRedisError, RedisBudget, RedisRateLimiter
 from ._streams import RedisStreamBuffer
 
