@@ -47,7 +47,7 @@ SUBS = [
     ("__aiter__", "__iter__"),
     ("__anext__", "__next__"),
     ("anext()", "next()"),
-    ("anext(", "next("),
+    ("StopAsyncIteration", "StopIteration"),
     ("aiter_raw", "iter_raw"),
     ("aiter_bytes", "iter_bytes"),
     ("aread", "read"),

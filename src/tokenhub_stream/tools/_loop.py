@@ -208,7 +208,11 @@ async def _run(
         )
         try:
             reading.events = reading.stream.events()
-            while (event := await anext(reading.events, None)) is not None:
+            while True:
+                try:  # what `async for` does, without holding the iterator on the frame
+                    event = await reading.events.__anext__()
+                except StopAsyncIteration:
+                    break
                 if isinstance(event, ContentDelta | ReasoningDelta):
                     yield event
             finished = core.end_turn(reading.stream.message, reading.stream.usage)

@@ -206,7 +206,11 @@ def _run(
         )
         try:
             reading.events = reading.stream.events()
-            while (event := next(reading.events, None)) is not None:
+            while True:
+                try:  # what `for` does, without holding the iterator on the frame
+                    event = reading.events.__next__()
+                except StopIteration:
+                    break
                 if isinstance(event, ContentDelta | ReasoningDelta):
                     yield event
             finished = core.end_turn(reading.stream.message, reading.stream.usage)
