@@ -25,9 +25,6 @@ GENERATED = {"_sync_client.py", "tools/_loop_sync.py"}
 
 #: Debts the redesign (#16) is paying off; each entry names what is still wrong.
 KNOWN: set[str] = {
-    "circle: tokenhub_stream._async_client -> tokenhub_stream._tool_loop",
-    "circle: tokenhub_stream._sync_client -> tokenhub_stream._tool_loop",
-    "circle: tokenhub_stream.store._recorder -> tokenhub_stream.store._store",
     "size: testing.py",
     "size: _chunks.py",
     "size: _base.py",

@@ -38,7 +38,6 @@ from ._models import (
 )
 from ._sse import ServerSentEvent, SSEDecoder
 from ._sync_client import ChatStream, Client
-from ._tool_loop import DEFAULT_MAX_TURNS, AsyncToolLoop, ToolLoop
 from .tools import (
     MaxTurnsExceeded,
     Tool,
@@ -49,6 +48,8 @@ from .tools import (
     TurnFinished,
     tool,
 )
+from .tools._loop import DEFAULT_MAX_TURNS, AsyncToolLoop
+from .tools._loop_sync import ToolLoop
 
 __all__ = [
     "APIError",

@@ -41,8 +41,8 @@ from ._config import (
 )
 from ._exceptions import TokenHubError
 from ._models import StreamEvent
-from ._tool_loop import DEFAULT_MAX_TURNS, AsyncToolLoop, arun_tools
 from .tools import ToolsTypes
+from .tools._loop import DEFAULT_MAX_TURNS, AsyncToolLoop, arun_tools
 
 __all__ = ["AsyncChatStream", "AsyncClient"]
 

@@ -21,6 +21,7 @@ __all__ = [
     "ToolCallDelta",
     "Usage",
     "UsageEvent",
+    "add_usage",
 ]
 
 
@@ -50,6 +51,26 @@ class Usage:
             else None
         )
         return cls(prompt, completion, total, reasoning, cached)
+
+
+def add_usage(total: Usage | None, usage: Usage | None) -> Usage | None:
+    """The sum of two usages, a count `None` only when `None` in both (the proxy's turn
+    record and the terminal's status line add up a tool loop's turns with it)."""
+    if usage is None:
+        return total
+    if total is None:
+        return usage
+
+    def plus(a: int | None, b: int | None) -> int | None:
+        return None if a is None and b is None else (a or 0) + (b or 0)
+
+    return Usage(
+        plus(total.prompt_tokens, usage.prompt_tokens),
+        plus(total.completion_tokens, usage.completion_tokens),
+        plus(total.total_tokens, usage.total_tokens),
+        plus(total.reasoning_tokens, usage.reasoning_tokens),
+        plus(total.cached_tokens, usage.cached_tokens),
+    )
 
 
 def _int(value: object) -> int | None:

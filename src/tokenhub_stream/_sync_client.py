@@ -41,8 +41,8 @@ from ._config import (
 )
 from ._exceptions import TokenHubError
 from ._models import StreamEvent
-from ._tool_loop import DEFAULT_MAX_TURNS, ToolLoop, run_tools_sync
 from .tools import ToolsTypes
+from .tools._loop_sync import DEFAULT_MAX_TURNS, ToolLoop, run_tools_sync
 
 __all__ = ["ChatStream", "Client"]
 

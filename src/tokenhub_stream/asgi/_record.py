@@ -17,7 +17,7 @@ from typing import Literal
 
 from .._chunks import ChunkParser, content_text
 from .._exceptions import APIError
-from .._models import ChatMessage, ToolCall, Usage
+from .._models import ChatMessage, ToolCall, Usage, add_usage
 
 __all__ = ["CompletionRecord", "TurnCollector", "TurnOutcome", "add_usage", "estimate_usage"]
 
@@ -86,25 +86,6 @@ def estimate_usage(*, request_bytes: int, text_chars: int, event_bytes: int) -> 
     else:
         completion = math.ceil(event_bytes / BYTES_PER_EVENT)
     return Usage(prompt, completion, prompt + completion)
-
-
-def add_usage(total: Usage | None, usage: Usage | None) -> Usage | None:
-    """The sum of two usages, a count `None` only when `None` in both."""
-    if usage is None:
-        return total
-    if total is None:
-        return usage
-
-    def plus(a: int | None, b: int | None) -> int | None:
-        return None if a is None and b is None else (a or 0) + (b or 0)
-
-    return Usage(
-        plus(total.prompt_tokens, usage.prompt_tokens),
-        plus(total.completion_tokens, usage.completion_tokens),
-        plus(total.total_tokens, usage.total_tokens),
-        plus(total.reasoning_tokens, usage.reasoning_tokens),
-        plus(total.cached_tokens, usage.cached_tokens),
-    )
 
 
 def _text_chars(message: ChatMessage) -> int:

@@ -48,8 +48,8 @@ from .._exceptions import (
     TruncatedStreamError,
 )
 from .._models import ContentDelta, ReasoningDelta, Usage
-from .._tool_loop import arun_tools
 from ..tools import MaxTurnsExceeded, ToolCallStarted, ToolResult, ToolSet, TurnFinished
+from ..tools._loop import arun_tools
 from ._record import add_usage, estimate_usage
 from ._redact import KeyRedactor
 from ._relay import Relay

@@ -17,7 +17,7 @@ import argparse
 import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..__version__ import __version__
 from .._config import env_api_key
@@ -152,18 +152,9 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     question = question.strip()
     if not question:
         return _error("no question (give it as an argument or on stdin)")
-    try:
-        tools = _tools_option(args.tools)
-    except Exception as exc:  # the file is the user's code: say what it raised
-        return _error(f"--tools {args.tools}: {type(exc).__name__}: {exc}")
-    with contextlib.ExitStack() as stack:
-        try:
-            upstream = stack.enter_context(resolve_upstream(args.base_url))
-        except ImportError as exc:
-            return _error(str(exc))
-        model = args.model or default_model(upstream)
-        client = stack.enter_context(_client(upstream, model))
-        return run_ask(
+    return _in_terminal(
+        args,
+        lambda client, model, tools: run_ask(
             client,
             question,
             model=model,
@@ -171,23 +162,14 @@ def _cmd_ask(args: argparse.Namespace) -> int:
             stdout=sys.stdout,
             stderr=sys.stderr,
             tools=tools,
-        )
-    raise AssertionError("unreachable")  # pragma: no cover  (ExitStack may swallow)
+        ),
+    )
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    try:
-        tools = _tools_option(args.tools)
-    except Exception as exc:  # the file is the user's code: say what it raised
-        return _error(f"--tools {args.tools}: {type(exc).__name__}: {exc}")
-    with contextlib.ExitStack() as stack:
-        try:
-            upstream = stack.enter_context(resolve_upstream(args.base_url))
-        except ImportError as exc:
-            return _error(str(exc))
-        model = args.model or default_model(upstream)
-        client = stack.enter_context(_client(upstream, model))
-        return run_chat(
+    return _in_terminal(
+        args,
+        lambda client, model, tools: run_chat(
             client,
             model=model,
             system=args.system,
@@ -196,7 +178,27 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             stderr=sys.stderr,
             interactive=sys.stdin.isatty(),
             tools=tools,
-        )
+        ),
+    )
+
+
+def _in_terminal(
+    args: argparse.Namespace, run: Callable[[Client, str, ToolSet | None], int]
+) -> int:
+    """What `ask` and `chat` share: load `--tools`, pick the upstream and the model, open
+    a client, then `run(client, model, tools)`."""
+    try:
+        tools = _tools_option(args.tools)
+    except Exception as exc:  # the file is the user's code: say what it raised
+        return _error(f"--tools {args.tools}: {type(exc).__name__}: {exc}")
+    with contextlib.ExitStack() as stack:
+        try:
+            upstream = stack.enter_context(resolve_upstream(args.base_url))
+        except ImportError as exc:
+            return _error(str(exc))
+        model = args.model or default_model(upstream)
+        client = stack.enter_context(_client(upstream, model))
+        return run(client, model, tools)
     raise AssertionError("unreachable")  # pragma: no cover  (ExitStack may swallow)
 
 

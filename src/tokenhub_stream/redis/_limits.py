@@ -18,17 +18,11 @@ import math
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Self
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 
-try:
-    import redis.asyncio as aioredis
-    from redis.exceptions import RedisError
-except ImportError as exc:  # pragma: no cover
-    raise ImportError(
-        "tokenhub_stream.redis needs redis-py: pip install 'tokenhub_stream[redis]'"
-    ) from exc
+from ._connection import RedisBacked, RedisError, aioredis
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -131,13 +125,12 @@ class BudgetUsage:
     reset_after: float
 
 
-class _RedisLimit:
+class _RedisLimit(RedisBacked):
     """The Redis connection, key prefix, timeout and error policy of one limiter."""
 
     def __init__(
         self,
         connection: str | aioredis.Redis,
-        *,
         prefix: str,
         on_redis_error: OnRedisError,
         error_retry_after: float,
@@ -161,39 +154,15 @@ class _RedisLimit:
                 raise ValueError("the Redis URL must start with redis://, rediss:// or unix://")
             secrets = (parsed.password, urllib.parse.unquote(parsed.password or ""))
             self._secrets = tuple(s for s in secrets if s)
-            # A bounded pool: a burst of requests waits for a connection (within `timeout`)
-            # instead of opening one each until Redis refuses every client (maxclients).
-            pool = aioredis.BlockingConnectionPool.from_url(
-                connection,
-                max_connections=max_connections,
-                timeout=timeout,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-            )
-            self._redis: aioredis.Redis = aioredis.Redis.from_pool(pool)
-            self._owns_client = True
-        elif isinstance(connection, aioredis.Redis):
-            self._redis = connection
-            self._owns_client = False
-        else:
-            raise TypeError("connection must be a redis:// URL or a redis.asyncio.Redis")
+        super().__init__(
+            connection, max_connections=max_connections, timeout=timeout, socket_timeout=timeout
+        )
         self.prefix = prefix
         self.on_redis_error: OnRedisError = on_redis_error
         self.error_retry_after = error_retry_after
         self.timeout = timeout
         self._last_warning = -math.inf
         self._suppressed = 0
-
-    async def aclose(self) -> None:
-        """Close the Redis connection pool, if this object created it from a URL."""
-        if self._owns_client:
-            await self._redis.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *args: object) -> None:
-        await self.aclose()
 
     def _script(self, source: str) -> AsyncScript:
         return self._redis.register_script(source)
@@ -206,6 +175,17 @@ class _RedisLimit:
         if not isinstance(result, list):  # pragma: no cover - the scripts return tables
             raise RedisError("unexpected script result")
         return result
+
+    async def _take(
+        self, script: AsyncScript, key: str, args: list[str], action: str
+    ) -> float | None:
+        """Run a checking script: `None` if it allowed the request, else the seconds to
+        wait (the script's last value), or what `on_redis_error` says if Redis failed."""
+        try:
+            result = await self._run(script, key, args)
+        except (RedisError, OSError, TimeoutError) as exc:
+            return self._on_error(action, exc)
+        return None if result[0] == 1 else max(float(_text(result[-1])), 0.001)
 
     def _on_error(self, action: str, exc: BaseException) -> float | None:
         # Log without secrets: redis-py's messages name host and port, never the password,
@@ -285,14 +265,8 @@ class RedisRateLimiter(_RedisLimit):
             raise ValueError("rate must be a positive number")
         if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
             raise ValueError("burst must be a positive integer")
-        super().__init__(
-            connection,
-            prefix=prefix,
-            on_redis_error=on_redis_error,
-            error_retry_after=error_retry_after,
-            timeout=timeout,
-            max_connections=max_connections,
-        )
+        limit = (prefix, on_redis_error, error_retry_after, timeout, max_connections)
+        super().__init__(connection, *limit)
         self.rate = float(rate)
         self.burst = burst
         self._bucket = self._script(_TOKEN_BUCKET)
@@ -305,15 +279,8 @@ class RedisRateLimiter(_RedisLimit):
 
     async def acquire(self, key: str) -> float | None:
         """Take one token for `key`: `None` if allowed, else the seconds until one is back."""
-        try:
-            allowed, wait = await self._run(
-                self._bucket, key, [repr(self.rate), str(self.burst), "1"]
-            )
-        except (RedisError, OSError, TimeoutError) as exc:
-            return self._on_error("a rate-limit check", exc)
-        if allowed == 1:
-            return None
-        return max(float(_text(wait)), 0.001)
+        args = [repr(self.rate), str(self.burst), "1"]
+        return await self._take(self._bucket, key, args, "a rate-limit check")
 
 
 class RedisBudget(_RedisLimit):
@@ -384,14 +351,8 @@ class RedisBudget(_RedisLimit):
                 raise ValueError(f"{name} must be a non-negative integer or None")
         if not window > 0 or math.isinf(window):
             raise ValueError("window must be a positive number of seconds")
-        super().__init__(
-            connection,
-            prefix=prefix,
-            on_redis_error=on_redis_error,
-            error_retry_after=error_retry_after,
-            timeout=timeout,
-            max_connections=max_connections,
-        )
+        limit = (prefix, on_redis_error, error_retry_after, timeout, max_connections)
+        super().__init__(connection, *limit)
         self.requests = requests
         self.tokens = tokens
         self.window = float(window)
@@ -413,13 +374,7 @@ class RedisBudget(_RedisLimit):
 
     async def acquire(self, key: str) -> float | None:
         """Count one request for `key`: `None` if within budget, else seconds to the next window."""
-        try:
-            allowed, _, _, reset = await self._run(self._budget, key, self._args(-1))
-        except (RedisError, OSError, TimeoutError) as exc:
-            return self._on_error("a budget check", exc)
-        if allowed == 1:
-            return None
-        return max(float(_text(reset)), 0.001)
+        return await self._take(self._budget, key, self._args(-1), "a budget check")
 
     async def record(self, key: str, usage: Usage) -> None:
         """Add a finished turn's tokens (its `total_tokens`, else prompt + completion) to `key`."""

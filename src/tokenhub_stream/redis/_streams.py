@@ -28,19 +28,11 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Self
 
 import anyio
 
-try:
-    import redis.asyncio as aioredis
-    from redis.exceptions import RedisError
-except ImportError as exc:  # pragma: no cover
-    raise ImportError(
-        "tokenhub_stream.redis needs redis-py: pip install 'tokenhub_stream[redis]'"
-    ) from exc
-
 from ..asgi._buffers import StreamInfo
+from ._connection import RedisBacked, RedisError, aioredis
 
 __all__ = ["RedisStreamBuffer"]
 
@@ -61,7 +53,7 @@ _WAKE_TTL_MS = 60_000
 logger = logging.getLogger("tokenhub_stream.redis")
 
 
-class RedisStreamBuffer:
+class RedisStreamBuffer(RedisBacked):
     """A `StreamBuffer` on Redis Streams, shared by every proxy process using that Redis.
 
     ```python
@@ -108,26 +100,12 @@ class RedisStreamBuffer:
         if isinstance(max_connections, bool) or max_connections < 2:
             # One of them is the shared blocking read's for up to 4 s at a time.
             raise ValueError("max_connections must be at least 2")
-        if isinstance(connection, str):
-            # No socket timeout: each command is bounded here, and XREAD BLOCK waits longer.
-            # A bounded pool: a burst waits (within `timeout`) instead of opening connections
-            # until Redis refuses everyone's (maxclients).
-            pool = aioredis.BlockingConnectionPool.from_url(
-                connection,
-                max_connections=max_connections,
-                timeout=timeout,
-                socket_timeout=None,
-                socket_connect_timeout=timeout,
-            )
-            self._redis: aioredis.Redis = aioredis.Redis.from_pool(pool)
-            self._owns_client = True
-        elif isinstance(connection, aioredis.Redis):
-            if connection.connection_pool.connection_kwargs.get("decode_responses"):
-                raise ValueError("RedisStreamBuffer needs a client with decode_responses off")
-            self._redis = connection
-            self._owns_client = False
-        else:
-            raise TypeError("connection must be a redis:// URL or a redis.asyncio.Redis")
+        if isinstance(connection, aioredis.Redis) and _decodes(connection):
+            raise ValueError("RedisStreamBuffer needs a client with decode_responses off")
+        # No socket timeout: each command is bounded here, and XREAD BLOCK waits longer.
+        super().__init__(
+            connection, max_connections=max_connections, timeout=timeout, socket_timeout=None
+        )
         self.prefix = prefix
         self.max_events = max_events
         self.live_ttl = live_ttl
@@ -145,14 +123,7 @@ class RedisStreamBuffer:
     async def aclose(self) -> None:
         """Stop the shared read; close the connection pool, if this object made it from a URL."""
         await self._tailer.aclose()
-        if self._owns_client:
-            await self._redis.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *args: object) -> None:
-        await self.aclose()
+        await super().aclose()
 
     def _keys(self, stream_id: str) -> tuple[str, str]:
         key = self.prefix + stream_id
@@ -432,6 +403,10 @@ def _entries_by_key(found: object) -> dict[bytes, list[tuple[bytes, dict[bytes, 
         return out
     assert isinstance(found, list)
     return {key: list(entries) for key, entries in found}
+
+
+def _decodes(client: aioredis.Redis) -> bool:
+    return bool(client.connection_pool.connection_kwargs.get("decode_responses"))
 
 
 def _ms(seconds: float) -> int:
