@@ -272,9 +272,9 @@ class ChunkParser:
             template is not None
             and chunk.startswith(template[0])
             and chunk.endswith(template[1])
-            and decoder._clean
+            and decoder.at_event_start
             and not self.stopped
-            and len(chunk) - 8 <= decoder._max
+            and len(chunk) - 8 <= decoder.max_event_bytes
         ):
             start = len(template[0])
             stop = len(chunk) - len(template[1]) + 1  # after the closing quote
@@ -299,12 +299,12 @@ class ChunkParser:
         # bytes as they are; anything else (invalid UTF-8, another shape, a wrong type)
         # leaves this path before any state changed and takes the general one below.
         if (
-            decoder._clean
+            decoder.at_event_start
             and chunk.startswith(b"data: {")
             and chunk.find(b"\n") == len(chunk) - 2
             and chunk[-1] == 10  # "\n"
             and chunk.find(b"\r") < 0  # faster than `not in`
-            and len(chunk) - 8 <= decoder._max
+            and len(chunk) - 8 <= decoder.max_event_bytes
             and not self.stopped
         ):
             data = chunk[6:-2]
@@ -430,7 +430,7 @@ class ChunkParser:
         if not isinstance(data, bytes):
             raise ProtocolError(f"invalid JSON in data frame: {error}")
         try:
-            text = data.decode("utf-8", self._decoder._errors)
+            text = data.decode("utf-8", self._decoder.utf8_errors)
         except UnicodeDecodeError as exc:
             raise ProtocolError(f"invalid UTF-8 in event data: {exc.reason}") from None
         return loads(text)
@@ -438,7 +438,7 @@ class ChunkParser:
     def _take_deferred(self) -> None:
         # The decoder returned the events before a bad line of the same chunk and kept
         # the error for later: record it now, not when the next chunk (if any) arrives.
-        failed = self._decoder._failed
+        failed = self._decoder.deferred_error
         if failed is not None:
             self.error, self.stopped = failed, True
 
