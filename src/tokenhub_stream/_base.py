@@ -22,15 +22,7 @@ from urllib.request import getproxies
 import anyio
 import httpx
 
-from ._chunks import (
-    ChunkParser,
-    Redact,
-    content_text,
-    error_from_frame,
-    error_from_status,
-    loads,
-    request_id_of,
-)
+from ._chunks import ChunkParser, content_text
 from ._config import (
     DEFAULT_BASE_URL,
     DEFAULT_DRAIN_TIMEOUT,
@@ -45,6 +37,7 @@ from ._config import (
     env_api_key,
     env_base_url,
 )
+from ._errors import error_from_frame, error_from_status, request_id_of
 from ._exceptions import (
     MissingAPIKeyError,
     ProtocolError,
@@ -54,6 +47,7 @@ from ._exceptions import (
     TransportError,
     TruncatedStreamError,
 )
+from ._json import Redact, loads
 from ._models import ChatMessage, Outcome, Timings, ToolCall, Usage
 from ._watchdog import StreamTimer, watchdog
 
