@@ -13,7 +13,6 @@ from ._base import (
     AsyncShield,
     BaseClient,
     Call,
-    ChatResult,
     CompletionDeadline,
     HeaderTypes,
     MessagesTypes,
@@ -25,9 +24,9 @@ from ._base import (
     direct_transport_ok,
     generator_done,
     is_event_stream,
-    parse_completion,
     raw_chunks,
 )
+from ._chunks import parse_completion
 from ._config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_MAX_EVENT_BYTES,
@@ -40,7 +39,7 @@ from ._config import (
     UnsetType,
 )
 from ._exceptions import TokenHubError
-from ._models import StreamEvent
+from ._models import ChatResult, StreamEvent
 from .tools import ToolsTypes
 from .tools._loop import DEFAULT_MAX_TURNS, AsyncToolLoop, arun_tools
 

@@ -22,7 +22,7 @@ from urllib.request import getproxies
 import anyio
 import httpx
 
-from ._chunks import ChunkParser, content_text
+from ._chunks import ChunkParser
 from ._config import (
     DEFAULT_BASE_URL,
     DEFAULT_DRAIN_TIMEOUT,
@@ -756,64 +756,3 @@ def outcome_for(error: TokenHubError, had_response: bool) -> Outcome:
     if isinstance(error, TransportError):
         return Outcome("truncated" if had_response else "upstream_error", None, error)
     return Outcome("upstream_error", None, error)
-
-
-@dataclass(frozen=True, slots=True)
-class ChatResult:
-    """The answer of a non-streaming `chat()` call."""
-
-    message: ChatMessage
-    usage: Usage | None
-    model: str | None = None
-    id: str | None = None
-
-
-def parse_completion(body: bytes, redact: Redact | None = None) -> ChatResult:
-    """Parse a non-streaming `chat.completion` JSON body."""
-    try:
-        obj = loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise ProtocolError(f"invalid JSON in the response: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ProtocolError("the response is not a JSON object")
-    if "error" in obj or obj.get("object") == "error":
-        raise error_from_frame(obj, redact=redact)
-    choices = obj.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise ProtocolError("the response has no choices")
-    choice = choices[0]
-    raw = choice.get("message")
-    if not isinstance(raw, dict):
-        raise ProtocolError("the response's choice has no message")
-    calls = []
-    for item in raw.get("tool_calls") or ():
-        if not isinstance(item, dict) or not isinstance(item.get("function"), dict):
-            raise ProtocolError("malformed tool call in the response")
-        function = item["function"]
-        extra = {k: v for k, v in item.items() if k not in ("id", "type", "function", "index")}
-        calls.append(
-            ToolCall(
-                str(item.get("id") or ""),
-                str(function.get("name") or ""),
-                str(function.get("arguments") or ""),
-                str(item.get("type") or "function"),
-                extra,
-            )
-        )
-    reasoning = raw.get("reasoning_content") or raw.get("reasoning")
-    # Mistral's magistral answers `content` as a list of typed parts (docs/streaming.md#quirks).
-    content, thinking = content_text(raw.get("content") or "")
-    message = ChatMessage(
-        role=str(raw.get("role") or "assistant"),
-        content=content,
-        reasoning=reasoning if isinstance(reasoning, str) else thinking,
-        tool_calls=tuple(calls),
-        finish_reason=choice.get("finish_reason"),
-    )
-    usage = obj.get("usage")
-    return ChatResult(
-        message,
-        Usage.from_dict(usage) if isinstance(usage, dict) else None,
-        obj.get("model") if isinstance(obj.get("model"), str) else None,
-        obj.get("id") if isinstance(obj.get("id"), str) else None,
-    )

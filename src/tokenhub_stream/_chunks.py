@@ -19,6 +19,7 @@ from ._exceptions import ProtocolError, TokenHubError, TruncatedStreamError
 from ._json import JSON_BACKEND, Redact, loads, redact_json
 from ._models import (
     ChatMessage,
+    ChatResult,
     ContentDelta,
     FinishEvent,
     ReasoningDelta,
@@ -31,7 +32,7 @@ from ._models import (
 from ._sse import SSEDecoder
 
 # `redact_json` is asgi/_wire.py's, from before the JSON helpers had a module of their own.
-__all__ = ["ChunkParser", "content_text", "redact_json"]
+__all__ = ["ChunkParser", "content_text", "parse_completion", "redact_json"]
 
 
 def _stdlib_loads_event(data: str | bytes) -> Any:
@@ -642,3 +643,60 @@ class ChunkParser:
             tool_calls=tuple(b.build() for b in self._tool_calls),
             finish_reason=self.finish_reason,
         )
+
+
+def parse_completion(body: bytes, redact: Redact | None = None) -> ChatResult:
+    """Parse a non-streaming `chat.completion` JSON body: the one reader of it, for
+    `chat()` and for the proxy's turn record (`asgi/_record.py`).
+
+    Raises:
+        ProtocolError: not JSON, not an object, no choices or message, a malformed tool call.
+        APIError: the body is an error (`{"error": ...}`), `redact` applied to its text.
+    """
+    try:
+        obj = loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"invalid JSON in the response: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("the response is not a JSON object")
+    if "error" in obj or obj.get("object") == "error":
+        raise error_from_frame(obj, redact=redact)
+    choices = obj.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise ProtocolError("the response has no choices")
+    choice = choices[0]
+    raw = choice.get("message")
+    if not isinstance(raw, dict):
+        raise ProtocolError("the response's choice has no message")
+    calls = []
+    for item in raw.get("tool_calls") or ():
+        if not isinstance(item, dict) or not isinstance(item.get("function"), dict):
+            raise ProtocolError("malformed tool call in the response")
+        function = item["function"]
+        extra = {k: v for k, v in item.items() if k not in ("id", "type", "function", "index")}
+        calls.append(
+            ToolCall(
+                str(item.get("id") or ""),
+                str(function.get("name") or ""),
+                str(function.get("arguments") or ""),
+                str(item.get("type") or "function"),
+                extra,
+            )
+        )
+    reasoning = raw.get("reasoning_content") or raw.get("reasoning")
+    # Mistral's magistral answers `content` as a list of typed parts (docs/streaming.md#quirks).
+    content, thinking = content_text(raw.get("content") or "")
+    message = ChatMessage(
+        role=str(raw.get("role") or "assistant"),
+        content=content,
+        reasoning=reasoning if isinstance(reasoning, str) else thinking,
+        tool_calls=tuple(calls),
+        finish_reason=choice.get("finish_reason"),
+    )
+    usage = obj.get("usage")
+    return ChatResult(
+        message,
+        Usage.from_dict(usage) if isinstance(usage, dict) else None,
+        obj.get("model") if isinstance(obj.get("model"), str) else None,
+        obj.get("id") if isinstance(obj.get("id"), str) else None,
+    )

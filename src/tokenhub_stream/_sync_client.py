@@ -12,7 +12,6 @@ from ._base import (
     ERROR_BODY_LIMIT,
     BaseClient,
     Call,
-    ChatResult,
     CompletionDeadline,
     HeaderTypes,
     MessagesTypes,
@@ -24,10 +23,10 @@ from ._base import (
     direct_transport_ok,
     generator_done,
     is_event_stream,
-    parse_completion,
     raw_chunks,
     sync_sleep,
 )
+from ._chunks import parse_completion
 from ._config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_MAX_EVENT_BYTES,
@@ -40,7 +39,7 @@ from ._config import (
     UnsetType,
 )
 from ._exceptions import TokenHubError
-from ._models import StreamEvent
+from ._models import ChatResult, StreamEvent
 from .tools import ToolsTypes
 from .tools._loop_sync import DEFAULT_MAX_TURNS, ToolLoop, run_tools_sync
 
