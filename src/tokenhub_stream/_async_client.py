@@ -211,8 +211,7 @@ class _AsyncStreamCore(StreamState):
 
     async def _release_response(self) -> None:
         if self._timer is not None:
-            self._timer.stop()
-        self._sock = None  # closed, or back in the pool: never ours to shut down again
+            self._timer.release()  # closed, or back in the pool: never ours to shut down
         response, self._response = self._response, None
         chunks, self._chunks = self._chunks, None
         if chunks is not None and generator_done(chunks):

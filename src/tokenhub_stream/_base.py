@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import random
-import socket
 import sys
 import time
 import warnings
@@ -49,7 +48,7 @@ from ._exceptions import (
 )
 from ._json import Redact, loads
 from ._models import ChatMessage, Outcome, Timings, ToolCall, Usage
-from ._watchdog import StreamTimer, watchdog
+from ._watchdog import StreamTimer
 
 MessagesTypes: TypeAlias = Sequence[Mapping[str, object]]
 HeaderTypes: TypeAlias = Mapping[str, str]
@@ -303,38 +302,6 @@ def direct_request(url: httpx.URL, call: Call, defaults: Mapping[str, str]) -> h
     )
 
 
-def watch_response(
-    response: httpx.Response, timer: StreamTimer, total_deadline: float | None
-) -> bool:
-    """Hand the response's socket to the watchdog; False without one (mock transports)."""
-    sock = socket_of(response)
-    return sock is not None and watchdog.watch(timer, sock, total_deadline)
-
-
-def socket_of(response: httpx.Response) -> object | None:
-    """The socket under a response (httpx's `network_stream` extension), or None."""
-    stream = response.extensions.get("network_stream")
-    if stream is None:
-        return None
-    try:
-        sock = _SOCKETS.get(stream)
-    except TypeError:  # not weak-referenceable
-        sock = None
-    if sock is None:
-        get_info = getattr(stream, "get_extra_info", None)
-        sock = get_info("socket") if get_info is not None else None
-        if sock is None:
-            return None
-        # A network stream keeps its socket for life and is reused by every request on
-        # its pooled connection; anyio's lookup builds a dict of attributes each time.
-        with contextlib.suppress(TypeError):
-            _SOCKETS[stream] = sock
-    return sock
-
-
-_SOCKETS: weakref.WeakKeyDictionary[object, object] = weakref.WeakKeyDictionary()
-
-
 class CompletionDeadline:
     """The deadline of a non-streaming `chat()`: the whole answer must arrive within
     `first_token` (the answer is its first token), and within `total` when set. Blank-line
@@ -353,7 +320,7 @@ class CompletionDeadline:
         parser = ChunkParser(started_at=self.sent_at)
         self._timer = StreamTimer(parser, first_token=t.first_token, idle=None)
         total = None if t.total is None else self.sent_at + t.total
-        watch_response(response, self._timer, total)
+        self._timer.watch(response, total)
 
     def error(self, exc: Exception) -> TokenHubError:
         """Translate an httpx error raised while reading the body."""
@@ -428,10 +395,8 @@ class StreamState:
         self._call = call
         self._sent_at: float | None = None
         self._parser = self._new_parser()
-        self._timer: StreamTimer | None = None
-        self._watched = False
+        self._timer: StreamTimer | None = None  # the open response's deadlines and socket
         self._response: httpx.Response | None = None  # open, and not yet released
-        self._sock: object | None = None  # the open response's socket, if it has one
         self._owners: list[_OwnerRef] = []
         # Where the caller made the stream, for the warning if it is dropped unclosed
         # (tracemalloc cannot tell on Python 3.11 for an object with a `__dict__`).
@@ -489,9 +454,8 @@ class StreamState:
             # httpcore reads the body's read timeout when the body starts: loosen it to a
             # backstop; the watchdog enforces the exact first-token/idle/total deadlines.
             timeouts["read"] = _max(t.first_token, t.idle, t.total)
-        self._timer = timer = StreamTimer(self._parser, first_token=t.first_token, idle=t.idle)
-        self._sock = sock = socket_of(response)
-        self._watched = sock is not None and watchdog.watch(timer, sock, self._total_deadline)
+        self._timer = StreamTimer(self._parser, first_token=t.first_token, idle=t.idle)
+        self._timer.watch(response, self._total_deadline)
 
     def _read_error(self, exc: Exception) -> TokenHubError:
         """Translate an httpx error raised while reading the body."""
@@ -510,11 +474,7 @@ class StreamState:
 
     def _start_drain(self) -> bool:
         """After [DONE]: drain only if a watchdog can bound the time it takes."""
-        if not self._watched or self._timer is None:
-            return False
-        self._timer.drain_deadline = time.monotonic() + self._base.drain_timeout
-        watchdog.reschedule(self._timer, self._total_deadline)
-        return True
+        return self._timer is not None and self._timer.drain(self._base.drain_timeout)
 
     def _settle(self) -> TokenHubError | None:
         """Decide the stream's result once the body loop ended; returns the error to raise."""
@@ -582,18 +542,13 @@ class StreamState:
         """Every owner is gone and the response is open: close the connection now.
 
         This runs inside a weakref callback, so it must not await: it shuts the socket
-        down as the watchdog does (the pending or next read ends at once, and the
+        down (`StreamTimer.shutdown`: the pending or next read ends at once, and the
         upstream sees the disconnect), and leaves the rest of the cleanup to the
         consuming generator's `finally` (run at once in sync code, and by the event
-        loop's async-generator finalizer in async code). The socket is not closed here:
-        its descriptor still belongs to the event loop's transport.
+        loop's async-generator finalizer in async code).
         """
-        sock, self._sock = self._sock, None
         if self._timer is not None:
-            self._timer.stop()  # the watchdog forgets the socket first
-        if sock is not None:
-            with contextlib.suppress(OSError, AttributeError):
-                sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+            self._timer.shutdown()
         filename, line = self._made_at
         message = (
             f"unclosed stream {self!r} made at {filename}:{line}: its connection was shut "
