@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import sys
 import time
 import warnings
@@ -48,6 +47,7 @@ from ._exceptions import (
 )
 from ._json import Redact, loads
 from ._models import ChatMessage, Outcome, Timings, ToolCall, Usage
+from ._retry import Retries
 from ._watchdog import StreamTimer
 
 MessagesTypes: TypeAlias = Sequence[Mapping[str, object]]
@@ -85,6 +85,8 @@ class Call:
     timeout: Timeout
     max_retries: int
     model: str
+    stream: bool
+    redact: Redact = field(repr=False)  # hides the client's key in what the upstream says
     messages: list[Mapping[str, object]] = field(default_factory=list)
 
     def httpx_timeout(self) -> httpx.Timeout:
@@ -227,54 +229,50 @@ class BaseClient:
             timeout=self.timeout if timeout is UNSET else Timeout.coerce(timeout),
             max_retries=self.max_retries if max_retries is UNSET else max_retries,
             model=model_name,
+            stream=stream,
+            redact=self._redact,
             messages=list(messages),
         )
 
-    def _send_error(self, exc: Exception, call: Call) -> TokenHubError:
-        """Translate an httpx error raised before the response headers arrived."""
-        t = call.timeout
-        if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
-            error: TokenHubError = StreamTimeout("connect", t.connect)
-        elif isinstance(exc, httpx.TimeoutException):
-            is_total = t.total is not None and t.total == call.httpx_timeout().read
-            error = StreamTimeout(
-                *(("total", t.total) if is_total else ("first_token", t.first_token))
-            )
-        elif isinstance(exc, httpx.ConnectError):
-            error = TransportError(f"could not connect to the upstream: {exc}", retryable=True)
-        else:
-            error = TransportError(f"{type(exc).__name__}: {exc}")
-        error.__cause__ = exc
-        return error
 
-    def _status_error(self, response: httpx.Response, body: bytes) -> TokenHubError:
-        """The error for an HTTP error status, or for a 2xx that is not an event stream."""
-        headers = response.headers
-        if response.status_code >= 300:
-            return error_from_status(
-                response.status_code,
-                body,
-                headers,
-                reason=response.reason_phrase,
-                redact=self._redact,
-            )
-        try:
-            obj = loads(body)
-        except (ValueError, RecursionError):
-            obj = None
-        if isinstance(obj, dict) and ("error" in obj or obj.get("object") == "error"):
-            return error_from_frame(obj, request_id=request_id_of(headers), redact=self._redact)
-        ctype = headers.get("content-type", "(none)")
-        return ProtocolError(f"expected a text/event-stream response, got {ctype}")
+def answered(call: Call, response: httpx.Response) -> bool:
+    """Whether `response` is the answer `call` waits for: a 2xx, and an event stream when
+    it streams (anything else becomes an error: `status_error`)."""
+    return response.status_code < 300 and (not call.stream or is_event_stream(response))
 
-    def _retry_delay(self, attempt: int, max_retries: int, error: TokenHubError) -> float | None:
-        """Seconds to wait before retry number `attempt + 1`, or None to give up."""
-        if attempt >= max_retries or not getattr(error, "retryable", False):
-            return None
-        retry_after = getattr(error, "retry_after", None)
-        if isinstance(retry_after, int | float):
-            return float(retry_after) if retry_after <= self.max_retry_wait else None
-        return min(8.0, 0.5 * 2.0**attempt) * (0.5 + random.random() / 2)
+
+def send_error(exc: Exception, call: Call) -> TokenHubError:
+    """Translate an httpx error raised before the response headers arrived."""
+    t = call.timeout
+    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+        error: TokenHubError = StreamTimeout("connect", t.connect)
+    elif isinstance(exc, httpx.TimeoutException):
+        is_total = t.total is not None and t.total == call.httpx_timeout().read
+        error = StreamTimeout(*(("total", t.total) if is_total else ("first_token", t.first_token)))
+    elif isinstance(exc, httpx.ConnectError):
+        error = TransportError(f"could not connect to the upstream: {exc}", retryable=True)
+    else:
+        error = TransportError(f"{type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def status_error(call: Call, response: httpx.Response, body: bytes) -> TokenHubError:
+    """The error for an HTTP error status, or for a 2xx that is not an event stream
+    (`body`: the start of the response's body)."""
+    headers = response.headers
+    if response.status_code >= 300:
+        return error_from_status(
+            response.status_code, body, headers, reason=response.reason_phrase, redact=call.redact
+        )
+    try:
+        obj = loads(body)
+    except (ValueError, RecursionError):
+        obj = None
+    if isinstance(obj, dict) and ("error" in obj or obj.get("object") == "error"):
+        return error_from_frame(obj, request_id=request_id_of(headers), redact=call.redact)
+    ctype = headers.get("content-type", "(none)")
+    return ProtocolError(f"expected a text/event-stream response, got {ctype}")
 
 
 def direct_transport_ok(base_url: str) -> bool:
@@ -311,6 +309,10 @@ class CompletionDeadline:
         self._call = call
         self.sent_at = time.monotonic()
         self._timer: StreamTimer | None = None
+
+    def restart(self) -> None:
+        """The request is sent (again): the deadlines count from now."""
+        self.sent_at = time.monotonic()
 
     def watch(self, response: httpx.Response) -> None:
         t = self._call.timeout
@@ -403,7 +405,7 @@ class StreamState:
         made = _outside_frame(sys._getframe(1))
         self._made_at = (made.f_code.co_filename, made.f_lineno)
         self._total_deadline: float | None = None
-        self._attempt = 0
+        self._retries = Retries(call.max_retries, client.max_retry_wait)
         self._claimed = False
         self._closed = False
         self._outcome: Outcome | None = None
@@ -417,7 +419,7 @@ class StreamState:
             strict=self._base.strict_utf8,
             started_at=self._sent_at,
             request_id=request_id,
-            redact=self._base._redact,
+            redact=self._call.redact,
         )
 
     def _claim(self) -> None:
@@ -504,11 +506,8 @@ class StreamState:
         return error
 
     def _retry_after_failure(self, error: TokenHubError) -> float | None:
-        if self._parser.delivered:
-            return None  # never retry once a delta has been handed out
-        delay = self._base._retry_delay(self._attempt, self._call.max_retries, error)
+        delay = self._retries.next_delay(error, delivered=bool(self._parser.delivered))
         if delay is not None:
-            self._attempt += 1
             self._outcome = None
         return delay
 
