@@ -16,11 +16,10 @@ from ._base import (
     CompletionDeadline,
     HeaderTypes,
     MessagesTypes,
-    StreamState,
-    StreamView,
     TimeoutTypes,
     answered,
     async_sleep,
+    build_call,
     direct_request,
     direct_transport_ok,
     generator_done,
@@ -43,6 +42,7 @@ from ._config import (
 from ._exceptions import TokenHubError
 from ._models import ChatResult, StreamEvent
 from ._retry import Retries
+from ._stream import StreamState, StreamView
 from .tools import ToolsTypes
 from .tools._loop import DEFAULT_MAX_TURNS, AsyncToolLoop, arun_tools
 
@@ -354,7 +354,8 @@ class AsyncClient(BaseClient):
             TypeError: `stream` given in `params`, or messages not a list.
             MissingAPIKeyError: no key for the default token-hub URL.
         """
-        call = self._prepare(
+        call = build_call(
+            self,
             messages,
             model,
             params,
@@ -431,7 +432,8 @@ class AsyncClient(BaseClient):
             TransportError: the upstream could not be reached.
             ProtocolError: the response was not a chat completion.
         """
-        call = self._prepare(
+        call = build_call(
+            self,
             messages,
             model,
             params,

@@ -15,11 +15,10 @@ from ._base import (
     CompletionDeadline,
     HeaderTypes,
     MessagesTypes,
-    StreamState,
-    StreamView,
     SyncShield,
     TimeoutTypes,
     answered,
+    build_call,
     direct_request,
     direct_transport_ok,
     generator_done,
@@ -43,6 +42,7 @@ from ._config import (
 from ._exceptions import TokenHubError
 from ._models import ChatResult, StreamEvent
 from ._retry import Retries
+from ._stream import StreamState, StreamView
 from .tools import ToolsTypes
 from .tools._loop_sync import DEFAULT_MAX_TURNS, ToolLoop, run_tools_sync
 
@@ -353,7 +353,8 @@ class Client(BaseClient):
             TypeError: `stream` given in `params`, or messages not a list.
             MissingAPIKeyError: no key for the default token-hub URL.
         """
-        call = self._prepare(
+        call = build_call(
+            self,
             messages,
             model,
             params,
@@ -430,7 +431,8 @@ class Client(BaseClient):
             TransportError: the upstream could not be reached.
             ProtocolError: the response was not a chat completion.
         """
-        call = self._prepare(
+        call = build_call(
+            self,
             messages,
             model,
             params,
