@@ -326,22 +326,31 @@ class CompletionDeadline:
         self.stop()
         fired = self._timer.fired if self._timer is not None else None
         t = self._call.timeout
+        timeout = None
         if fired in ("first_token", "total") or isinstance(exc, httpx.TimeoutException):
-            error: TokenHubError = (
+            timeout = (
                 StreamTimeout("total", t.total)
                 if fired == "total"
                 else StreamTimeout("first_token", t.first_token)
             )
-        elif isinstance(exc, httpx.RemoteProtocolError):
-            error = TruncatedStreamError(f"the upstream closed the response mid-way: {exc}")
-        else:
-            error = TransportError(f"reading the response failed: {type(exc).__name__}: {exc}")
-        error.__cause__ = exc
-        return error
+        return read_error(exc, "response", timeout)
 
     def stop(self) -> None:
         if self._timer is not None:
             self._timer.stop()
+
+
+def read_error(exc: Exception, what: str, timeout: StreamTimeout | None) -> TokenHubError:
+    """Translate an httpx error raised while reading a body (`what`: "response" or
+    "stream"); `timeout` is what the error means when a deadline caused it."""
+    if timeout is not None:
+        error: TokenHubError = timeout
+    elif isinstance(exc, httpx.RemoteProtocolError):
+        error = TruncatedStreamError(f"the upstream closed the {what} mid-way: {exc}")
+    else:
+        error = TransportError(f"reading the {what} failed: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 def generator_done(generator: object) -> bool:

@@ -303,16 +303,8 @@ class ChunkParser:
             except (KeyError, TypeError, ValueError):
                 pass
             return self._feed_datas((data,), obj)
-        if self.stopped:
-            return []
-        try:
-            datas = decoder.feed_data(chunk)
-        except ProtocolError as exc:
-            self.error, self.stopped = exc, True
-            return []
-        if not datas:
-            return []
-        return self._feed_datas(datas)
+        datas = self._decode(chunk)
+        return self._feed_datas(datas) if datas else []
 
     def _learn_template(self, chunk: bytes, content: str) -> None:
         # `chunk` is one whole event that parsed as a plain content delta for choice 0.
@@ -354,9 +346,26 @@ class ChunkParser:
             return
         self._template = (prefix, suffix)
 
-    def _feed_datas(self, datas: tuple[bytes] | list[str], parsed: object = _UNPARSED) -> list[str]:
-        # The general path of feed_text: every event's data, any shape. `parsed` is the
-        # first event's JSON when the hot path already parsed it.
+    def _decode(self, chunk: bytes) -> list[str]:
+        # The data of the events `chunk` completed; none once stopped, or when the decoder
+        # refuses the chunk (the error is recorded).
+        if self.stopped:
+            return []
+        try:
+            return self._decoder.feed_data(chunk)
+        except ProtocolError as exc:
+            self.error, self.stopped = exc, True
+            return []
+
+    def _feed_datas(
+        self,
+        datas: tuple[bytes] | list[str],
+        parsed: object = _UNPARSED,
+        events: list[StreamEvent] | None = None,
+    ) -> list[str]:
+        # The general path: every event's data, any shape; returns the content deltas,
+        # and appends the typed events to `events` when given (feed_events). `parsed` is
+        # the first event's JSON when feed_text's hot path already parsed it.
         out: list[str] = []
         before = self.last_event_at
         self.last_event_at = self.clock()
@@ -376,7 +385,7 @@ class ChunkParser:
                             blank += 1
                             continue
                         obj = self._reload_event(data, exc)
-                text = self._apply(obj, None)
+                text = self._apply(obj, events)
             except TokenHubError as exc:
                 self.error, self.stopped = exc, True
                 break
@@ -412,42 +421,10 @@ class ChunkParser:
     def feed_events(self, chunk: bytes) -> list[StreamEvent]:
         """Decode `chunk`; return the typed events it completed."""
         out: list[StreamEvent] = []
-        if self.stopped:
-            return out
-        try:
-            datas = self._decoder.feed_data(chunk)
-        except ProtocolError as exc:
-            self.error, self.stopped = exc, True
-            return out
-        if not datas:
-            return out
-        before = self.last_event_at
-        self.last_event_at = self.clock()
-        blank = 0
-        for data in datas:
-            if data == "[DONE]":
-                self.done = self.stopped = True
-                break
-            try:
-                try:
-                    obj = loads(data)
-                except ValueError:
-                    if not _is_blank(data):
-                        raise
-                    blank += 1
-                    continue
-                self._apply(obj, out)
-            except TokenHubError as exc:
-                self.error, self.stopped = exc, True
-                break
-            except (ValueError, RecursionError) as exc:
-                self.error, self.stopped = ProtocolError(f"invalid JSON in data frame: {exc}"), True
-                break
-        if blank == len(datas):
-            self.last_event_at = before  # blank events only: no progress, as a comment
-        if not self.stopped:
-            self._take_deferred()
-        self._events_out += len(out)
+        datas = self._decode(chunk)
+        if datas:
+            self._feed_datas(datas, events=out)
+            self._events_out += len(out)
         return out
 
     def feed_eof(self) -> None:

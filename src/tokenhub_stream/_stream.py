@@ -14,7 +14,7 @@ from typing import Self
 
 import httpx
 
-from ._base import BaseClient, Call, loosen_read_timeout
+from ._base import BaseClient, Call, loosen_read_timeout, read_error
 from ._chunks import ChunkParser
 from ._errors import request_id_of
 from ._exceptions import (
@@ -108,18 +108,14 @@ class StreamState:
 
     def _read_error(self, exc: Exception) -> TokenHubError:
         """Translate an httpx error raised while reading the body."""
+        timeout = None
         if isinstance(exc, httpx.TimeoutException):
             t = self._call.timeout
             started = self._parser.first_token_at is not None
-            error: TokenHubError = StreamTimeout(
+            timeout = StreamTimeout(
                 *(("idle", t.idle) if started else ("first_token", t.first_token))
             )
-        elif isinstance(exc, httpx.RemoteProtocolError):
-            error = TruncatedStreamError(f"the upstream closed the stream mid-way: {exc}")
-        else:
-            error = TransportError(f"reading the stream failed: {type(exc).__name__}: {exc}")
-        error.__cause__ = exc
-        return error
+        return read_error(exc, "stream", timeout)
 
     def _start_drain(self) -> bool:
         """After [DONE]: drain only if a watchdog can bound the time it takes."""
