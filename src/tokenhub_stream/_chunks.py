@@ -4,6 +4,9 @@
 the stream is read. It never raises from `feed_*`: an error (bad frame, error frame,
 oversized event) is stored in `.error` and processing stops, so the I/O shell can first
 hand out the deltas decoded before it, then raise.
+
+`parse_completion` reads a whole non-streaming `chat.completion` body the same way: the
+one reader of it, for the client's `chat()` and for the proxy's turn record.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from ._models import (
 )
 from ._sse import SSEDecoder
 
-# `redact_json` is asgi/_wire.py's, from before the JSON helpers had a module of their own.
+# `redact_json` (now `_json.py`'s) is re-exported for asgi/_wire.py, which takes it from here.
 __all__ = ["ChunkParser", "content_text", "parse_completion", "redact_json"]
 
 
