@@ -99,7 +99,7 @@ def test_issue_15_empty_chunk_leaves_the_decoder_clean() -> None:
     assert decoder.feed_data(b"\n") == ["a"]
     assert decoder.feed_data(b"") == []
     assert decoder.feed_data(b"data: b\n\n") == ["b"]
-    assert decoder._clean and not decoder.has_pending
+    assert decoder.at_event_start and not decoder.has_pending
 
 
 @pytest.mark.parametrize("mode", ["text", "events"])

@@ -5,8 +5,7 @@ from __future__ import annotations
 from .__version__ import __version__
 from ._api import stream_chat, stream_chat_sync
 from ._async_client import AsyncChatStream, AsyncClient
-from ._base import ChatResult
-from ._chunks import JSON_BACKEND, ChunkParser
+from ._chunks import ChunkParser
 from ._config import DEFAULT_BASE_URL, DEFAULT_MODEL, DEFAULT_TIMEOUT, Timeout
 from ._exceptions import (
     APIError,
@@ -23,8 +22,10 @@ from ._exceptions import (
     TransportError,
     TruncatedStreamError,
 )
+from ._json import JSON_BACKEND
 from ._models import (
     ChatMessage,
+    ChatResult,
     ContentDelta,
     FinishEvent,
     Outcome,

@@ -10,6 +10,7 @@ from ._exceptions import TimeoutKind, TokenHubError
 
 __all__ = [
     "ChatMessage",
+    "ChatResult",
     "ContentDelta",
     "FinishEvent",
     "Outcome",
@@ -199,3 +200,13 @@ class UsageEvent:
 
 
 StreamEvent: TypeAlias = ContentDelta | ReasoningDelta | ToolCallDelta | FinishEvent | UsageEvent
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    """The answer of a non-streaming `chat()` call."""
+
+    message: ChatMessage
+    usage: Usage | None
+    model: str | None = None
+    id: str | None = None

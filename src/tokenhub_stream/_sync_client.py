@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Self
 
@@ -12,22 +12,22 @@ from ._base import (
     ERROR_BODY_LIMIT,
     BaseClient,
     Call,
-    ChatResult,
     CompletionDeadline,
     HeaderTypes,
     MessagesTypes,
-    StreamState,
-    StreamView,
     SyncShield,
     TimeoutTypes,
+    answered,
+    build_call,
     direct_request,
     direct_transport_ok,
     generator_done,
-    is_event_stream,
-    parse_completion,
     raw_chunks,
+    send_error,
+    status_error,
     sync_sleep,
 )
+from ._chunks import parse_completion
 from ._config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_MAX_EVENT_BYTES,
@@ -40,7 +40,9 @@ from ._config import (
     UnsetType,
 )
 from ._exceptions import TokenHubError
-from ._models import StreamEvent
+from ._models import ChatResult, StreamEvent
+from ._retry import Retries
+from ._stream import StreamState, StreamView
 from .tools import ToolsTypes
 from .tools._loop_sync import DEFAULT_MAX_TURNS, ToolLoop, run_tools_sync
 
@@ -142,25 +144,15 @@ class _StreamCore(StreamState):
         return consumer
 
     def _open(self) -> None:
-        while True:
-            self._before_send()
-            try:
-                response = self._client._send(self._call)
-            except httpx.HTTPError as exc:
-                error = self._base._send_error(exc, self._call)
-            else:
-                if response.status_code < 300 and is_event_stream(response):
-                    self._response = response
-                    self._start(response)
-                    self._chunks = _body(response)
-                    return
-                error = self._client._error_of(response)
-            delay = self._base._retry_delay(self._attempt, self._call.max_retries, error)
-            if delay is None:
-                self._fail(error)
-                raise error
-            self._attempt += 1
-            sync_sleep(delay)
+        client = self._client
+        try:
+            response = client._send_retrying(self._call, self._retries, self._before_send)
+        except TokenHubError as error:
+            self._fail(error)
+            raise
+        self._response = response
+        self._start(response)
+        self._chunks = _body(response)
 
     def _consume(self, text: bool) -> Iterator[Any]:
         self._claim()
@@ -211,8 +203,7 @@ class _StreamCore(StreamState):
 
     def _release_response(self) -> None:
         if self._timer is not None:
-            self._timer.stop()
-        self._sock = None  # closed, or back in the pool: never ours to shut down again
+            self._timer.release()  # closed, or back in the pool: never ours to shut down
         response, self._response = self._response, None
         chunks, self._chunks = self._chunks, None
         if chunks is not None and generator_done(chunks):
@@ -362,7 +353,8 @@ class Client(BaseClient):
             TypeError: `stream` given in `params`, or messages not a list.
             MissingAPIKeyError: no key for the default token-hub URL.
         """
-        call = self._prepare(
+        call = build_call(
+            self,
             messages,
             model,
             params,
@@ -439,7 +431,8 @@ class Client(BaseClient):
             TransportError: the upstream could not be reached.
             ProtocolError: the response was not a chat completion.
         """
-        call = self._prepare(
+        call = build_call(
+            self,
             messages,
             model,
             params,
@@ -449,31 +442,38 @@ class Client(BaseClient):
             include_usage=False,  # no usage chunk without a stream
             extra_headers=extra_headers,
         )
-        attempt = 0
+        deadline = CompletionDeadline(call)
+        retries = Retries(call.max_retries, self.max_retry_wait)
+        response = self._send_retrying(call, retries, deadline.restart)
+        deadline.watch(response)
+        try:
+            body = response.read()
+        except httpx.HTTPError as exc:
+            raise deadline.error(exc) from exc
+        finally:
+            deadline.stop()
+            with SyncShield():
+                response.close()
+        return parse_completion(body, call.redact)
+
+    def _send_retrying(
+        self, call: Call, retries: Retries, on_send: Callable[[], None]
+    ) -> httpx.Response:
+        """Send `call` until it is `answered`, waiting between attempts as `retries`
+        decides (`on_send` runs before each); raises the error it gives up on."""
         while True:
-            error: TokenHubError
-            deadline = CompletionDeadline(call)
+            on_send()
             try:
                 response = self._send(call)
             except httpx.HTTPError as exc:
-                error = self._send_error(exc, call)
+                error = send_error(exc, call)
             else:
-                if response.status_code < 300:
-                    deadline.watch(response)
-                    try:
-                        body = response.read()
-                    except httpx.HTTPError as exc:
-                        raise deadline.error(exc) from exc
-                    finally:
-                        deadline.stop()
-                        with SyncShield():
-                            response.close()
-                    return parse_completion(body, self._redact)
-                error = self._error_of(response)
-            delay = self._retry_delay(attempt, call.max_retries, error)
+                if answered(call, response):
+                    return response
+                error = self._error_of(call, response)
+            delay = retries.next_delay(error)
             if delay is None:
                 raise error
-            attempt += 1
             sync_sleep(delay)
 
     def _send(self, call: Call) -> httpx.Response:
@@ -496,7 +496,7 @@ class Client(BaseClient):
         )
         return self._http.send(request, stream=True)
 
-    def _error_of(self, response: httpx.Response) -> TokenHubError:
+    def _error_of(self, call: Call, response: httpx.Response) -> TokenHubError:
         body = b""
         try:
             for chunk in response.iter_bytes():
@@ -508,4 +508,4 @@ class Client(BaseClient):
         finally:
             with SyncShield():
                 response.close()
-        return self._status_error(response, body)
+        return status_error(call, response, body)

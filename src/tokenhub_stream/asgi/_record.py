@@ -8,16 +8,15 @@ ends the copy-parsing.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from .._chunks import ChunkParser, content_text
+from .._chunks import ChunkParser, parse_completion
 from .._exceptions import APIError
-from .._models import ChatMessage, ToolCall, Usage, add_usage
+from .._models import ChatMessage, Usage, add_usage
 
 __all__ = ["CompletionRecord", "TurnCollector", "TurnOutcome", "add_usage", "estimate_usage"]
 
@@ -131,33 +130,17 @@ class TurnCollector:
             logger.exception("on_complete copy-parser failed")
 
     def feed_json(self, raw: bytes) -> None:
+        # The same reader as the client's `chat()`; `raw` comes redacted already, so
+        # nothing of the key reaches the record. Never raises: an unreadable body (or an
+        # error body) only logs, and the record keeps an empty message.
         self._event_bytes = len(raw)
         try:
-            data = json.loads(raw)
-            choice = data["choices"][0]
-            msg = choice.get("message") or {}
-            calls = tuple(
-                ToolCall(
-                    id=str(c.get("id") or ""),
-                    name=str(c["function"].get("name") or ""),
-                    arguments=str(c["function"].get("arguments") or ""),
-                )
-                for c in msg.get("tool_calls") or ()
-            )
-            # Mistral's reasoning models answer with a list of typed parts (issue #15).
-            content, reasoning = content_text(msg.get("content"))
-            self._message = ChatMessage(
-                role=str(msg.get("role") or "assistant"),
-                content=content,
-                reasoning=reasoning,
-                tool_calls=calls,
-                finish_reason=choice.get("finish_reason"),
-            )
-            usage = data.get("usage")
-            if isinstance(usage, Mapping):
-                self._usage = Usage.from_dict(usage)
+            result = parse_completion(raw)
         except Exception as exc:
             logger.warning("on_complete could not read the JSON response: %s", type(exc).__name__)
+            return
+        self._message = result.message
+        self._usage = result.usage
 
     def record(
         self,
