@@ -11,9 +11,9 @@ import json
 import re
 from collections.abc import Mapping
 
-from .._chunks import redact_json
 from .._config import DEFAULT_MAX_EVENT_BYTES
 from .._exceptions import ProtocolError
+from .._json import redact_json
 
 __all__: list[str] = []
 
