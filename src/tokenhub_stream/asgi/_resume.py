@@ -23,7 +23,7 @@ from urllib.parse import parse_qs
 from starlette.requests import Request
 
 from ._admission import Gate
-from ._buffers import ResumableStream, StreamBuffer
+from ._buffers import ResumableStream, StreamBuffer, StreamInfo
 from ._relay import Relay
 from ._turn import Receive, Scope, Send, Turn, peer, request_headers, send_error, send_simple
 from ._wire import ProxyRejection, error_frame
@@ -128,15 +128,7 @@ class ResumeRoute:
                 )
             self.resumes[owner] = count + 1
             held.append(owner)
-            try:
-                info = await buffer.info(stream_id)
-            except Exception as exc:
-                logger.warning("stream buffer failed: %s", type(exc).__name__)
-                raise ProxyRejection(
-                    503, "The stream buffer is unavailable.", code="stream_buffer_unavailable"
-                ) from None
-            if info is None or not _SAFE_EQUAL(info.owner.encode(), owner.encode()):
-                raise _not_found()
+            info = await _owned_info(buffer, stream_id, owner)
             if after > info.last_id:
                 raise ProxyRejection(
                     400, "Last-Event-ID is ahead of the stream.", code="invalid_last_event_id"
@@ -178,15 +170,7 @@ class ResumeRoute:
             turn.status = 204
             await send_simple(send, 204, b"", [(b"x-request-id", turn.request_id.encode())])
             return
-        try:
-            info = await buffer.info(stream_id)
-        except Exception as exc:
-            logger.warning("stream buffer failed: %s", type(exc).__name__)
-            raise ProxyRejection(
-                503, "The stream buffer is unavailable.", code="stream_buffer_unavailable"
-            ) from None
-        if info is None or not _SAFE_EQUAL(info.owner.encode(), owner.encode()):
-            raise _not_found()
+        info = await _owned_info(buffer, stream_id, owner)
         if not info.ended:
             # Relayed by another process: only that one can close the upstream connection.
             raise ProxyRejection(
@@ -257,6 +241,21 @@ def _last_event_id(scope: Scope, headers: Mapping[str, str]) -> int:
             400, "Last-Event-ID must be a non-negative integer.", code="invalid_last_event_id"
         )
     return int(value)
+
+
+async def _owned_info(buffer: StreamBuffer, stream_id: str, owner: str) -> StreamInfo:
+    """What the buffer knows of a stream `owner` started; 404 for anyone else's, 503 if
+    the buffer fails."""
+    try:
+        info = await buffer.info(stream_id)
+    except Exception as exc:
+        logger.warning("stream buffer failed: %s", type(exc).__name__)
+        raise ProxyRejection(
+            503, "The stream buffer is unavailable.", code="stream_buffer_unavailable"
+        ) from None
+    if info is None or not _SAFE_EQUAL(info.owner.encode(), owner.encode()):
+        raise _not_found()
+    return info
 
 
 def _not_found() -> ProxyRejection:
