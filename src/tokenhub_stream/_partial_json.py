@@ -303,8 +303,7 @@ class PartialJSON:
         Each is the element's final value (the same object the partial value holds).
         """
         out = self._elements
-        if out:
-            self._elements = []
+        self._elements = []
         return out
 
     def feed(self, text: str) -> bool:
@@ -367,8 +366,9 @@ class PartialJSON:
                         changed = True
                     continue
                 if state == _ESCAPE:
+                    shown = len(self._parts)
                     i = self._continue_escape(text, i)
-                    if self._state == _STRING and not self._in_key:
+                    if len(self._parts) > shown and not self._in_key:
                         changed = True
                     continue
                 if state == _LITERAL:
@@ -447,7 +447,7 @@ class PartialJSON:
         if self._error is not None:
             raise self._error
         end = self._offset
-        if self._state == _NUMBER:
+        if self._state == _NUMBER and not self._stack:
             self._end_number()
         state = self._state
         if state != _END:
