@@ -518,3 +518,19 @@ def test_issue_19_repr_and_position() -> None:
     parser.feed('{"a": "b')
     assert repr(parser) == "<PartialJSON pos=8 depth=1 state='string'>"
     assert parser.position == 8
+
+
+def test_issue_19_a_string_handed_out_never_changes() -> None:
+    # The open string grows in place only while nothing else holds it: one read by the
+    # consumer must keep its text whatever is fed after.
+    parser = PartialJSON()
+    parser.feed('{"a": "xy')
+    value = parser.value
+    assert isinstance(value, dict)
+    held = value["a"]
+    parser.feed("z" * 1000)
+    assert held == "xy"
+    assert parser.value == {"a": "xy" + "z" * 1000}
+    parser.feed('é"}')
+    assert held == "xy"
+    assert parser.finish() == {"a": "xy" + "z" * 1000 + "é"}

@@ -230,7 +230,6 @@ class PartialJSON:
         "_offset",
         "_parts",
         "_path",
-        "_prefix",
         "_root",
         "_stack",
         "_state",
@@ -259,10 +258,9 @@ class PartialJSON:
         self._container: Container | None = None  # the innermost open container
         self._is_dict = False
         self._key = ""  # the current member's key in the innermost dict
-        # The open string: `_prefix` is what the value shows, `_parts` the decoded text
-        # not yet joined into it (joined when `value` is read or the string closes).
+        # The open string: its slot in the value shows what was joined so far, `_parts`
+        # the decoded text not yet joined (when `value` is read or the string closes).
         self._in_key = False
-        self._prefix = ""
         self._parts: list[str] = []
         self._str_pos = 0
         self._esc = ""  # an escape sequence split across deltas, from its backslash
@@ -519,20 +517,30 @@ class PartialJSON:
     def _open_string(self, is_key: bool, i: int) -> None:
         self._state = _STRING
         self._in_key = is_key
-        self._prefix = ""
         self._parts = []
         self._str_pos = self._offset + i
 
     def _join_string(self) -> str:
-        text = self._prefix + "".join(self._parts)
+        # The string is taken out of its slot while it grows: with no other reference,
+        # CPython appends to it in place instead of copying it, so reading `value` after
+        # every delta of one long string stays linear. Where another reference exists (a
+        # consumer kept the string) or on other interpreters, it is a copy, as usual.
+        tail = "".join(self._parts)
         self._parts.clear()
-        self._prefix = text
         container = self._container
+        text: str
         if container is None:
+            text, self._root = self._root, None  # type: ignore[assignment]
+            text += tail
             self._root = text
         elif self._is_dict:
-            container[self._key] = text  # type: ignore[call-overload]
+            key = self._key
+            text, container[key] = container[key], ""  # type: ignore[assignment, call-overload]
+            text += tail
+            container[key] = text  # type: ignore[call-overload]
         else:
+            text, container[-1] = container[-1], ""  # type: ignore[assignment, index]
+            text += tail
             container[-1] = text  # type: ignore[index]
         return text
 
@@ -542,7 +550,7 @@ class PartialJSON:
             self._parts = []
             self._state = _COLON
         else:
-            self._completed(self._join_string() if self._parts else self._prefix)
+            self._completed(self._join_string())
 
     def _continue_escape(self, text: str, i: int) -> int:
         # The buffered start of an escape plus at most the 12 characters that can finish
