@@ -18,8 +18,8 @@ characters (random, seeded). Each consumer is fed every delta:
   (the mode that shows strings as they grow, as ours does);
 * `jiter partial (openai)`: the same with `partial_mode=True`, the exact call of the openai
   SDK's `chat.completions.stream()` (hides a string until it closes);
-* `ijson items_coro` (only if ijson is importable): a push parser in C that reports whole
-  elements only (no partial values), for scale;
+* `ijson items_coro` (only if ijson is importable; it is no dependency of ours): a push
+  parser in C (yajl2_c) that reports whole elements only, no partial values, for scale;
 * `json.loads once`: decoding the final text once, for scale.
 
 The re-parsing consumers are quadratic: each stops once it has spent `--budget` seconds

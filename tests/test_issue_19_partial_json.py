@@ -484,6 +484,8 @@ def test_issue_19_depth_is_bounded() -> None:
         parser.feed('[{"a": [')
     with pytest.raises(ValueError, match="max_depth"):
         PartialJSON(max_depth=0)
+    with pytest.raises(TypeError, match=r"\('items',\)"):
+        PartialJSON(elements_at="items")
 
 
 def test_issue_19_long_numbers_are_checked_when_they_end() -> None:

@@ -20,6 +20,12 @@ one, so a consumer never has to take anything back):
 - a number is shown only once complete, i.e. when a delimiter (`,` `]` `}` or whitespace)
   follows it or at `finish()`; `true`/`false`/`null` once their last letter arrives.
 
+The value is one object grown in place, never rebuilt: consumers get the live object
+(cheap; copy it to keep a snapshot: a deep copy per change is quadratic, measured), and
+completed elements of a chosen list (`elements_at`) are reported once, whole. The open
+string is appended to in place when nothing else holds it (CPython), so even one long
+string read after every delta stays linear.
+
 Errors: invalid JSON raises `PartialJSONError` (a `ValueError`) as soon as the offending
 character is fed, with its position in the streamed text; the parser then stays failed.
 Strict JSON only: no `NaN`/`Infinity`, no raw control characters in strings, nesting
@@ -205,6 +211,7 @@ class PartialJSON:
             `PartialJSONError`.
 
     Raises:
+        TypeError: if `elements_at` is a string (a path is a sequence of keys).
         ValueError: if `max_depth` is below 1.
     """
 
@@ -240,6 +247,8 @@ class PartialJSON:
     def __init__(
         self, *, elements_at: Sequence[str] | None = (), max_depth: int = DEFAULT_MAX_DEPTH
     ) -> None:
+        if isinstance(elements_at, str):
+            raise TypeError(f"elements_at is a sequence of keys, e.g. ({elements_at!r},)")
         if max_depth < 1:
             raise ValueError(f"max_depth must be at least 1, not {max_depth}")
         self._max_depth = max_depth
