@@ -443,8 +443,20 @@ class AsyncClient(BaseClient):
             include_usage=False,  # no usage chunk without a stream
             extra_headers=extra_headers,
         )
+        observer = call.observer
+        if observer is None:
+            return await self._complete(call)
+        try:
+            result = await self._complete(call)
+        except BaseException as exc:
+            observer.completion_ended(None, exc)
+            raise
+        observer.completion_ended(result, None)
+        return result
+
+    async def _complete(self, call: Call) -> ChatResult:
         deadline = CompletionDeadline(call)
-        retries = Retries(call.max_retries, self.max_retry_wait)
+        retries = Retries(call.max_retries, self.max_retry_wait, call.observer)
         response = await self._send_retrying(call, retries, deadline.restart)
         deadline.watch(response)
         try:

@@ -45,6 +45,7 @@ from ._exceptions import (
     TruncatedStreamError,
 )
 from ._json import Redact, loads
+from ._telemetry import ChatRecorder, current
 from ._watchdog import StreamTimer
 
 MessagesTypes: TypeAlias = Sequence[Mapping[str, object]]
@@ -85,6 +86,8 @@ class Call:
     stream: bool
     redact: Redact = field(repr=False)  # hides the client's key in what the upstream says
     messages: list[Mapping[str, object]] = field(default_factory=list)
+    #: Its spans and metrics (`_telemetry.py`); None when telemetry is off.
+    observer: ChatRecorder | None = field(default=None, repr=False)
 
     def httpx_timeout(self) -> httpx.Timeout:
         t = self.timeout
@@ -220,8 +223,15 @@ def build_call(
     headers.update(client.headers)
     if extra_headers:
         headers.update(extra_headers)
+    url = client.base_url + "/chat/completions"
+    telemetry = current()  # None when off: the one check per request
+    observer = None
+    if telemetry is not None:
+        observer = telemetry.chat(
+            model=model_name, params=params, url=url, messages=messages, stream=stream
+        )
     return Call(
-        url=client.base_url + "/chat/completions",
+        url=url,
         headers=headers,
         # allow_nan=False, as httpx's json=: NaN and Infinity are not JSON (ValueError).
         body=json.dumps(body, separators=(",", ":"), allow_nan=False).encode(),
@@ -231,6 +241,7 @@ def build_call(
         stream=stream,
         redact=client._redact,
         messages=list(messages),
+        observer=observer,
     )
 
 
@@ -312,6 +323,9 @@ class CompletionDeadline:
     def restart(self) -> None:
         """The request is sent (again): the deadlines count from now."""
         self.sent_at = time.monotonic()
+        observer = self._call.observer
+        if observer is not None:
+            observer.sending(self._call.headers)
 
     def watch(self, response: httpx.Response) -> None:
         t = self._call.timeout

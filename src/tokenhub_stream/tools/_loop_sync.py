@@ -22,6 +22,7 @@ from .._base import HeaderTypes, MessagesTypes, TimeoutTypes
 from .._config import UNSET, UnsetType
 from .._exceptions import StreamConsumed
 from .._models import ChatMessage, ContentDelta, ReasoningDelta, StreamEvent, Usage
+from .._stream import observer_of
 from ._core import DEFAULT_MAX_TURNS, LoopCore, StreamOptions, dropped_warning, run_calls
 from ._events import ToolCallStarted, ToolLoopEvent
 from ._tool import ToolsTypes
@@ -213,7 +214,8 @@ def _run(
                     break
                 if isinstance(event, ContentDelta | ReasoningDelta):
                     yield event
-            finished = core.end_turn(reading.stream.message, reading.stream.usage)
+            turn = reading.stream
+            finished = core.end_turn(turn.message, turn.usage, observer_of(turn))
         finally:
             stream, reading.stream, reading.events = reading.stream, None, None
             if stream is not None:
