@@ -273,6 +273,7 @@ class Spec:
     kind: str  # async | sync
     json: str = ""  # tokenhub_stream only: stdlib | orjson
     src: str = ""  # tokenhub_stream only: another checkout's src/ (--baseline), else ours
+    no_otel: bool = False  # tokenhub_stream only: opentelemetry made unimportable (--otel)
 
     @property
     def key(self) -> str:
@@ -293,7 +294,7 @@ SYNC_CONSUMERS: dict[str, Callable[[str], SyncConsumer]] = {
 }
 
 
-def all_specs(baseline: tuple[str, str] | None = None) -> list[Spec]:
+def all_specs(baseline: tuple[str, str] | None = None, otel: bool = False) -> list[Spec]:
     specs: list[Spec] = []
     for kind in ("async", "sync"):
         specs.append(Spec("httpx-raw", "httpx-raw", kind))
@@ -301,6 +302,12 @@ def all_specs(baseline: tuple[str, str] | None = None) -> list[Spec]:
         specs.append(Spec("openai", "openai", kind))
         specs.append(Spec("tokenhub_stream (stdlib json)", "tokenhub_stream", kind, "stdlib"))
         specs.append(Spec("tokenhub_stream (orjson)", "tokenhub_stream", kind, "orjson"))
+        if otel:
+            # The rows above run with opentelemetry-api importable and no provider set
+            # (telemetry off); these without it at all (the otel extra not installed).
+            for json_name, shown in (("stdlib", "stdlib json"), ("orjson", "orjson")):
+                label = f"tokenhub_stream ({shown}, no opentelemetry)"
+                specs.append(Spec(label, "tokenhub_stream", kind, json_name, no_otel=True))
         if baseline is not None:
             rev, src = baseline
             for json_name, shown in (("stdlib", "stdlib json"), ("orjson", "orjson")):
@@ -422,6 +429,8 @@ def worker(spec: Spec, url: str, plan: Plan) -> dict[str, object]:
         if spec.json == "stdlib":
             # "Without the extra": orjson cannot be imported at all.
             sys.modules["orjson"] = None  # type: ignore[assignment]
+        if spec.no_otel:
+            sys.modules["opentelemetry"] = None  # type: ignore[assignment]
         try:
             import tokenhub_stream
         except ImportError as exc:
@@ -634,7 +643,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         baseline = None
         if args.baseline:
             baseline = (args.baseline, stack.enter_context(checkout_of(args.baseline)))
-        specs = [s for s in all_specs(baseline) if wanted is None or s.family in wanted]
+        specs = [s for s in all_specs(baseline, args.otel) if wanted is None or s.family in wanted]
         return _orchestrate(args, plan, specs)
 
 
@@ -767,6 +776,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="REV",
         help="also run tokenhub_stream as of git revision REV (a `git archive` of its src/), "
         "side by side in the same rounds: before/after figures from one run",
+    )
+    parser.add_argument(
+        "--otel",
+        action="store_true",
+        help="also run tokenhub_stream with opentelemetry made unimportable; the usual rows "
+        "have it importable with no provider configured (telemetry off)",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
