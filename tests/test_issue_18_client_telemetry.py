@@ -184,6 +184,13 @@ def test_issue_18_error_status_sets_error_type_and_status(
     ((attrs, point),) = telemetry.points("gen_ai.client.operation.duration")
     assert attrs["error.type"] == "AuthenticationError" and point.count == 1
     assert telemetry.points("gen_ai.client.token.usage") == []
+    # chat() says the same, with the stream's outcome names.
+    with Client(api_key="sk-wrong", base_url=upstream.base_url) as client:
+        with pytest.raises(AuthenticationError):
+            client.chat(_messages(), model=MODEL)
+    attrs = telemetry.attrs(telemetry.spans()[-1])
+    assert attrs["tokenhub.outcome"] == "upstream_error"
+    assert attrs["error.type"] == "AuthenticationError"
 
 
 def test_issue_18_retries_are_events_of_one_span(

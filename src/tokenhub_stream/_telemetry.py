@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from .__version__ import __version__
+from ._exceptions import StreamTimeout, TruncatedStreamError
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -611,22 +612,25 @@ class ChatRecorder:
         output = None
         if result is not None and self._telemetry.capture_content and self.span is not None:
             output = output_messages(result.message, result.message.finish_reason)
-        cancelled = error is not None and not isinstance(error, Exception)
+        if error is None:
+            outcome = "completed"
+        elif not isinstance(error, Exception):  # cancelled, KeyboardInterrupt
+            outcome, error = "cancelled", None
+        elif isinstance(error, StreamTimeout):
+            outcome = "timeout"
+        elif isinstance(error, TruncatedStreamError):
+            outcome = "truncated"
+        else:
+            outcome = "upstream_error"  # as a stream's `Outcome` says it
         self._end(
             response_id=None if result is None else result.id,
             response_model=None if result is None else result.model,
             finish_reason=None if result is None else result.message.finish_reason,
             usage=None if result is None else result.usage,
-            error=None if cancelled else error,
+            error=error,
             first_chunk=None,
             per_chunk=None,
-            extra={
-                "tokenhub.outcome": "cancelled"
-                if cancelled
-                else "completed"
-                if error is None
-                else "error"
-            },
+            extra={"tokenhub.outcome": outcome},
             output=output,
         )
 
