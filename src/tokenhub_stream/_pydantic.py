@@ -90,12 +90,14 @@ class TypeCheck:
                 raise TypeError(f"{self.where}: no JSON schema for {self.type!r}: {exc}") from None
         return copy.deepcopy(self._schema)
 
-    def validate(self, value: object, *, text: str = "") -> object:
+    def validate(self, value: object, *, text: str = "", at: tuple[int | str, ...] = ()) -> object:
         """`value` (decoded JSON) validated into the type.
 
         Args:
             value: the decoded JSON.
             text: the JSON text, for the error.
+            at: where `value` is in the whole output (an element's index), put before the
+                errors' `loc`.
 
         Raises:
             OutputValidationError: the value does not fit, with pydantic's errors.
@@ -106,6 +108,8 @@ class TypeCheck:
             return self._adapter.validate_python(value)
         except ValidationError as exc:
             errors = exc.errors(include_url=False)
+            if at:
+                errors = [{**error, "loc": (*at, *error["loc"])} for error in errors]
             raise OutputValidationError(
                 f"{self.where}: {summary(errors)}", text=text, errors=errors
             ) from None

@@ -121,8 +121,9 @@ class OutputSpec:
             decoded = decoded[self.unwrap]
         return decoded if self.check is None else self.check.validate(decoded, text=text)
 
-    def element(self, raw: object, text: str) -> object:
-        """A completed element of a list output, validated (`final` for one element).
+    def element(self, raw: object, text: str, index: int) -> object:
+        """A completed element of a list output, validated (`final` for one element;
+        `index`, its place in the list, leads the `loc` of its errors).
 
         Raises:
             OutputValidationError: it does not fit the element type.
@@ -130,7 +131,8 @@ class OutputSpec:
         if self.strict is not None and self.element_schema is not None:
             fill = self.element_check is None
             raw = self.strict.restore_defaults(raw, fill=fill, at=self.element_schema)
-        return raw if self.element_check is None else self.element_check.validate(raw, text=text)
+        check = self.element_check
+        return raw if check is None else check.validate(raw, text=text, at=(index,))
 
 
 def output_spec(response_format: object) -> OutputSpec:
@@ -233,13 +235,14 @@ class StructuredOutput:
         spec: what was asked for.
     """
 
-    __slots__ = ("_json", "_result", "_texts", "spec")
+    __slots__ = ("_elements", "_json", "_result", "_texts", "spec")
 
     def __init__(self, spec: OutputSpec) -> None:
         self.spec = spec
         elements_at = (spec.unwrap,) if spec.is_list and spec.unwrap else None
         self._json = PartialJSON(elements_at=elements_at)
         self._texts: list[str] = []
+        self._elements = 0  # completed elements handed out
         self._result: tuple[object, BaseException | None] | None = None
 
     @property
@@ -279,8 +282,11 @@ class StructuredOutput:
         Raises:
             OutputValidationError: an element does not fit the element type.
         """
-        done = self._json.completed_elements()
-        return [self.spec.element(raw, self.text) for raw in done] if done else done
+        out = []
+        for raw in self._json.completed_elements():
+            out.append(self.spec.element(raw, self.text, self._elements))
+            self._elements += 1
+        return out
 
     def finish(self, finish_reason: str | None) -> object:
         """The final value, validated (the same value, or error, on every call).

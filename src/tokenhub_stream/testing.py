@@ -443,7 +443,11 @@ def _unscripted(body: Mapping[str, object]) -> Script:
     last = messages[-1] if messages else {}
     if last.get("role") == "user":
         call = _tool_call_for(body, _content_text(last.get("content")))
-        return Script(tool_calls=[call]) if call is not None else Script()
+        if call is not None:
+            return Script(tool_calls=[call])
+    json_answer = _json_deltas(body)
+    if json_answer is not None:
+        return Script(deltas=json_answer)
     if last.get("role") == "tool":
         return Script(text=_tool_results_reply(messages))
     return Script()
@@ -484,11 +488,15 @@ def _tool_call_for(body: Mapping[str, object], said: str) -> ToolCall | None:
     numbers = iter(_NUMBERS.findall(said))
     words = _TEXT_WORDS.findall(said)
     last_word = words[-1] if words else ""
-    arguments = _schema_value(chosen.get("parameters") or {"type": "object"}, last_word, numbers, 0)
+    parameters = chosen.get("parameters") or {"type": "object"}
+    arguments = _schema_value(parameters, last_word, numbers, 0, parameters)
     return ToolCall(name=str(chosen["name"]), arguments=json.dumps(arguments))
 
 
-def _schema_value(schema: object, word: str, numbers: Iterator[str], depth: int) -> object:
+def _schema_value(
+    schema: object, word: str, numbers: Iterator[str], depth: int, root: object
+) -> object:
+    schema = _resolved(schema, root)
     if not isinstance(schema, dict) or depth > 16:
         return None
     enum = schema.get("enum")
@@ -501,7 +509,7 @@ def _schema_value(schema: object, word: str, numbers: Iterator[str], depth: int)
         if isinstance(branches, list):
             for branch in branches:
                 if isinstance(branch, dict) and branch.get("type") != "null":
-                    return _schema_value(branch, word, numbers, depth + 1)
+                    return _schema_value(branch, word, numbers, depth + 1, root)
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), None)
@@ -520,8 +528,127 @@ def _schema_value(schema: object, word: str, numbers: Iterator[str], depth: int)
         properties = properties if isinstance(properties, dict) else {}
         required = schema.get("required")
         names = [n for n in required if isinstance(n, str)] if isinstance(required, list) else []
-        return {n: _schema_value(properties.get(n), word, numbers, depth + 1) for n in names}
+        return {n: _schema_value(properties.get(n), word, numbers, depth + 1, root) for n in names}
     return None
+
+
+def _resolved(schema: object, root: object) -> object:
+    """A local `$ref` (`#/$defs/Name`) followed to its schema in `root`."""
+    for _ in range(16):
+        ref = schema.get("$ref") if isinstance(schema, dict) else None
+        if not isinstance(ref, str) or not ref.startswith("#/"):
+            return schema
+        schema = root
+        for part in ref[2:].split("/"):
+            schema = schema.get(part) if isinstance(schema, dict) else None
+    return schema
+
+
+# --- a JSON answer, for a request with `response_format` (the rule is in FakeChatUpstream's
+# docstring)
+
+_LONG_TEXT = {"description", "summary", "text", "body", "content", "details", "notes"}
+_FORMATS = {
+    "date": "2025-01-01",
+    "date-time": "2025-01-01T12:00:00Z",
+    "time": "12:00:00",
+    "duration": "P1D",
+    "hostname": "example.com",
+    "ipv4": "127.0.0.1",
+    "ipv6": "::1",
+    "uuid": "00000000-0000-4000-8000-000000000000",
+}
+_PIECES = (3, 5, 8, 4, 6, 7)  # delta sizes, in turn
+_LONG_NOTE = "notes from the local upstream, streamed a few characters at a time."
+
+
+def _json_deltas(body: Mapping[str, object]) -> list[str] | None:
+    """The deltas of a JSON answer when the request asks for one, else None."""
+    spec = body.get("response_format")
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    users = [m for m in _messages(body) if m.get("role") == "user"]
+    said = _content_text(users[-1].get("content")) if users else ""
+    if kind == "json_object":
+        value: object = {"answer": _default_reply(body)}
+    elif kind == "json_schema":
+        assert isinstance(spec, dict)
+        inner = spec.get("json_schema")
+        schema = inner.get("schema") if isinstance(inner, dict) else None
+        value = _JSONFiller(schema, said).fill(schema, "", 0, 0)
+    else:
+        return None
+    text = json.dumps(value, ensure_ascii=False)
+    pieces: list[str] = []
+    i = 0
+    while i < len(text):
+        size = _PIECES[len(pieces) % len(_PIECES)]
+        pieces.append(text[i : i + size])
+        i += size
+    return pieces
+
+
+class _JSONFiller:
+    """Fills a JSON schema with a value made of the user's words (see FakeChatUpstream)."""
+
+    def __init__(self, root: object, said: str) -> None:
+        self.root = root
+        words = _TEXT_WORDS.findall(said)
+        self.words = [w for w in words if len(w) > 3 and not w.isdigit()] or words or ["text"]
+        numbers = _NUMBERS.findall(said)
+        self.length = min(10, max(1, int(float(numbers[0])))) if numbers else 3
+
+    def fill(self, schema: object, name: str, n: int, depth: int) -> object:
+        schema = _resolved(schema, self.root)
+        if not isinstance(schema, dict) or depth > 8:
+            return None
+        enum = schema.get("enum")
+        if isinstance(enum, list) and enum:
+            return enum[n % len(enum)]
+        if "const" in schema:
+            return schema["const"]
+        kind = schema.get("type")
+        kinds = kind if isinstance(kind, list) else [kind]
+        options = schema.get("anyOf") or schema.get("oneOf")
+        if isinstance(options, list) and options:
+            usable = [o for o in options if not (isinstance(o, dict) and o.get("type") == "null")]
+            if not usable or (depth > 4 and len(usable) < len(options)):
+                return None  # deep in a recursive type: stop where null is allowed
+            return self.fill(usable[0], name, n, depth + 1)
+        word = self.words[n % len(self.words)]
+        if "string" in kinds:
+            fmt = schema.get("format")
+            if fmt == "email":
+                return f"{word.lower()}@example.com"
+            if isinstance(fmt, str) and fmt in _FORMATS:
+                return _FORMATS[fmt]
+            if name.lower() in _LONG_TEXT:
+                return f"{word}: {_LONG_NOTE}"
+            return word
+        if "integer" in kinds or "number" in kinds:
+            low, high = schema.get("minimum"), schema.get("maximum")
+            value: float = n + 1 if "integer" in kinds else n + 1.5
+            if isinstance(low, int | float) and value < low:
+                value = low
+            if isinstance(high, int | float) and value > high:
+                value = high
+            return int(value) if "integer" in kinds else value
+        if "boolean" in kinds:
+            return n % 2 == 0
+        if "array" in kinds:
+            count = self.length if depth <= 2 else 2
+            low, high = schema.get("minItems"), schema.get("maxItems")
+            if isinstance(low, int):
+                count = max(count, low)
+            if isinstance(high, int):
+                count = min(count, high)
+            items = schema.get("items")
+            return [self.fill(items, name, i, depth + 1) for i in range(count)]
+        if "object" in kinds or "properties" in schema:
+            properties = schema.get("properties")
+            if not isinstance(properties, dict):
+                return {}
+            return {key: self.fill(sub, key, n, depth + 1) for key, sub in properties.items()}
+        return None
 
 
 def _tool_results_reply(messages: list[Mapping[str, object]]) -> str:
@@ -577,10 +704,23 @@ class FakeChatUpstream:
       not `"none"`): one call to the tool `tool_choice` names, else to the first tool with
       a word of its name (split at `_`, `-`, `.` and case changes) among the words of the
       user's message, else to the first tool. Its arguments are the schema's required
-      properties: an `enum` or `const` gives its first value, a string the last word of
-      the user's message, an integer or number the next number in the message (1 when
-      none is left), a boolean `true`, an array `[]`, an object its own required
-      properties, anything else `null`;
+      properties (`$ref`s followed, the first non-null `anyOf` branch): an `enum` or
+      `const` gives its first value, a string the last word of the user's message, an
+      integer or number the next number in the message (1 when none is left), a boolean
+      `true`, an array `[]`, an object its own required properties, anything else `null`;
+    - otherwise, when the request has `response_format`, a JSON answer streamed in deltas
+      of 3 to 8 characters. For `json_object`, `{"answer": <the reply below>}`. For
+      `json_schema`, a value of the schema (`$ref`s followed, the first non-null `anyOf`
+      branch), where n is the element's index in the innermost list around it (else 0)
+      and the words are those of four letters or more of the last user message: an
+      `enum` gives its n-th value, a `const` its value, a string the n-th word (with a
+      `format`, a fixed valid value; for a property named `description`, `summary`,
+      `text`, `body`, `content`, `details` or `notes`, a sentence starting with the
+      word), an integer n + 1 and a number n + 1.5 (within `minimum`/`maximum`), a
+      boolean `true` for even n, an array as many elements as the first number in the
+      user's message (1 to 10; 3 when none; 2 deeper than a field of the top object;
+      within `minItems`/`maxItems`), an object all its properties; `pattern` is not
+      honoured. `examples/structured.py` shows it;
     - the last messages are tool results: a reply quoting each, as
       `get_weather returned "18 degrees in Paris".`;
     - otherwise a reply quoting the last user message (`You said: "..."`).
