@@ -113,7 +113,7 @@ def test_issue_19_proxy_tools_use_the_strict_schemas(
     first = upstream.app.requests[0].json
     assert first is not None
     assert first["tools"] == [book.to_openai(strict=strict)]
-    function = first["tools"][0]["function"]  # type: ignore[index]
+    function = first["tools"][0]["function"]
     assert ("strict" in function) is strict
     assert function["parameters"]["required"] == ["place"]
     # The local upstream's call ($refs followed) was validated into a Place.

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 
 import pytest
 
 from tokenhub_stream._strict import MISSING, is_strict_ready, strict_schema, wrap_root
 
 
-def strict(schema: dict[str, object]) -> dict[str, object]:
+def strict(schema: Mapping[str, object]) -> dict[str, object]:
     return strict_schema(schema, where="test").schema
 
 
-def obj(properties: dict[str, object], **more: object) -> dict[str, object]:
+def obj(properties: Mapping[str, object], **more: object) -> dict[str, object]:
     return {
         "type": "object",
         "properties": properties,
@@ -49,7 +50,7 @@ def test_issue_19_strict_every_property_required_optional_ones_nullable() -> Non
 
 
 def test_issue_19_strict_annotations_go_constraints_stay() -> None:
-    kept = {
+    kept: dict[str, dict[str, object]] = {
         "name": {"type": "string", "pattern": "^[a-z]+$", "description": "lower case"},
         "when": {"type": "string", "format": "date-time"},
         "n": {
@@ -72,7 +73,7 @@ def test_issue_19_strict_annotations_go_constraints_stay() -> None:
 
 
 def test_issue_19_strict_rewrites_with_the_same_meaning() -> None:
-    defs = {
+    defs: dict[str, object] = {
         "Cat": obj({"kind": {"const": "cat", "type": "string"}}),
         "Dog": obj({"kind": {"const": "dog", "type": "string"}}),
         "Unit": {"type": "string", "enum": ["C", "F"], "title": "Unit"},
@@ -153,7 +154,7 @@ def test_issue_19_strict_refuses_what_it_cannot_express(sub: dict[str, object], 
 
 
 def test_issue_19_strict_does_not_change_its_input() -> None:
-    schema = {
+    schema: dict[str, object] = {
         "type": "object",
         "title": "T",
         "properties": {"a": {"type": "string", "default": "x"}, "b": {"const": 1}},

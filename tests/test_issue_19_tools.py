@@ -156,7 +156,7 @@ def test_issue_19_tools_field_description_wins() -> None:
         """
         return n
 
-    assert f.parameters["properties"] == {  # type: ignore[comparison-overlap]
+    assert f.parameters["properties"] == {
         "n": {"type": "integer", "description": "explicit", "minimum": 1}
     }
     with pytest.raises(ValueError, match="n: Input should be greater than or equal to 1"):
@@ -194,7 +194,7 @@ async def test_issue_19_tools_loop_validates_and_serialises(upstream: RunningUps
     first = upstream.app.requests[0].json
     assert first is not None
     assert first["tools"] == [plan_trip.to_openai()]
-    assert first["tools"][0]["function"]["strict"] is True  # type: ignore[index]
+    assert first["tools"][0]["function"]["strict"] is True
 
 
 def test_issue_19_tools_strict_off_leaves_the_field_out(upstream: RunningUpstream) -> None:
@@ -204,7 +204,7 @@ def test_issue_19_tools_strict_off_leaves_the_field_out(upstream: RunningUpstrea
     sent = upstream.app.requests[0].json
     assert sent is not None
     assert sent["tools"] == [plan_trip.to_openai(strict=False)]
-    assert "strict" not in sent["tools"][0]["function"]  # type: ignore[index]
+    assert "strict" not in sent["tools"][0]["function"]
 
 
 ARGUMENT_PIECES = [
