@@ -379,14 +379,14 @@ def test_live_sequential_streams_reuse_one_connection(
 
 @pytest.mark.anyio
 async def test_live_events_tool_calls_reasoning(upstream: RunningUpstream) -> None:
-    from tokenhub_stream.testing import ToolCall as ScriptedCall
+    from tokenhub_stream.testing import ScriptedToolCall
 
     enqueue(
         upstream,
         Script(
             reasoning="hmm",
             deltas=["Let me check."],
-            tool_calls=[ScriptedCall(name="get_weather", arguments='{"city": "Paris"}')],
+            tool_calls=[ScriptedToolCall(name="get_weather", arguments='{"city": "Paris"}')],
             tool_call_index=False,
         ),
     )

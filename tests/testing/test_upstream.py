@@ -16,7 +16,7 @@ from tokenhub_stream.testing import (
     FakeChatUpstream,
     RunningUpstream,
     Script,
-    ToolCall,
+    ScriptedToolCall,
     run_upstream,
 )
 
@@ -431,8 +431,8 @@ def test_script_tool_calls_with_index(
     client: httpx.Client, upstream: FakeChatUpstream, running: RunningUpstream
 ) -> None:
     calls = [
-        ToolCall(name="get_weather", arguments='{"city":"Paris","unit":"C"}', id="call_1"),
-        ToolCall(name="noop", pieces=["{", "}"]),
+        ScriptedToolCall(name="get_weather", arguments='{"city":"Paris","unit":"C"}', id="call_1"),
+        ScriptedToolCall(name="noop", pieces=["{", "}"]),
     ]
     upstream.enqueue(Script(tool_calls=calls))
     lines = stream_lines(client, running)
@@ -452,7 +452,7 @@ def test_script_tool_calls_with_index(
 def test_script_tool_calls_without_index(
     client: httpx.Client, upstream: FakeChatUpstream, running: RunningUpstream
 ) -> None:
-    call = ToolCall(name="f", arguments='{"a":1}', id="")
+    call = ScriptedToolCall(name="f", arguments='{"a":1}', id="")
     upstream.enqueue(Script(tool_calls=[call], tool_call_index=False, finish_reason="stop"))
     lines = stream_lines(client, running)
     fragments = [f[0] for f in deltas(lines, "tool_calls")]  # type: ignore[index]
@@ -660,7 +660,9 @@ def test_non_streaming_default_reply_and_tool_calls(
     url = f"{running.base_url}/chat/completions"
     default = client.post(url, json=chat(stream=False, text="yo")).json()
     assert default["choices"][0]["message"]["content"].startswith('You said: "yo".')
-    upstream.enqueue(Script(deltas=[], tool_calls=[ToolCall(name="f", arguments="{}", id="c")]))
+    upstream.enqueue(
+        Script(deltas=[], tool_calls=[ScriptedToolCall(name="f", arguments="{}", id="c")])
+    )
     body = client.post(url, json=chat(stream=False)).json()
     message = body["choices"][0]["message"]
     assert message["content"] is None
