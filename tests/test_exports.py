@@ -61,3 +61,13 @@ def test_exports_testing_tool_call_is_a_deprecated_alias() -> None:
     assert ToolCall is testing.ScriptedToolCall
     with pytest.raises(AttributeError):
         testing.NoSuchName  # noqa: B018
+
+
+def test_exports_cli_upstream_is_a_deprecated_alias() -> None:
+    # Renamed so that `Upstream` means one thing: the proxy's upstream protocol.
+    from tokenhub_stream import cli
+
+    assert "Upstream" not in cli.__all__ and "ResolvedUpstream" in cli.__all__
+    with pytest.warns(DeprecationWarning, match="ResolvedUpstream"):
+        from tokenhub_stream.cli import Upstream
+    assert Upstream is cli.ResolvedUpstream
