@@ -338,6 +338,27 @@ def test_script_stall_records_client_disconnect(
     assert request.wait_finished(1.0) and not request.completed
 
 
+def test_received_request_last_write_at_is_when_the_last_bytes_went_out(
+    client: httpx.Client, upstream: FakeChatUpstream, running: RunningUpstream
+) -> None:
+    # A proxy's read timeout counts from the upstream's last write: tests time it from
+    # here, not from the client's last delta, which the relay delivers later.
+    upstream.enqueue(Script(deltas=["a", "b"], delay=0.2, end="stall"))
+    url = f"{running.base_url}/chat/completions"
+    with client.stream("POST", url, json=chat()) as response:
+        for line in response.iter_lines():
+            if '"content":"b"' in line:
+                seen_at = time.monotonic()
+                break
+        request = upstream.requests[-1]
+        written = request.last_write_at
+        assert written is not None
+        # "b" went out after two delays, and no byte since (a stall without keep-alives).
+        assert request.received_at + 2 * 0.2 <= written <= seen_at
+    assert request.wait_finished(1.0)
+    assert request.last_write_at == written
+
+
 def test_script_stall_sends_keepalives(
     client: httpx.Client, upstream: FakeChatUpstream, running: RunningUpstream
 ) -> None:

@@ -75,6 +75,7 @@ class ReceivedRequest:
         self.script: Script | None = None
         self._completed = False
         self._disconnected_at: float | None = None
+        self._last_write_at: float | None = None
         self._disconnected = threading.Event()
         self._finished = threading.Event()
 
@@ -105,6 +106,16 @@ class ReceivedRequest:
     def disconnected_at(self) -> float | None:
         """`time.monotonic()` when the disconnect was seen, or `None`."""
         return self._disconnected_at
+
+    @property
+    def last_write_at(self) -> float | None:
+        """`time.monotonic()` when the response's last bytes (its headers, or its last body
+        bytes: a keep-alive counts) were handed to the server, or `None` before any.
+
+        A proxy's read timeout counts from here; a client-side clock would add the relay's
+        latency.
+        """
+        return self._last_write_at
 
     @property
     def finished(self) -> bool:
@@ -230,10 +241,14 @@ class Exchange:
 
     async def start(self, status: int, headers: Sequence[tuple[str, str]]) -> None:
         encoded = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        # Stamped before the send: once the bytes are out, a client in another thread may
+        # read `last_write_at` before this task runs again.
+        self._record._last_write_at = time.monotonic()
         await self._raw_send({"type": "http.response.start", "status": status, "headers": encoded})
         self.last_write = anyio.current_time()
 
     async def write(self, data: bytes) -> None:
+        self._record._last_write_at = time.monotonic()
         await self._raw_send({"type": "http.response.body", "body": data, "more_body": True})
         self.last_write = anyio.current_time()
 
