@@ -56,6 +56,7 @@ async def test_upstream_passes_bytes_without_httpx(upstream: Upstream, kind: str
     assert_no_key(response.content, response.headers)
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("kind", UPSTREAMS)
 async def test_idle_limit_is_per_gap_not_per_stream(upstream: Upstream, kind: str) -> None:
     # The idle timer fires once per `read` seconds and re-arms while chunks keep coming:
@@ -81,6 +82,7 @@ async def test_idle_limit_is_per_gap_not_per_stream(upstream: Upstream, kind: st
     assert all(f"d{i} ".encode() in response.content for i in range(12))
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("kind", UPSTREAMS)
 async def test_idle_limit_fires_after_the_last_chunk(upstream: Upstream, kind: str) -> None:
     # Chunks for longer than the limit, then silence: the error frame comes one limit

@@ -103,6 +103,7 @@ async def test_proxy_clean_close_without_done_reaches_the_client_as_truncated(
 SETTING = 0.5
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("after", [0, 2], ids=["after_headers", "after_2_chunks"])
 async def test_proxy_silent_upstream_hits_the_proxy_read_timeout(
     upstream: RunningUpstream, leaks: LeakScanner, after: int
@@ -135,6 +136,7 @@ async def test_proxy_silent_upstream_hits_the_proxy_read_timeout(
     assert SETTING <= elapsed < SETTING + slack(SETTING), elapsed
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("after", [0, 2], ids=["after_headers", "after_2_chunks"])
 async def test_proxy_keepalive_only_stall_fires_the_client_timeout(
     upstream: RunningUpstream, leaks: LeakScanner, after: int
@@ -361,6 +363,7 @@ async def _plateau(counting: CountingUpstream, quiet: float, limit: float) -> in
     raise AssertionError(f"the upstream never stopped: {counting.sent} bytes sent")
 
 
+@pytest.mark.timing
 async def test_proxy_slow_reader_back_pressure_reaches_the_upstream(
     counting: CountingUpstream, leaks: LeakScanner
 ) -> None:

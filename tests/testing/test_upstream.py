@@ -229,6 +229,7 @@ def test_upstream_default_delay_used(client: httpx.Client) -> None:
         assert time.monotonic() - start >= 0.12
 
 
+@pytest.mark.timing
 def test_script_first_delay_after_headers(
     client: httpx.Client, upstream: FakeChatUpstream, running: RunningUpstream
 ) -> None:
