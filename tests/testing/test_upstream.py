@@ -230,6 +230,20 @@ def test_upstream_default_delay_used(client: httpx.Client) -> None:
 
 
 @pytest.mark.timing
+def test_issue_16_run_upstream_answers_without_a_nagle_delay(
+    client: httpx.Client, running: RunningUpstream
+) -> None:
+    # A response is several small writes (headers, body, end). On a socket without
+    # TCP_NODELAY, Nagle held each second write for the client's delayed ACK: 40 ms a
+    # request, 0.4 s for these ten.
+    client.get(f"{running.base_url}/models")  # the connection is open and warm
+    start = time.monotonic()
+    for _ in range(10):
+        assert client.get(f"{running.base_url}/models").status_code == 200
+    assert time.monotonic() - start < 0.2
+
+
+@pytest.mark.timing
 def test_script_first_delay_after_headers(
     client: httpx.Client, upstream: FakeChatUpstream, running: RunningUpstream
 ) -> None:

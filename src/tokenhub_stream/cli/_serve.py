@@ -523,7 +523,9 @@ def run_serve(
             store=store,
         )
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = stack.enter_context(socket.socket(family, socket.SOCK_STREAM))
+        # IPPROTO_TCP: asyncio (when uvloop is missing) sets TCP_NODELAY only then; without
+        # it Nagle holds small SSE writes for the browser's delayed ACK (40 ms).
+        sock = stack.enter_context(socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(128)

@@ -102,7 +102,10 @@ def run_upstream(
 
     upstream = FakeChatUpstream() if app is None else app
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose protocol says TCP.
+    # Without it, Nagle holds a response's second small write until the client's delayed
+    # ACK, 40 ms later: every request would take 40 ms.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
