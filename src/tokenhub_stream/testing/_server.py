@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -100,6 +101,29 @@ def run_upstream(
             "run_upstream needs uvicorn; install it with: pip install 'tokenhub_stream[cli]'"
         ) from exc
 
+    class _Server(uvicorn.Server):
+        # uvicorn looks at `should_exit` every 0.1 s; a test suite starts and stops hundreds
+        # of upstreams, so `stop()` also wakes its loop. (A subclass made here, not at
+        # import, so that it derives from whatever `uvicorn.Server` is at call time.)
+        _wake: asyncio.Event | None = None
+        _wake_loop: asyncio.AbstractEventLoop | None = None
+
+        async def main_loop(self) -> None:
+            self._wake = asyncio.Event()
+            self._wake_loop = asyncio.get_running_loop()
+            ticks = 0
+            while not await self.on_tick(ticks):
+                ticks += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 0.1)
+
+        def stop(self) -> None:
+            self.should_exit = True
+            loop, wake = self._wake_loop, self._wake
+            if loop is not None and wake is not None:
+                with contextlib.suppress(RuntimeError):  # its loop has already closed
+                    loop.call_soon_threadsafe(wake.set)
+
     upstream = FakeChatUpstream() if app is None else app
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose protocol says TCP.
@@ -122,7 +146,7 @@ def run_upstream(
             access_log=False,
             timeout_graceful_shutdown=max(1, math.ceil(shutdown_timeout / 2)),
         )
-        server = uvicorn.Server(config)
+        server = _Server(config)
         thread = threading.Thread(
             target=server.run,
             kwargs={"sockets": [sock]},
@@ -144,7 +168,7 @@ def run_upstream(
             yield RunningUpstream(app=upstream, host=host, port=bound_port)
         finally:
             closing_event(upstream).set()
-            server.should_exit = True
+            server.stop()
             thread.join(shutdown_timeout)
             if thread.is_alive():  # pragma: no cover - only when a handler ignores shutdown
                 server.force_exit = True
