@@ -9,12 +9,11 @@ Run (inside the project's virtualenv; nginx is used if it is on PATH):
     python benchmarks/proxy_bench.py --burst 500 --targets direct nginx bare chatproxy
 
 Targets: direct, nginx, naive, chatproxy-httpx (ChatProxy over httpx's own transport),
-chatproxy-httpx-aiohttp (over httpx-aiohttp's transport, the default until 2026-11-28),
-chatproxy-aiohttp (aiohttp called directly, the default until 2026-11-28 later that day and
-the fallback without httptools), chatproxy (its default: our HTTP/1.1 client on
-httptools, mounted with `proxy.routes()` in Starlette), chatproxy-mw (the same proxy as
-`proxy.middleware()` of a Starlette app) and chatproxy-asgi (the same proxy as uvicorn's
-whole app, no Starlette). `--profile` and `--tracemalloc` slow the proxy
+chatproxy (its default: our HTTP/1.1 engine on httptools, mounted with `proxy.routes()` in
+Starlette), chatproxy-mw (the same proxy as `proxy.middleware()` of a Starlette app) and
+chatproxy-asgi (the same proxy as uvicorn's whole app, no Starlette). (The aiohttp
+targets went with the aiohttp code, 2026-12-06; `--baseline` compares a revision with
+this one.) `--profile` and `--tracemalloc` slow the proxy
 they watch, so their runs' columns are not comparable with plain runs.
 
 `--deciles` also prints, for the largest `--streams` step, the TTFB p50 of each tenth of the
@@ -296,20 +295,9 @@ def _chatproxy_app(upstream: str, transport_name: str = "default") -> object:
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
     if transport_name == "httpx":
         transport = httpx.AsyncHTTPTransport(limits=limits)
-    elif transport_name == "httpx-aiohttp":  # the default before 2026-11-28
-        from httpx_aiohttp import AiohttpTransport
-
-        transport = AiohttpTransport(limits=limits, trust_env=False)
     proxy = ChatProxy(
         api_key=KEY, base_url=upstream + "/v1", keepalive_interval=None, transport=transport
     )
-    if transport_name == "aiohttp":  # the fallback without httptools (private: no option)
-        import aiohttp
-
-        from tokenhub_stream._proxy_upstream import AiohttpUpstream
-
-        proxy._upstream = AiohttpUpstream(proxy._max_connections, proxy._timeout, aiohttp)
-        proxy._upstream_chosen = True
     if transport_name == "asgi":  # ChatProxy itself is the app, answering POST /
         return proxy
     if transport_name == "mw":  # proxy.middleware(): ahead of the app's routing

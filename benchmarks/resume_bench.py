@@ -21,7 +21,7 @@ import asyncio
 import json
 import time
 
-from tokenhub_stream._proxy_resume import InMemoryStreamBuffer, ResumableStream, StreamBuffer
+from tokenhub_stream.asgi._resume import InMemoryStreamBuffer, ResumableStream, StreamBuffer
 
 EVENTS = 100
 _CHUNK = {

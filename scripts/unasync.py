@@ -1,7 +1,8 @@
-"""Generate src/tokenhub_stream/_sync_client.py from _async_client.py.
+"""Generate the sync shells from the async ones: src/tokenhub_stream/_sync_client.py
+from _async_client.py, and tools/_loop_sync.py from tools/_loop.py.
 
-python scripts/unasync.py          # write the sync file
-python scripts/unasync.py --check  # exit 1 if it is out of date (CI)
+python scripts/unasync.py          # write the sync files
+python scripts/unasync.py --check  # exit 1 if one is out of date (CI)
 """
 
 from __future__ import annotations
@@ -12,13 +13,26 @@ import sys
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "tokenhub_stream"
-PAIRS = [(SRC / "_async_client.py", SRC / "_sync_client.py")]
+PAIRS = [
+    (SRC / "_async_client.py", SRC / "_sync_client.py"),
+    (SRC / "tools" / "_loop.py", SRC / "tools" / "_loop_sync.py"),
+]
+#: The line each async shell carries, and what its generated twin says instead.
+HEADER = "The async I/O shell; edit this file, then run scripts/unasync.py."
 
 # Whole-word replacements, applied in order.
 SUBS = [
     ("AsyncChatStream", "ChatStream"),
+    ("_AsyncStreamCore", "_StreamCore"),
     ("AsyncToolLoop", "ToolLoop"),
+    ("AsyncGenerator[ToolLoopEvent, None]", "Generator[ToolLoopEvent, None, None]"),
+    ("AsyncGenerator", "Generator"),
     ("arun_tools", "run_tools_sync"),
+    ("AsyncStreamingClient", "StreamingClient"),
+    ("AsyncTurnStream", "TurnStream"),
+    ("arun_calls", "run_calls"),
+    ("from .tools._loop import", "from .tools._loop_sync import"),
+    ("sync=False", "sync=True"),
     ("async for event in client.run_tools", "for event in client.run_tools"),
     ("AsyncClient", "Client"),
     ("AsyncHTTPTransport", "HTTPTransport"),
@@ -33,6 +47,7 @@ SUBS = [
     ("__aiter__", "__iter__"),
     ("__anext__", "__next__"),
     ("anext()", "next()"),
+    ("StopAsyncIteration", "StopIteration"),
     ("aiter_raw", "iter_raw"),
     ("aiter_bytes", "iter_bytes"),
     ("aread", "read"),
@@ -41,9 +56,10 @@ SUBS = [
     ("async with", "with"),
     ("async for", "for"),
     ("await ", ""),
+    ("The async tool loop", "The sync tool loop"),
     (
-        "The async I/O shell; edit this file, then run scripts/unasync.py.",
-        "GENERATED from _async_client.py by scripts/unasync.py: do not edit.",
+        "in a task group (sync tools in worker threads)",
+        "a thread each (a single call in the calling thread)",
     ),
     ("an async iterator", "an iterator"),
     ("an async\n    context manager", "a\n    context manager"),
@@ -53,7 +69,8 @@ SUBS = [
 ]
 
 
-def unasync(text: str) -> str:
+def unasync(text: str, src: Path) -> str:
+    text = text.replace(HEADER, f"GENERATED from {src.name} by scripts/unasync.py: do not edit.")
     for old, new in SUBS:
         if old[0].isalnum() or old[0] == "_":
             text = re.sub(rf"\b{re.escape(old)}", new, text)
@@ -83,7 +100,7 @@ def main() -> int:
     check = "--check" in sys.argv
     stale = []
     for src, dst in PAIRS:
-        out = tidy(unasync(src.read_text()), dst)
+        out = tidy(unasync(src.read_text(), src), dst)
         if check:
             if not dst.exists() or dst.read_text() != out:
                 stale.append(dst)

@@ -23,7 +23,7 @@ from tokenhub_stream import (
     Usage,
     UsageEvent,
 )
-from tokenhub_stream._chunks import error_from_status, retry_after_seconds
+from tokenhub_stream._errors import error_from_status, retry_after_seconds
 
 
 def frame(obj: object) -> bytes:

@@ -445,7 +445,7 @@ def test_client_repr_never_shows_key() -> None:
     for client in (ts.Client(api_key=KEY), ts.AsyncClient(api_key=KEY)):
         assert KEY not in repr(client)
         assert KEY not in repr(client.stream_chat(MESSAGES))
-        assert KEY not in repr(client.stream_chat(MESSAGES)._call)
+        assert KEY not in repr(client.stream_chat(MESSAGES)._state._call)
     stream = ts.Client(api_key=KEY).stream_chat(MESSAGES)
     assert repr(stream) == f"<ChatStream model={ts.DEFAULT_MODEL!r} new>"
 

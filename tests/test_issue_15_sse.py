@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 import servers
 import tokenhub_stream as ts
 from tokenhub_stream import ChunkParser, ContentDelta, ServerSentEvent, SSEDecoder
-from tokenhub_stream._proxy_core import EventSplitter
 from tokenhub_stream.asgi import ChatProxy, CompletionRecord
+from tokenhub_stream.asgi._wire import EventSplitter
 from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, Script, run_upstream
 
 KEY = "sk-canary-issue-15-3b9d0c"
@@ -99,7 +99,7 @@ def test_issue_15_empty_chunk_leaves_the_decoder_clean() -> None:
     assert decoder.feed_data(b"\n") == ["a"]
     assert decoder.feed_data(b"") == []
     assert decoder.feed_data(b"data: b\n\n") == ["b"]
-    assert decoder._clean and not decoder.has_pending
+    assert decoder.at_event_start and not decoder.has_pending
 
 
 @pytest.mark.parametrize("mode", ["text", "events"])

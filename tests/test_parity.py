@@ -5,11 +5,14 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import tokenhub_stream as ts
+from tokenhub_stream.tools._loop import arun_tools
+from tokenhub_stream.tools._loop_sync import run_tools_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,6 +34,8 @@ def _normalise(sig: inspect.Signature) -> str:
         ("AsyncClient", "Client"),
         ("AsyncIterator", "Iterator"),
         ("AsyncToolLoop", "ToolLoop"),
+        ("AsyncStreamingClient", "StreamingClient"),
+        ("AsyncTurnStream", "TurnStream"),
     ):
         text = text.replace(a, s)
     return text
@@ -51,11 +56,22 @@ def test_parity_methods_and_signatures(sync_cls: type, async_cls: type) -> None:
         assert _normalise(sync[name]) == _normalise(asyn[name]), name
 
 
-def test_parity_module_functions() -> None:
-    a = inspect.signature(ts.stream_chat)
-    s = inspect.signature(ts.stream_chat_sync)
+@pytest.mark.parametrize(
+    ("sync_fn", "async_fn"),
+    [
+        (ts.stream_chat_sync, ts.stream_chat),
+        (run_tools_sync, arun_tools),
+        (ts.Client.run_tools, ts.AsyncClient.run_tools),
+    ],
+)
+def test_parity_module_functions(
+    sync_fn: Callable[..., object], async_fn: Callable[..., object]
+) -> None:
+    a = inspect.signature(async_fn)
+    s = inspect.signature(sync_fn)
     assert list(a.parameters) == list(s.parameters)
     assert [p.default for p in a.parameters.values()] == [p.default for p in s.parameters.values()]
+    assert _normalise(s) == _normalise(a)
 
 
 def test_parity_sync_shell_is_generated_and_current() -> None:

@@ -20,8 +20,8 @@ import atheris  # type: ignore[import-not-found, import-untyped, unused-ignore]
 with atheris.instrument_imports():
     from tokenhub_stream._chunks import ChunkParser
     from tokenhub_stream._exceptions import ProtocolError, TokenHubError
-    from tokenhub_stream._proxy_core import EventSplitter
     from tokenhub_stream._sse import SSEDecoder
+    from tokenhub_stream.asgi._wire import EventSplitter
 
 # Every (line end, empty line end) pair; a CR is a line end alone when no LF follows it.
 _BOUNDARY_ENDS = (

@@ -5,8 +5,7 @@ from __future__ import annotations
 from .__version__ import __version__
 from ._api import stream_chat, stream_chat_sync
 from ._async_client import AsyncChatStream, AsyncClient
-from ._base import ChatResult
-from ._chunks import JSON_BACKEND, ChunkParser
+from ._chunks import ChunkParser
 from ._config import DEFAULT_BASE_URL, DEFAULT_MODEL, DEFAULT_TIMEOUT, Timeout
 from ._exceptions import (
     APIError,
@@ -23,8 +22,10 @@ from ._exceptions import (
     TransportError,
     TruncatedStreamError,
 )
+from ._json import JSON_BACKEND
 from ._models import (
     ChatMessage,
+    ChatResult,
     ContentDelta,
     FinishEvent,
     Outcome,
@@ -38,7 +39,6 @@ from ._models import (
 )
 from ._sse import ServerSentEvent, SSEDecoder
 from ._sync_client import ChatStream, Client
-from ._tool_loop import DEFAULT_MAX_TURNS, AsyncToolLoop, ToolLoop
 from .tools import (
     MaxTurnsExceeded,
     Tool,
@@ -49,6 +49,8 @@ from .tools import (
     TurnFinished,
     tool,
 )
+from .tools._loop import DEFAULT_MAX_TURNS, AsyncToolLoop
+from .tools._loop_sync import ToolLoop
 
 __all__ = [
     "APIError",

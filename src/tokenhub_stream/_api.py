@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._async_client import AsyncChatStream, AsyncClient
-from ._base import BaseClient, Call, HeaderTypes, MessagesTypes, TimeoutTypes
+from ._base import BaseClient, Call, HeaderTypes, MessagesTypes, TimeoutTypes, build_call
 from ._config import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MODEL, UNSET, UnsetType
 from ._sync_client import ChatStream, Client
 
@@ -96,7 +96,8 @@ def stream_chat_sync(
 
 def _prepare(args: dict[str, Any], params: dict[str, object]) -> Call:
     # Validate (missing key, `stream` in params) before any connection pool exists.
-    return BaseClient(api_key=args["api_key"], base_url=args["base_url"])._prepare(
+    return build_call(
+        BaseClient(api_key=args["api_key"], base_url=args["base_url"]),
         args["messages"],
         args["model"],
         params,

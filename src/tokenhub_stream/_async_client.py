@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from types import TracebackType
 from typing import Any, Self
 
@@ -13,20 +13,21 @@ from ._base import (
     AsyncShield,
     BaseClient,
     Call,
-    ChatResult,
     CompletionDeadline,
     HeaderTypes,
     MessagesTypes,
-    StreamState,
     TimeoutTypes,
+    answered,
     async_sleep,
+    build_call,
     direct_request,
     direct_transport_ok,
     generator_done,
-    is_event_stream,
-    parse_completion,
     raw_chunks,
+    send_error,
+    status_error,
 )
+from ._chunks import parse_completion
 from ._config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_MAX_EVENT_BYTES,
@@ -39,14 +40,16 @@ from ._config import (
     UnsetType,
 )
 from ._exceptions import TokenHubError
-from ._models import StreamEvent
-from ._tool_loop import DEFAULT_MAX_TURNS, AsyncToolLoop, arun_tools
+from ._models import ChatResult, StreamEvent
+from ._retry import Retries
+from ._stream import StreamState, StreamView
 from .tools import ToolsTypes
+from .tools._loop import DEFAULT_MAX_TURNS, AsyncToolLoop, arun_tools
 
 __all__ = ["AsyncChatStream", "AsyncClient"]
 
 
-class AsyncChatStream(StreamState):
+class AsyncChatStream(StreamView):
     """One streamed chat completion: an async iterator of text deltas and an async
     context manager. The request is sent on enter, or on first iteration.
 
@@ -60,24 +63,28 @@ class AsyncChatStream(StreamState):
     Iterate it once, either directly (text deltas) or through `events()` (typed
     events); `message`, `usage`, `timings` and `outcome` are filled either way.
     Leaving the `async with` block, `aclose()`, or cancelling the task closes the
-    upstream connection at once.
+    upstream connection at once. So does dropping an unfinished stream (a bare `break`
+    with no `async with`), with a `ResourceWarning`, as for an unclosed file.
     """
 
+    _state: _AsyncStreamCore
+
     def __init__(self, client: AsyncClient, call: Call, *, owns_client: bool = False) -> None:
-        super().__init__(client, call)
-        self._client = client
-        self._owns_client = owns_client
-        self._response: httpx.Response | None = None
-        self._chunks: AsyncIterator[bytes] | None = None
+        # The state is shared with the consuming generators; it never points back at
+        # this object or at them, so nothing here is a reference cycle and a dropped
+        # stream is noticed at once (see `StreamState._adopt`).
+        self._state = state = _AsyncStreamCore(client, call, owns_client)
+        state._adopt(self)
         self._consumer: AsyncIterator[Any] | None = None
         self._next_consumer: AsyncIterator[str] | None = None
 
     async def __aenter__(self) -> Self:
+        state = self._state
         try:
-            if self._response is None:
-                await self._open()
+            if state._response is None:
+                await state._open()
         except BaseException as exc:
-            self._record_exit(exc)
+            state._record_exit(exc)
             await self.aclose()
             raise
         return self
@@ -89,54 +96,63 @@ class AsyncChatStream(StreamState):
         tb: TracebackType | None,
     ) -> None:
         if exc is not None:
-            self._record_exit(exc)
+            self._state._record_exit(exc)
         await self.aclose()
 
     def __aiter__(self) -> AsyncIterator[str]:
         if self._next_consumer is not None:  # reading already began with anext()
             return self._next_consumer
-        self._consumer = self._consume(text=True)
+        self._consumer = self._state._consumer(text=True)
         return self._consumer
 
     async def __anext__(self) -> str:
         if self._next_consumer is None:
-            self._next_consumer = self._consumer = self._consume(text=True)
+            self._next_consumer = self._consumer = self._state._consumer(text=True)
         return await self._next_consumer.__anext__()
 
     def events(self) -> AsyncIterator[StreamEvent]:
         """Iterate typed events: content, reasoning and tool-call deltas, finish, usage."""
-        self._consumer = self._consume(text=False)
+        self._consumer = self._state._consumer(text=False)
         return self._consumer
 
     async def aclose(self) -> None:
         """Close the upstream connection (at once if the body was not read to its end)."""
-        self._record_exit(None)
+        state = self._state
+        state._record_exit(None)
         consumer, self._consumer = self._consumer, None
         if consumer is not None and not generator_done(consumer):
             with AsyncShield():
                 await _close_generator(consumer)
-        await self._release()
+        await state._release()
+
+
+class _AsyncStreamCore(StreamState):
+    """What the public stream (`AsyncChatStream`) and its consuming generators share:
+    the response, the parser and the I/O that reads it."""
+
+    _public_name = "AsyncChatStream"
+
+    def __init__(self, client: AsyncClient, call: Call, owns_client: bool) -> None:
+        super().__init__(client, call)
+        self._client = client
+        self._owns_client = owns_client
+        self._chunks: AsyncIterator[bytes] | None = None
+
+    def _consumer(self, text: bool) -> AsyncIterator[Any]:
+        consumer = self._consume(text)
+        self._adopt(consumer)
+        return consumer
 
     async def _open(self) -> None:
-        while True:
-            self._before_send()
-            try:
-                response = await self._client._send(self._call)
-            except httpx.HTTPError as exc:
-                error = self._base._send_error(exc, self._call)
-            else:
-                if response.status_code < 300 and is_event_stream(response):
-                    self._response = response
-                    self._start(response)
-                    self._chunks = _body(response)
-                    return
-                error = await self._client._error_of(response)
-            delay = self._base._retry_delay(self._attempt, self._call.max_retries, error)
-            if delay is None:
-                self._fail(error)
-                raise error
-            self._attempt += 1
-            await async_sleep(delay)
+        client = self._client
+        try:
+            response = await client._send_retrying(self._call, self._retries, self._before_send)
+        except TokenHubError as error:
+            self._fail(error)
+            raise
+        self._response = response
+        self._start(response)
+        self._chunks = _body(response)
 
     async def _consume(self, text: bool) -> AsyncIterator[Any]:
         self._claim()
@@ -188,7 +204,7 @@ class AsyncChatStream(StreamState):
 
     async def _release_response(self) -> None:
         if self._timer is not None:
-            self._timer.stop()
+            self._timer.release()  # closed, or back in the pool: never ours to shut down
         response, self._response = self._response, None
         chunks, self._chunks = self._chunks, None
         if chunks is not None and generator_done(chunks):
@@ -245,6 +261,8 @@ class AsyncClient(BaseClient):
         max_retries: retries before the first delta (connect errors, 408, 429, 5xx,
             retryable error frames).
         max_retry_wait: the longest `Retry-After` honoured; beyond it the error is raised.
+        include_usage: ask for a final usage chunk (`stream_options.include_usage`) on
+            every stream; a call's `include_usage` overrides it.
         max_event_bytes: the largest SSE event accepted (`ProtocolError` beyond).
         strict_utf8: raise `ProtocolError` on invalid UTF-8 instead of U+FFFD.
         drain_timeout: how long to read on after `[DONE]` to keep the connection.
@@ -261,6 +279,7 @@ class AsyncClient(BaseClient):
         timeout: TimeoutTypes = DEFAULT_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
         max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT,
+        include_usage: bool = False,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         strict_utf8: bool = False,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
@@ -274,6 +293,7 @@ class AsyncClient(BaseClient):
             timeout=timeout,
             max_retries=max_retries,
             max_retry_wait=max_retry_wait,
+            include_usage=include_usage,
             max_event_bytes=max_event_bytes,
             strict_utf8=strict_utf8,
             drain_timeout=drain_timeout,
@@ -312,7 +332,7 @@ class AsyncClient(BaseClient):
         model: str | UnsetType = UNSET,
         timeout: TimeoutTypes | UnsetType = UNSET,
         max_retries: int | UnsetType = UNSET,
-        include_usage: bool = False,
+        include_usage: bool | UnsetType = UNSET,
         extra_headers: HeaderTypes | None = None,
         **params: object,
     ) -> AsyncChatStream:
@@ -322,7 +342,8 @@ class AsyncClient(BaseClient):
             messages: the conversation, OpenAI shape.
             model: the model; default the client's.
             timeout, max_retries: override the client's for this call.
-            include_usage: ask for a final usage chunk (`stream_options.include_usage`).
+            include_usage: ask for a final usage chunk (`stream_options.include_usage`);
+                default the client's.
             extra_headers: headers for this request only.
             **params: other body fields (`temperature`, `max_tokens`, `tools`, ...).
 
@@ -333,7 +354,8 @@ class AsyncClient(BaseClient):
             TypeError: `stream` given in `params`, or messages not a list.
             MissingAPIKeyError: no key for the default token-hub URL.
         """
-        call = self._prepare(
+        call = build_call(
+            self,
             messages,
             model,
             params,
@@ -354,7 +376,7 @@ class AsyncClient(BaseClient):
         max_turns: int = DEFAULT_MAX_TURNS,
         timeout: TimeoutTypes | UnsetType = UNSET,
         max_retries: int | UnsetType = UNSET,
-        include_usage: bool = False,
+        include_usage: bool | UnsetType = UNSET,
         extra_headers: HeaderTypes | None = None,
         **params: object,
     ) -> AsyncToolLoop:
@@ -410,41 +432,49 @@ class AsyncClient(BaseClient):
             TransportError: the upstream could not be reached.
             ProtocolError: the response was not a chat completion.
         """
-        call = self._prepare(
+        call = build_call(
+            self,
             messages,
             model,
             params,
             stream=False,
             timeout=timeout,
             max_retries=max_retries,
-            include_usage=False,
+            include_usage=False,  # no usage chunk without a stream
             extra_headers=extra_headers,
         )
-        attempt = 0
+        deadline = CompletionDeadline(call)
+        retries = Retries(call.max_retries, self.max_retry_wait)
+        response = await self._send_retrying(call, retries, deadline.restart)
+        deadline.watch(response)
+        try:
+            body = await response.aread()
+        except httpx.HTTPError as exc:
+            raise deadline.error(exc) from exc
+        finally:
+            deadline.stop()
+            with AsyncShield():
+                await response.aclose()
+        return parse_completion(body, call.redact)
+
+    async def _send_retrying(
+        self, call: Call, retries: Retries, on_send: Callable[[], None]
+    ) -> httpx.Response:
+        """Send `call` until it is `answered`, waiting between attempts as `retries`
+        decides (`on_send` runs before each); raises the error it gives up on."""
         while True:
-            error: TokenHubError
-            deadline = CompletionDeadline(call)
+            on_send()
             try:
                 response = await self._send(call)
             except httpx.HTTPError as exc:
-                error = self._send_error(exc, call)
+                error = send_error(exc, call)
             else:
-                if response.status_code < 300:
-                    deadline.watch(response)
-                    try:
-                        body = await response.aread()
-                    except httpx.HTTPError as exc:
-                        raise deadline.error(exc) from exc
-                    finally:
-                        deadline.stop()
-                        with AsyncShield():
-                            await response.aclose()
-                    return parse_completion(body, self._redact)
-                error = await self._error_of(response)
-            delay = self._retry_delay(attempt, call.max_retries, error)
+                if answered(call, response):
+                    return response
+                error = await self._error_of(call, response)
+            delay = retries.next_delay(error)
             if delay is None:
                 raise error
-            attempt += 1
             await async_sleep(delay)
 
     async def _send(self, call: Call) -> httpx.Response:
@@ -467,7 +497,7 @@ class AsyncClient(BaseClient):
         )
         return await self._http.send(request, stream=True)
 
-    async def _error_of(self, response: httpx.Response) -> TokenHubError:
+    async def _error_of(self, call: Call, response: httpx.Response) -> TokenHubError:
         body = b""
         try:
             async for chunk in response.aiter_bytes():
@@ -479,4 +509,4 @@ class AsyncClient(BaseClient):
         finally:
             with AsyncShield():
                 await response.aclose()
-        return self._status_error(response, body)
+        return status_error(call, response, body)

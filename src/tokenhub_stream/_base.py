@@ -1,14 +1,17 @@
-"""The pure half of the clients: request building, error mapping, retry policy and
-stream bookkeeping. No I/O here; `_async_client.py` and its generated sync twin
-`_sync_client.py` are the thin shells that send and read."""
+"""The pure half of the clients, per request: the settings (`BaseClient`), request
+building (`build_call` -> `Call`), what an httpx error or an HTTP status becomes, and the
+deadline of a non-streaming answer. The per-stream bookkeeping is in `_stream.py`, the
+retry policy in `_retry.py`.
+
+No I/O, no sockets, no threads here: `_async_client.py` and its generated twin
+`_sync_client.py` are the thin shells that send and read, and `_watchdog.py` owns the
+sockets and the deadline thread (this module holds a `StreamTimer`, its interface)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import random
 import time
-import weakref
 from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias
@@ -17,15 +20,7 @@ from urllib.request import getproxies
 import anyio
 import httpx
 
-from ._chunks import (
-    ChunkParser,
-    Redact,
-    content_text,
-    error_from_frame,
-    error_from_status,
-    loads,
-    request_id_of,
-)
+from ._chunks import ChunkParser
 from ._config import (
     DEFAULT_BASE_URL,
     DEFAULT_DRAIN_TIMEOUT,
@@ -40,17 +35,17 @@ from ._config import (
     env_api_key,
     env_base_url,
 )
+from ._errors import error_from_frame, error_from_status, request_id_of
 from ._exceptions import (
     MissingAPIKeyError,
     ProtocolError,
-    StreamConsumed,
     StreamTimeout,
     TokenHubError,
     TransportError,
     TruncatedStreamError,
 )
-from ._models import ChatMessage, Outcome, Timings, ToolCall, Usage
-from ._watchdog import StreamTimer, watchdog
+from ._json import Redact, loads
+from ._watchdog import StreamTimer
 
 MessagesTypes: TypeAlias = Sequence[Mapping[str, object]]
 HeaderTypes: TypeAlias = Mapping[str, str]
@@ -87,6 +82,8 @@ class Call:
     timeout: Timeout
     max_retries: int
     model: str
+    stream: bool
+    redact: Redact = field(repr=False)  # hides the client's key in what the upstream says
     messages: list[Mapping[str, object]] = field(default_factory=list)
 
     def httpx_timeout(self) -> httpx.Timeout:
@@ -115,10 +112,13 @@ def _min(*values: float | None) -> float | None:
     return min(present) if present else None
 
 
-def _max(*values: float | None) -> float | None:
-    if any(v is None for v in values):
-        return None
-    return max(v for v in values if v is not None)
+def loosen_read_timeout(response: httpx.Response, *seconds: float | None) -> None:
+    """Loosen the read timeout of `response`'s body to the longest of `seconds` (None if
+    any is None): a backstop only, as the watchdog enforces the exact deadlines. httpcore
+    reads it when the body starts, so this must run before the first read."""
+    timeouts = response.request.extensions.get("timeout")
+    if isinstance(timeouts, dict):
+        timeouts["read"] = None if None in seconds else max(s for s in seconds if s is not None)
 
 
 def redactor(secret: str | None) -> Redact:
@@ -142,6 +142,7 @@ class BaseClient:
         timeout: TimeoutTypes = DEFAULT_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
         max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT,
+        include_usage: bool = False,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         strict_utf8: bool = False,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
@@ -157,6 +158,7 @@ class BaseClient:
         self.timeout = Timeout.coerce(timeout)
         self.max_retries = max_retries
         self.max_retry_wait = max_retry_wait
+        self.include_usage = include_usage
         self.max_event_bytes = max_event_bytes
         self.strict_utf8 = strict_utf8
         self.drain_timeout = drain_timeout
@@ -174,105 +176,102 @@ class BaseClient:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} base_url={self.base_url!r}>"
 
-    def _prepare(
-        self,
-        messages: MessagesTypes,
-        model: str | UnsetType,
-        params: Mapping[str, object],
-        *,
-        stream: bool,
-        timeout: TimeoutTypes | UnsetType,
-        max_retries: int | UnsetType,
-        include_usage: bool,
-        extra_headers: HeaderTypes | None,
-    ) -> Call:
-        if "stream" in params:
-            raise TypeError(
-                "'stream' is set by the client: use stream_chat() to stream, chat() not to"
-            )
-        if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
-            raise TypeError("messages must be a list of {'role': ..., 'content': ...} mappings")
-        if self._api_key is None and self.base_url == DEFAULT_BASE_URL:
-            raise MissingAPIKeyError(
-                "no API key for the token-hub gateway: pass api_key=... or set TOKENHUB_KEY "
-                "(local OpenAI-compatible servers need none: set base_url or TOKENHUB_BASE_URL)"
-            )
-        model_name = self.model if model is UNSET else model
-        body: dict[str, object] = {"model": model_name, "messages": list(messages)}
-        body["stream"] = stream
-        body.update(params)
-        if stream and include_usage:
-            options = params.get("stream_options")
-            merged = dict(options) if isinstance(options, Mapping) else {}
-            merged["include_usage"] = True
-            body["stream_options"] = merged
-        headers = {
-            "Content-Type": "application/json",
-            "Accept": "text/event-stream" if stream else "application/json",
-        }
-        if stream:
-            headers["Accept-Encoding"] = "identity"
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        headers.update(self.headers)
-        if extra_headers:
-            headers.update(extra_headers)
-        return Call(
-            url=self.base_url + "/chat/completions",
-            headers=headers,
-            # allow_nan=False, as httpx's json=: NaN and Infinity are not JSON (ValueError).
-            body=json.dumps(body, separators=(",", ":"), allow_nan=False).encode(),
-            timeout=self.timeout if timeout is UNSET else Timeout.coerce(timeout),
-            max_retries=self.max_retries if max_retries is UNSET else max_retries,
-            model=model_name,
-            messages=list(messages),
+
+def build_call(
+    client: BaseClient,
+    messages: MessagesTypes,
+    model: str | UnsetType,
+    params: Mapping[str, object],
+    *,
+    stream: bool,
+    timeout: TimeoutTypes | UnsetType,
+    max_retries: int | UnsetType,
+    include_usage: bool | UnsetType,
+    extra_headers: HeaderTypes | None,
+) -> Call:
+    if "stream" in params:
+        raise TypeError("'stream' is set by the client: use stream_chat() to stream, chat() not to")
+    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
+        raise TypeError("messages must be a list of {'role': ..., 'content': ...} mappings")
+    if client._api_key is None and client.base_url == DEFAULT_BASE_URL:
+        raise MissingAPIKeyError(
+            "no API key for the token-hub gateway: pass api_key=... or set TOKENHUB_KEY "
+            "(local OpenAI-compatible servers need none: set base_url or TOKENHUB_BASE_URL)"
         )
+    model_name = client.model if model is UNSET else model
+    body: dict[str, object] = {"model": model_name, "messages": list(messages)}
+    body["stream"] = stream
+    body.update(params)
+    if include_usage is UNSET:
+        include_usage = client.include_usage
+    if stream and include_usage:
+        options = params.get("stream_options")
+        merged = dict(options) if isinstance(options, Mapping) else {}
+        merged["include_usage"] = True
+        body["stream_options"] = merged
+    headers = {
+        "Content-Type": "application/json",
+        "Accept": "text/event-stream" if stream else "application/json",
+    }
+    if stream:
+        headers["Accept-Encoding"] = "identity"
+    if client._api_key:
+        headers["Authorization"] = f"Bearer {client._api_key}"
+    headers.update(client.headers)
+    if extra_headers:
+        headers.update(extra_headers)
+    return Call(
+        url=client.base_url + "/chat/completions",
+        headers=headers,
+        # allow_nan=False, as httpx's json=: NaN and Infinity are not JSON (ValueError).
+        body=json.dumps(body, separators=(",", ":"), allow_nan=False).encode(),
+        timeout=client.timeout if timeout is UNSET else Timeout.coerce(timeout),
+        max_retries=client.max_retries if max_retries is UNSET else max_retries,
+        model=model_name,
+        stream=stream,
+        redact=client._redact,
+        messages=list(messages),
+    )
 
-    def _send_error(self, exc: Exception, call: Call) -> TokenHubError:
-        """Translate an httpx error raised before the response headers arrived."""
-        t = call.timeout
-        if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
-            error: TokenHubError = StreamTimeout("connect", t.connect)
-        elif isinstance(exc, httpx.TimeoutException):
-            is_total = t.total is not None and t.total == call.httpx_timeout().read
-            error = StreamTimeout(
-                *(("total", t.total) if is_total else ("first_token", t.first_token))
-            )
-        elif isinstance(exc, httpx.ConnectError):
-            error = TransportError(f"could not connect to the upstream: {exc}", retryable=True)
-        else:
-            error = TransportError(f"{type(exc).__name__}: {exc}")
-        error.__cause__ = exc
-        return error
 
-    def _status_error(self, response: httpx.Response, body: bytes) -> TokenHubError:
-        """The error for an HTTP error status, or for a 2xx that is not an event stream."""
-        headers = response.headers
-        if response.status_code >= 300:
-            return error_from_status(
-                response.status_code,
-                body,
-                headers,
-                reason=response.reason_phrase,
-                redact=self._redact,
-            )
-        try:
-            obj = loads(body)
-        except (ValueError, RecursionError):
-            obj = None
-        if isinstance(obj, dict) and ("error" in obj or obj.get("object") == "error"):
-            return error_from_frame(obj, request_id=request_id_of(headers), redact=self._redact)
-        ctype = headers.get("content-type", "(none)")
-        return ProtocolError(f"expected a text/event-stream response, got {ctype}")
+def answered(call: Call, response: httpx.Response) -> bool:
+    """Whether `response` is the answer `call` waits for: a 2xx, and an event stream when
+    it streams (anything else becomes an error: `status_error`)."""
+    return response.status_code < 300 and (not call.stream or is_event_stream(response))
 
-    def _retry_delay(self, attempt: int, max_retries: int, error: TokenHubError) -> float | None:
-        """Seconds to wait before retry number `attempt + 1`, or None to give up."""
-        if attempt >= max_retries or not getattr(error, "retryable", False):
-            return None
-        retry_after = getattr(error, "retry_after", None)
-        if isinstance(retry_after, int | float):
-            return float(retry_after) if retry_after <= self.max_retry_wait else None
-        return min(8.0, 0.5 * 2.0**attempt) * (0.5 + random.random() / 2)
+
+def send_error(exc: Exception, call: Call) -> TokenHubError:
+    """Translate an httpx error raised before the response headers arrived."""
+    t = call.timeout
+    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+        error: TokenHubError = StreamTimeout("connect", t.connect)
+    elif isinstance(exc, httpx.TimeoutException):
+        is_total = t.total is not None and t.total == call.httpx_timeout().read
+        error = StreamTimeout(*(("total", t.total) if is_total else ("first_token", t.first_token)))
+    elif isinstance(exc, httpx.ConnectError):
+        error = TransportError(f"could not connect to the upstream: {exc}", retryable=True)
+    else:
+        error = TransportError(f"{type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def status_error(call: Call, response: httpx.Response, body: bytes) -> TokenHubError:
+    """The error for an HTTP error status, or for a 2xx that is not an event stream
+    (`body`: the start of the response's body)."""
+    headers = response.headers
+    if response.status_code >= 300:
+        return error_from_status(
+            response.status_code, body, headers, reason=response.reason_phrase, redact=call.redact
+        )
+    try:
+        obj = loads(body)
+    except (ValueError, RecursionError):
+        obj = None
+    if isinstance(obj, dict) and ("error" in obj or obj.get("object") == "error"):
+        return error_from_frame(obj, request_id=request_id_of(headers), redact=call.redact)
+    ctype = headers.get("content-type", "(none)")
+    return ProtocolError(f"expected a text/event-stream response, got {ctype}")
 
 
 def direct_transport_ok(base_url: str) -> bool:
@@ -300,32 +299,6 @@ def direct_request(url: httpx.URL, call: Call, defaults: Mapping[str, str]) -> h
     )
 
 
-def watch_response(
-    response: httpx.Response, timer: StreamTimer, total_deadline: float | None
-) -> bool:
-    """Hand the response's socket to the watchdog; False without one (mock transports)."""
-    stream = response.extensions.get("network_stream")
-    if stream is None:
-        return False
-    try:
-        sock = _SOCKETS.get(stream)
-    except TypeError:  # not weak-referenceable
-        sock = None
-    if sock is None:
-        get_info = getattr(stream, "get_extra_info", None)
-        sock = get_info("socket") if get_info is not None else None
-        if sock is None:
-            return False
-        # A network stream keeps its socket for life and is reused by every request on
-        # its pooled connection; anyio's lookup builds a dict of attributes each time.
-        with contextlib.suppress(TypeError):
-            _SOCKETS[stream] = sock
-    return watchdog.watch(timer, sock, total_deadline)
-
-
-_SOCKETS: weakref.WeakKeyDictionary[object, object] = weakref.WeakKeyDictionary()
-
-
 class CompletionDeadline:
     """The deadline of a non-streaming `chat()`: the whole answer must arrive within
     `first_token` (the answer is its first token), and within `total` when set. Blank-line
@@ -336,37 +309,48 @@ class CompletionDeadline:
         self.sent_at = time.monotonic()
         self._timer: StreamTimer | None = None
 
+    def restart(self) -> None:
+        """The request is sent (again): the deadlines count from now."""
+        self.sent_at = time.monotonic()
+
     def watch(self, response: httpx.Response) -> None:
         t = self._call.timeout
-        timeouts = response.request.extensions.get("timeout")
-        if isinstance(timeouts, dict):
-            timeouts["read"] = _max(t.first_token, t.total)
+        loosen_read_timeout(response, t.first_token, t.total)
         parser = ChunkParser(started_at=self.sent_at)
         self._timer = StreamTimer(parser, first_token=t.first_token, idle=None)
         total = None if t.total is None else self.sent_at + t.total
-        watch_response(response, self._timer, total)
+        self._timer.watch(response, total)
 
     def error(self, exc: Exception) -> TokenHubError:
         """Translate an httpx error raised while reading the body."""
         self.stop()
         fired = self._timer.fired if self._timer is not None else None
         t = self._call.timeout
+        timeout = None
         if fired in ("first_token", "total") or isinstance(exc, httpx.TimeoutException):
-            error: TokenHubError = (
+            timeout = (
                 StreamTimeout("total", t.total)
                 if fired == "total"
                 else StreamTimeout("first_token", t.first_token)
             )
-        elif isinstance(exc, httpx.RemoteProtocolError):
-            error = TruncatedStreamError(f"the upstream closed the response mid-way: {exc}")
-        else:
-            error = TransportError(f"reading the response failed: {type(exc).__name__}: {exc}")
-        error.__cause__ = exc
-        return error
+        return read_error(exc, "response", timeout)
 
     def stop(self) -> None:
         if self._timer is not None:
             self._timer.stop()
+
+
+def read_error(exc: Exception, what: str, timeout: StreamTimeout | None) -> TokenHubError:
+    """Translate an httpx error raised while reading a body (`what`: "response" or
+    "stream"); `timeout` is what the error means when a deadline caused it."""
+    if timeout is not None:
+        error: TokenHubError = timeout
+    elif isinstance(exc, httpx.RemoteProtocolError):
+        error = TruncatedStreamError(f"the upstream closed the {what} mid-way: {exc}")
+    else:
+        error = TransportError(f"reading the {what} failed: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 def generator_done(generator: object) -> bool:
@@ -400,267 +384,3 @@ def wants_raw(response: httpx.Response) -> bool:
         return False
     encoding = response.headers.get("content-encoding", "identity").strip().lower()
     return encoding in ("", "identity")
-
-
-class StreamState:
-    """Bookkeeping of one stream shared by `ChatStream` and `AsyncChatStream`."""
-
-    def __init__(self, client: BaseClient, call: Call) -> None:
-        self._base = client
-        self._call = call
-        self._sent_at: float | None = None
-        self._parser = self._new_parser()
-        self._timer: StreamTimer | None = None
-        self._watched = False
-        self._total_deadline: float | None = None
-        self._attempt = 0
-        self._claimed = False
-        self._closed = False
-        self._outcome: Outcome | None = None
-        self._had_response = False
-        #: The `httpx.Response` of the stream once its headers arrived (closed after).
-        self.response: httpx.Response | None = None
-
-    def _new_parser(self, request_id: str | None = None) -> ChunkParser:
-        return ChunkParser(
-            max_event_bytes=self._base.max_event_bytes,
-            strict=self._base.strict_utf8,
-            started_at=self._sent_at,
-            request_id=request_id,
-            redact=self._base._redact,
-        )
-
-    def _claim(self) -> None:
-        if self._claimed:
-            raise StreamConsumed("this stream has already been iterated (one consumer each)")
-        self._claimed = True
-
-    def _before_send(self) -> None:
-        self._sent_at = time.monotonic()
-        if self._total_deadline is None and self._call.timeout.total is not None:
-            self._total_deadline = self._sent_at + self._call.timeout.total
-
-    def _start(self, response: httpx.Response) -> None:
-        """The upstream answered 2xx with an event stream: set up parsing and deadlines."""
-        request_id = request_id_of(response.headers)
-        parser = self._parser
-        sent_at = self._sent_at
-        if (
-            sent_at is None
-            or self._had_response
-            or parser.last_event_at is not None
-            or parser.ended_at is not None
-            or parser.error is not None
-        ):
-            self._parser = self._new_parser(request_id)  # a retry: start afresh
-        else:  # the parser made with the stream has seen nothing yet: reuse it
-            parser.started_at = sent_at
-            parser.request_id = request_id
-        self._had_response = True
-        self.response = response
-        t = self._call.timeout
-        timeouts = response.request.extensions.get("timeout")
-        if isinstance(timeouts, dict):
-            # httpcore reads the body's read timeout when the body starts: loosen it to a
-            # backstop; the watchdog enforces the exact first-token/idle/total deadlines.
-            timeouts["read"] = _max(t.first_token, t.idle, t.total)
-        self._timer = timer = StreamTimer(self._parser, first_token=t.first_token, idle=t.idle)
-        self._watched = watch_response(response, timer, self._total_deadline)
-
-    def _read_error(self, exc: Exception) -> TokenHubError:
-        """Translate an httpx error raised while reading the body."""
-        if isinstance(exc, httpx.TimeoutException):
-            t = self._call.timeout
-            started = self._parser.first_token_at is not None
-            error: TokenHubError = StreamTimeout(
-                *(("idle", t.idle) if started else ("first_token", t.first_token))
-            )
-        elif isinstance(exc, httpx.RemoteProtocolError):
-            error = TruncatedStreamError(f"the upstream closed the stream mid-way: {exc}")
-        else:
-            error = TransportError(f"reading the stream failed: {type(exc).__name__}: {exc}")
-        error.__cause__ = exc
-        return error
-
-    def _start_drain(self) -> bool:
-        """After [DONE]: drain only if a watchdog can bound the time it takes."""
-        if not self._watched or self._timer is None:
-            return False
-        self._timer.drain_deadline = time.monotonic() + self._base.drain_timeout
-        watchdog.reschedule(self._timer, self._total_deadline)
-        return True
-
-    def _settle(self) -> TokenHubError | None:
-        """Decide the stream's result once the body loop ended; returns the error to raise."""
-        parser = self._parser
-        timer = self._timer
-        if timer is not None:
-            timer.stop()
-        error = parser.error
-        fired = timer.fired if timer is not None else None
-        if fired and fired != "drain" and not parser.done:
-            if error is None or isinstance(error, TruncatedStreamError | TransportError):
-                seconds = {
-                    "first_token": self._call.timeout.first_token,
-                    "idle": self._call.timeout.idle,
-                    "total": self._call.timeout.total,
-                }[fired]
-                error = StreamTimeout(fired, seconds)  # type: ignore[arg-type]
-        if isinstance(error, StreamTimeout) and error.kind == "idle" and parser.finish_reason:
-            error = None  # finished, then the upstream kept the connection open: a normal end
-        parser.error = error
-        if parser.ended_at is None:
-            parser.ended_at = time.monotonic()
-        if error is None:
-            self._outcome = Outcome("completed", "done" if parser.done else "finish_reason")
-        else:
-            self._outcome = outcome_for(error, self._had_response)
-        return error
-
-    def _retry_after_failure(self, error: TokenHubError) -> float | None:
-        if self._parser.delivered:
-            return None  # never retry once a delta has been handed out
-        delay = self._base._retry_delay(self._attempt, self._call.max_retries, error)
-        if delay is not None:
-            self._attempt += 1
-            self._outcome = None
-        return delay
-
-    def _fail(self, error: TokenHubError) -> None:
-        self._outcome = outcome_for(error, self._had_response)
-
-    def _record_exit(self, exc: BaseException | None) -> None:
-        if self._outcome is not None:
-            return
-        if isinstance(exc, TokenHubError):
-            self._outcome = outcome_for(exc, self._had_response)
-        else:  # consumer left early, task cancelled, KeyboardInterrupt, consumer's own error
-            self._outcome = Outcome("cancelled", type(exc).__name__ if exc else None)
-        if self._parser.ended_at is None:
-            self._parser.ended_at = time.monotonic()
-
-    # --- results -----------------------------------------------------------------
-
-    @property
-    def message(self) -> ChatMessage:
-        """The assistant message assembled so far (content, reasoning, tool calls)."""
-        return self._parser.message()
-
-    @property
-    def usage(self) -> Usage | None:
-        """The last usage the upstream reported, normalised; None if it sent none."""
-        return self._parser.usage
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self._parser.finish_reason
-
-    @property
-    def tool_calls(self) -> tuple[ToolCall, ...]:
-        return self._parser.message().tool_calls
-
-    @property
-    def outcome(self) -> Outcome | None:
-        """How the stream ended; None while it is still open."""
-        return self._outcome
-
-    @property
-    def request_id(self) -> str | None:
-        return self._parser.request_id
-
-    @property
-    def timings(self) -> Timings:
-        """Time to first token, total time and rate (tokens/s from usage, else deltas/s)."""
-        p = self._parser
-        if self._sent_at is None:
-            return Timings()
-        start = p.started_at
-        end = p.ended_at if p.ended_at is not None else time.monotonic()
-        ttft = None if p.first_token_at is None else p.first_token_at - start
-        rate = unit = None
-        if p.first_token_at is not None:
-            span = end - p.first_token_at
-            usage = p.usage
-            if usage is not None and usage.completion_tokens is not None:
-                count, unit = usage.completion_tokens, "tokens/s"
-            else:
-                count, unit = p.delta_count, "deltas/s"
-            rate = count / span if span > 0 else None
-            if rate is None:
-                unit = None
-        return Timings(ttft, end - start, rate, unit)  # type: ignore[arg-type]
-
-    def __repr__(self) -> str:
-        state = self._outcome.kind if self._outcome else ("open" if self._claimed else "new")
-        return f"<{type(self).__name__} model={self._call.model!r} {state}>"
-
-
-def outcome_for(error: TokenHubError, had_response: bool) -> Outcome:
-    if isinstance(error, StreamTimeout):
-        return Outcome("timeout", error.kind, error)
-    if isinstance(error, TruncatedStreamError):
-        return Outcome("truncated", None, error)
-    if isinstance(error, TransportError):
-        return Outcome("truncated" if had_response else "upstream_error", None, error)
-    return Outcome("upstream_error", None, error)
-
-
-@dataclass(frozen=True, slots=True)
-class ChatResult:
-    """The answer of a non-streaming `chat()` call."""
-
-    message: ChatMessage
-    usage: Usage | None
-    model: str | None = None
-    id: str | None = None
-
-
-def parse_completion(body: bytes, redact: Redact | None = None) -> ChatResult:
-    """Parse a non-streaming `chat.completion` JSON body."""
-    try:
-        obj = loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise ProtocolError(f"invalid JSON in the response: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ProtocolError("the response is not a JSON object")
-    if "error" in obj or obj.get("object") == "error":
-        raise error_from_frame(obj, redact=redact)
-    choices = obj.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise ProtocolError("the response has no choices")
-    choice = choices[0]
-    raw = choice.get("message")
-    if not isinstance(raw, dict):
-        raise ProtocolError("the response's choice has no message")
-    calls = []
-    for item in raw.get("tool_calls") or ():
-        if not isinstance(item, dict) or not isinstance(item.get("function"), dict):
-            raise ProtocolError("malformed tool call in the response")
-        function = item["function"]
-        extra = {k: v for k, v in item.items() if k not in ("id", "type", "function", "index")}
-        calls.append(
-            ToolCall(
-                str(item.get("id") or ""),
-                str(function.get("name") or ""),
-                str(function.get("arguments") or ""),
-                str(item.get("type") or "function"),
-                extra,
-            )
-        )
-    reasoning = raw.get("reasoning_content") or raw.get("reasoning")
-    # Mistral's magistral answers `content` as a list of typed parts (docs/streaming.md#quirks).
-    content, thinking = content_text(raw.get("content") or "")
-    message = ChatMessage(
-        role=str(raw.get("role") or "assistant"),
-        content=content,
-        reasoning=reasoning if isinstance(reasoning, str) else thinking,
-        tool_calls=tuple(calls),
-        finish_reason=choice.get("finish_reason"),
-    )
-    usage = obj.get("usage")
-    return ChatResult(
-        message,
-        Usage.from_dict(usage) if isinstance(usage, dict) else None,
-        obj.get("model") if isinstance(obj.get("model"), str) else None,
-        obj.get("id") if isinstance(obj.get("id"), str) else None,
-    )

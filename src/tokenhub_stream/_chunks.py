@@ -4,30 +4,25 @@
 the stream is read. It never raises from `feed_*`: an error (bad frame, error frame,
 oversized event) is stored in `.error` and processing stops, so the I/O shell can first
 hand out the deltas decoded before it, then raise.
+
+`parse_completion` reads a whole non-streaming `chat.completion` body the same way: the
+one reader of it, for the client's `chat()` and for the proxy's turn record.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._config import DEFAULT_MAX_EVENT_BYTES
-from ._exceptions import (
-    APIError,
-    AuthenticationError,
-    BadRequestError,
-    NotFoundError,
-    ProtocolError,
-    RateLimitError,
-    ServerError,
-    TokenHubError,
-    TruncatedStreamError,
-)
+from ._errors import error_from_frame
+from ._exceptions import ProtocolError, TokenHubError, TruncatedStreamError
+from ._json import JSON_BACKEND, Redact, loads, redact_json
 from ._models import (
     ChatMessage,
+    ChatResult,
     ContentDelta,
     FinishEvent,
     ReasoningDelta,
@@ -39,32 +34,8 @@ from ._models import (
 )
 from ._sse import SSEDecoder
 
-__all__ = [
-    "JSON_BACKEND",
-    "ChunkParser",
-    "error_from_frame",
-    "error_from_status",
-    "loads",
-    "redact_json",
-]
-
-
-def _pick_loads() -> tuple[str, Callable[[str | bytes], Any]]:
-    choice = os.environ.get("TOKENHUB_STREAM_JSON", "auto").lower()
-    if choice != "stdlib":
-        try:
-            import orjson
-        except ImportError:
-            if choice == "orjson":
-                raise
-        else:
-            return "orjson", orjson.loads
-    return "stdlib", json.loads
-
-
-#: "orjson" when the optional `fast` extra is installed, else "stdlib"
-#: (`TOKENHUB_STREAM_JSON=stdlib|orjson` forces one).
-JSON_BACKEND, loads = _pick_loads()
+# `redact_json` (now `_json.py`'s) is re-exported for asgi/_wire.py, which takes it from here.
+__all__ = ["ChunkParser", "content_text", "parse_completion", "redact_json"]
 
 
 def _stdlib_loads_event(data: str | bytes) -> Any:
@@ -82,7 +53,6 @@ _loads_event: Callable[[str | bytes], Any] = (
     loads if JSON_BACKEND == "orjson" else _stdlib_loads_event
 )
 
-Redact = Callable[[str], str]
 
 _UNPARSED: Any = object()  # `_feed_datas`: the first event is not parsed yet
 
@@ -272,9 +242,9 @@ class ChunkParser:
             template is not None
             and chunk.startswith(template[0])
             and chunk.endswith(template[1])
-            and decoder._clean
+            and decoder.at_event_start
             and not self.stopped
-            and len(chunk) - 8 <= decoder._max
+            and len(chunk) - 8 <= decoder.max_event_bytes
         ):
             start = len(template[0])
             stop = len(chunk) - len(template[1]) + 1  # after the closing quote
@@ -299,12 +269,12 @@ class ChunkParser:
         # bytes as they are; anything else (invalid UTF-8, another shape, a wrong type)
         # leaves this path before any state changed and takes the general one below.
         if (
-            decoder._clean
+            decoder.at_event_start
             and chunk.startswith(b"data: {")
             and chunk.find(b"\n") == len(chunk) - 2
             and chunk[-1] == 10  # "\n"
             and chunk.find(b"\r") < 0  # faster than `not in`
-            and len(chunk) - 8 <= decoder._max
+            and len(chunk) - 8 <= decoder.max_event_bytes
             and not self.stopped
         ):
             data = chunk[6:-2]
@@ -336,16 +306,8 @@ class ChunkParser:
             except (KeyError, TypeError, ValueError):
                 pass
             return self._feed_datas((data,), obj)
-        if self.stopped:
-            return []
-        try:
-            datas = decoder.feed_data(chunk)
-        except ProtocolError as exc:
-            self.error, self.stopped = exc, True
-            return []
-        if not datas:
-            return []
-        return self._feed_datas(datas)
+        datas = self._decode(chunk)
+        return self._feed_datas(datas) if datas else []
 
     def _learn_template(self, chunk: bytes, content: str) -> None:
         # `chunk` is one whole event that parsed as a plain content delta for choice 0.
@@ -387,9 +349,26 @@ class ChunkParser:
             return
         self._template = (prefix, suffix)
 
-    def _feed_datas(self, datas: tuple[bytes] | list[str], parsed: object = _UNPARSED) -> list[str]:
-        # The general path of feed_text: every event's data, any shape. `parsed` is the
-        # first event's JSON when the hot path already parsed it.
+    def _decode(self, chunk: bytes) -> list[str]:
+        # The data of the events `chunk` completed; none once stopped, or when the decoder
+        # refuses the chunk (the error is recorded).
+        if self.stopped:
+            return []
+        try:
+            return self._decoder.feed_data(chunk)
+        except ProtocolError as exc:
+            self.error, self.stopped = exc, True
+            return []
+
+    def _feed_datas(
+        self,
+        datas: tuple[bytes] | list[str],
+        parsed: object = _UNPARSED,
+        events: list[StreamEvent] | None = None,
+    ) -> list[str]:
+        # The general path: every event's data, any shape; returns the content deltas,
+        # and appends the typed events to `events` when given (feed_events). `parsed` is
+        # the first event's JSON when feed_text's hot path already parsed it.
         out: list[str] = []
         before = self.last_event_at
         self.last_event_at = self.clock()
@@ -409,7 +388,7 @@ class ChunkParser:
                             blank += 1
                             continue
                         obj = self._reload_event(data, exc)
-                text = self._apply(obj, None)
+                text = self._apply(obj, events)
             except TokenHubError as exc:
                 self.error, self.stopped = exc, True
                 break
@@ -430,7 +409,7 @@ class ChunkParser:
         if not isinstance(data, bytes):
             raise ProtocolError(f"invalid JSON in data frame: {error}")
         try:
-            text = data.decode("utf-8", self._decoder._errors)
+            text = data.decode("utf-8", self._decoder.utf8_errors)
         except UnicodeDecodeError as exc:
             raise ProtocolError(f"invalid UTF-8 in event data: {exc.reason}") from None
         return loads(text)
@@ -438,49 +417,17 @@ class ChunkParser:
     def _take_deferred(self) -> None:
         # The decoder returned the events before a bad line of the same chunk and kept
         # the error for later: record it now, not when the next chunk (if any) arrives.
-        failed = self._decoder._failed
+        failed = self._decoder.deferred_error
         if failed is not None:
             self.error, self.stopped = failed, True
 
     def feed_events(self, chunk: bytes) -> list[StreamEvent]:
         """Decode `chunk`; return the typed events it completed."""
         out: list[StreamEvent] = []
-        if self.stopped:
-            return out
-        try:
-            datas = self._decoder.feed_data(chunk)
-        except ProtocolError as exc:
-            self.error, self.stopped = exc, True
-            return out
-        if not datas:
-            return out
-        before = self.last_event_at
-        self.last_event_at = self.clock()
-        blank = 0
-        for data in datas:
-            if data == "[DONE]":
-                self.done = self.stopped = True
-                break
-            try:
-                try:
-                    obj = loads(data)
-                except ValueError:
-                    if not _is_blank(data):
-                        raise
-                    blank += 1
-                    continue
-                self._apply(obj, out)
-            except TokenHubError as exc:
-                self.error, self.stopped = exc, True
-                break
-            except (ValueError, RecursionError) as exc:
-                self.error, self.stopped = ProtocolError(f"invalid JSON in data frame: {exc}"), True
-                break
-        if blank == len(datas):
-            self.last_event_at = before  # blank events only: no progress, as a comment
-        if not self.stopped:
-            self._take_deferred()
-        self._events_out += len(out)
+        datas = self._decode(chunk)
+        if datas:
+            self._feed_datas(datas, events=out)
+            self._events_out += len(out)
         return out
 
     def feed_eof(self) -> None:
@@ -678,219 +625,58 @@ class ChunkParser:
         )
 
 
-# --- error mapping: one place for HTTP statuses and in-band error frames -------------
-
-_CODE_STATUS = {
-    "invalid_request_error": 400,
-    "badrequesterror": 400,
-    "bad_request": 400,
-    "tool_use_failed": 400,
-    "context_length_exceeded": 400,
-    "authentication_error": 401,
-    "invalid_api_key": 401,
-    "unauthorized": 401,
-    "permission_error": 403,
-    "permission_denied": 403,
-    "not_found_error": 404,
-    "notfounderror": 404,
-    "model_not_found": 404,
-    "rate_limit_error": 429,
-    "rate_limit_exceeded": 429,
-    "too_many_requests": 429,
-    "server_error": 500,
-    "internal_error": 500,
-    "internal_server_error": 500,
-    "internalservererror": 500,
-    "api_error": 500,
-    "service_unavailable": 503,
-    "overloaded_error": 529,
-    "overloaded": 529,
-}
-
-
-def error_class(status_code: int | None) -> type[APIError]:
-    """The `APIError` subclass for an HTTP status (or status carried in an error frame)."""
-    if status_code is None:
-        return APIError
-    if status_code in (400, 422):
-        return BadRequestError
-    if status_code in (401, 403):
-        return AuthenticationError
-    if status_code == 404:
-        return NotFoundError
-    if status_code == 429:
-        return RateLimitError
-    if status_code >= 500:
-        return ServerError
-    return APIError
-
-
-def _make_error(
-    message: str,
-    status_code: int | None,
-    err: Mapping[str, object],
-    request_id: str | None,
-    retry_after: float | None,
-    redact: Redact | None,
-    body: object,
-) -> APIError:
-    code = _code_of(err) if err else None
-    param = err.get("param")
-    if not isinstance(param, str):
-        param = None
-    kept: Mapping[str, object] | None = None
-    if isinstance(body, Mapping):
-        try:
-            kept = redact_json(body, redact)
-        except ValueError:  # nested past any error's need: left out, not walked
-            kept = None
-    if redact is not None:
-        message = redact(message)
-        code = redact(code) if code else code
-        param = redact(param) if param else param
-    retryable = False if code == "insufficient_quota" else None
-    return error_class(status_code)(
-        message,
-        status_code=status_code,
-        code=code,
-        request_id=request_id,
-        retryable=retryable,
-        retry_after=retry_after,
-        param=param,
-        body=kept,
-    )
-
-
-_MAX_JSON_DEPTH = 64
-
-
-def redact_json(obj: Mapping[str, object], redact: Redact | None) -> dict[str, object]:
-    """A copy of a parsed JSON object with `redact` applied to every string in it, object
-    keys included (a key echoed anywhere in an error stays out of what we pass on).
+def parse_completion(body: bytes, redact: Redact | None = None) -> ChatResult:
+    """Parse a non-streaming `chat.completion` JSON body: the one reader of it, for
+    `chat()` and for the proxy's turn record (`asgi/_record.py`).
 
     Raises:
-        ValueError: the object nests deeper than 64 levels (no error needs that, and a
-            recursive walk must not meet Python's recursion limit).
+        ProtocolError: not JSON, not an object, no choices or message, a malformed tool call.
+        APIError: the body is an error (`{"error": ...}`), `redact` applied to its text.
     """
-    return _redact_object(obj, redact, 0)
-
-
-def _redact_object(
-    obj: Mapping[str, object], redact: Redact | None, depth: int
-) -> dict[str, object]:
-    if depth > _MAX_JSON_DEPTH:
-        raise ValueError("JSON nested too deep")
-    out: dict[str, object] = {}
-    for key, value in obj.items():
-        out[redact(key) if redact is not None else key] = _redact_value(value, redact, depth)
-    return out
-
-
-def _redact_value(value: object, redact: Redact | None, depth: int) -> object:
-    if isinstance(value, str):
-        return redact(value) if redact is not None else value
-    if isinstance(value, dict):
-        return _redact_object(value, redact, depth + 1)
-    if isinstance(value, list):
-        if depth > _MAX_JSON_DEPTH:
-            raise ValueError("JSON nested too deep")
-        return [_redact_value(item, redact, depth + 1) for item in value]
-    return value
-
-
-def _status_of(err: Mapping[str, object]) -> int | None:
-    for key in ("status_code", "status", "code"):
-        value = err.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and 100 <= value < 600:
-            return value
-        if isinstance(value, str) and value.isdigit() and 100 <= int(value) < 600:
-            return int(value)
-    for key in ("code", "type"):
-        value = err.get(key)
-        if isinstance(value, str) and value.lower() in _CODE_STATUS:
-            return _CODE_STATUS[value.lower()]
-    return None
-
-
-def _code_of(err: Mapping[str, object]) -> str | None:
-    for key in ("code", "type"):
-        value = err.get(key)
-        if isinstance(value, str) and value and not value.isdigit():
-            return value
-    return None
-
-
-def error_from_frame(
-    obj: Mapping[str, object], *, request_id: str | None = None, redact: Redact | None = None
-) -> APIError:
-    """The `APIError` for an in-band error frame: `{"error": {...}}` (OpenAI, Groq,
-    OpenRouter) or vLLM's `{"object": "error", "message": ...}`."""
-    err = obj.get("error")
-    if isinstance(err, str):
-        err = {"message": err}
-    if not isinstance(err, Mapping):
-        err = obj
-    message = err.get("message")
-    if not isinstance(message, str) or not message:
-        message = "the upstream sent an error frame"
-    return _make_error(message, _status_of(err), err, request_id, None, redact, obj)
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """Parse `Retry-After`: delta-seconds or an HTTP date; None when absent or invalid."""
-    if not value:
-        return None
-    value = value.strip()
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    from email.utils import parsedate_to_datetime
-
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def error_from_status(
-    status_code: int,
-    body: bytes,
-    headers: Mapping[str, str],
-    *,
-    reason: str = "",
-    redact: Redact | None = None,
-) -> APIError:
-    """The `APIError` for an HTTP error status, with the upstream's message if it sent one."""
-    request_id = request_id_of(headers)
-    message: str | None = None
-    err: Mapping[str, object] = {}
-    try:
-        obj = loads(body) if body else None
-    except (ValueError, RecursionError):
-        obj = None
-    if isinstance(obj, dict):
-        inner = obj.get("error")
-        if isinstance(inner, dict):
-            err = inner
-        elif isinstance(inner, str):
-            err = {"message": inner}
-        else:
-            err = obj
-        found = err.get("message") or obj.get("detail")
-        if isinstance(found, str):
-            message = found
-    if message is None:
-        text = body[:500].decode("utf-8", "replace").strip()
-        message = text or reason or f"HTTP {status_code}"
-    retry_after = retry_after_seconds(headers.get("retry-after"))
-    return _make_error(message, status_code, err, request_id, retry_after, redact, obj)
-
-
-def request_id_of(headers: Mapping[str, str]) -> str | None:
-    for name in ("x-request-id", "request-id", "x-generation-id", "cf-ray"):
-        value = headers.get(name)
-        if value:
-            return value
-    return None
+        obj = loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"invalid JSON in the response: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("the response is not a JSON object")
+    if "error" in obj or obj.get("object") == "error":
+        raise error_from_frame(obj, redact=redact)
+    choices = obj.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise ProtocolError("the response has no choices")
+    choice = choices[0]
+    raw = choice.get("message")
+    if not isinstance(raw, dict):
+        raise ProtocolError("the response's choice has no message")
+    calls = []
+    for item in raw.get("tool_calls") or ():
+        if not isinstance(item, dict) or not isinstance(item.get("function"), dict):
+            raise ProtocolError("malformed tool call in the response")
+        function = item["function"]
+        extra = {k: v for k, v in item.items() if k not in ("id", "type", "function", "index")}
+        calls.append(
+            ToolCall(
+                str(item.get("id") or ""),
+                str(function.get("name") or ""),
+                str(function.get("arguments") or ""),
+                str(item.get("type") or "function"),
+                extra,
+            )
+        )
+    reasoning = raw.get("reasoning_content") or raw.get("reasoning")
+    # Mistral's magistral answers `content` as a list of typed parts (docs/streaming.md#quirks).
+    content, thinking = content_text(raw.get("content") or "")
+    message = ChatMessage(
+        role=str(raw.get("role") or "assistant"),
+        content=content,
+        reasoning=reasoning if isinstance(reasoning, str) else thinking,
+        tool_calls=tuple(calls),
+        finish_reason=choice.get("finish_reason"),
+    )
+    usage = obj.get("usage")
+    return ChatResult(
+        message,
+        Usage.from_dict(usage) if isinstance(usage, dict) else None,
+        obj.get("model") if isinstance(obj.get("model"), str) else None,
+        obj.get("id") if isinstance(obj.get("id"), str) else None,
+    )

@@ -12,12 +12,16 @@ TokenHubError            base for everything we raise on purpose
 │   │                    frame inside a 200 stream; .status_code .code .message
 │   │                    .param .body .request_id .retryable
 │   ├── BadRequestError (400/422)  AuthenticationError (401/403)  NotFoundError (404)
-│   ├── RateLimitError (429, .retry_after)  ServerError (5xx)
+│   └── RateLimitError (429, .retry_after)  ServerError (5xx)
 ├── ProtocolError        not text/event-stream, bad frame JSON, event over max_event_bytes
 │   └── TruncatedStreamError   EOF with neither [DONE] nor a finish_reason
 └── StoreError           the conversation store (defined in tokenhub_stream.store)
-    ├── ConversationNotFound  ConversationExists  SchemaError
+    ├── ConversationNotFound (also a LookupError)  ConversationExists (also a ValueError)
+    └── SchemaError      the database's schema is newer than this library
 ```
+
+Siblings drawn on one line share their parent (tests/test_issue_16_core.py checks the
+drawing against the classes).
 
 An HTTP error status and an error frame with the same status or code raise the same
 class, so retry logic reads the same before and after the first byte.

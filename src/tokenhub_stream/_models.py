@@ -10,6 +10,7 @@ from ._exceptions import TimeoutKind, TokenHubError
 
 __all__ = [
     "ChatMessage",
+    "ChatResult",
     "ContentDelta",
     "FinishEvent",
     "Outcome",
@@ -21,6 +22,7 @@ __all__ = [
     "ToolCallDelta",
     "Usage",
     "UsageEvent",
+    "add_usage",
 ]
 
 
@@ -50,6 +52,26 @@ class Usage:
             else None
         )
         return cls(prompt, completion, total, reasoning, cached)
+
+
+def add_usage(total: Usage | None, usage: Usage | None) -> Usage | None:
+    """The sum of two usages, a count `None` only when `None` in both (the proxy's turn
+    record and the terminal's status line add up a tool loop's turns with it)."""
+    if usage is None:
+        return total
+    if total is None:
+        return usage
+
+    def plus(a: int | None, b: int | None) -> int | None:
+        return None if a is None and b is None else (a or 0) + (b or 0)
+
+    return Usage(
+        plus(total.prompt_tokens, usage.prompt_tokens),
+        plus(total.completion_tokens, usage.completion_tokens),
+        plus(total.total_tokens, usage.total_tokens),
+        plus(total.reasoning_tokens, usage.reasoning_tokens),
+        plus(total.cached_tokens, usage.cached_tokens),
+    )
 
 
 def _int(value: object) -> int | None:
@@ -178,3 +200,13 @@ class UsageEvent:
 
 
 StreamEvent: TypeAlias = ContentDelta | ReasoningDelta | ToolCallDelta | FinishEvent | UsageEvent
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    """The answer of a non-streaming `chat()` call."""
+
+    message: ChatMessage
+    usage: Usage | None
+    model: str | None = None
+    id: str | None = None

@@ -83,25 +83,41 @@ class SSEDecoder:
 
     __slots__ = (
         "_bom_head",
-        "_clean",
         "_data",
         "_data_bytes",
-        "_errors",
         "_event",
-        "_failed",
         "_last_id",
-        "_max",
         "_pending",
         "_pending_bytes",
         "_retry",
         "_skip_lf",
+        "at_event_start",
+        "deferred_error",
+        "max_event_bytes",
+        "utf8_errors",
     )
+
+    #: The internal interface of `ChunkParser` (`_chunks.py`), which inlines `feed_data`'s
+    #: fast-path guard in its own hot path (a call per event saved) and finishes what the
+    #: decoder began: read these, never set them.
+    #:
+    #: - `at_event_start`: nothing is pending (no partial line or event, no BOM check, no
+    #:   CR waiting for its LF, no deferred error), so a chunk holding exactly one whole
+    #:   `data: ...\n\n` event may be decoded without the line machinery.
+    #: - `max_event_bytes`: the largest event accepted (the constructor's argument).
+    #: - `utf8_errors`: the UTF-8 error handler, "strict" or "replace" (`strict=`).
+    #: - `deferred_error`: the `ProtocolError` met after other events of the same chunk
+    #:   had completed, raised by the next `feed()` or `flush()`; None otherwise.
+    at_event_start: bool
+    max_event_bytes: int
+    utf8_errors: str
+    deferred_error: ProtocolError | None
 
     def __init__(self, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, strict: bool = False):
         if max_event_bytes <= 0:
             raise ValueError("max_event_bytes must be positive")
-        self._max = max_event_bytes
-        self._errors = "strict" if strict else "replace"
+        self.max_event_bytes = max_event_bytes
+        self.utf8_errors = "strict" if strict else "replace"
         self._bom_head: bytes | None = b""  # None once the BOM check is done
         self._pending: list[bytes] = []  # pieces of an unfinished line
         self._pending_bytes = 0
@@ -111,10 +127,9 @@ class SSEDecoder:
         self._event = ""
         self._last_id = ""
         self._retry: int | None = None
-        self._clean = False  # no partial line/event/BOM/CR state: the fast path may run
-        # An error met after other events of the same chunk had completed: those events
-        # are returned first, and the error is raised by the next feed() or flush().
-        self._failed: ProtocolError | None = None
+        self.at_event_start = False  # the BOM check is still to come
+        # Events completed before it are returned first (see the interface above).
+        self.deferred_error = None
 
     @property
     def has_pending(self) -> bool:
@@ -127,27 +142,27 @@ class SSEDecoder:
         Real upstreams write one whole `data: ...\n\n` event per network chunk; that
         shape, with no partial state pending, is decoded without the line machinery.
         """
-        if not self._clean and self._bom_head == b"" and chunk and chunk[0] != 0xEF:
+        if not self.at_event_start and self._bom_head == b"" and chunk and chunk[0] != 0xEF:
             # The stream's first bytes are no BOM: the check is done, and the first
             # event may take the fast path too.
             self._bom_head = None
-            self._clean = not (
+            self.at_event_start = not (
                 self._pending
                 or self._data
                 or self._event
                 or self._skip_lf
-                or self._failed is not None
+                or self.deferred_error is not None
             )
         if (
-            self._clean
+            self.at_event_start
             and chunk.startswith(b"data: ")
             and chunk.find(b"\n") == len(chunk) - 2
             and chunk[-1] == 10  # "\n"
             and chunk.find(b"\r") < 0  # faster than `not in`
-            and len(chunk) - 8 <= self._max
+            and len(chunk) - 8 <= self.max_event_bytes
         ):
             try:
-                return [chunk[6:-2].decode("utf-8", self._errors)]
+                return [chunk[6:-2].decode("utf-8", self.utf8_errors)]
             except UnicodeDecodeError as exc:
                 raise ProtocolError(f"invalid UTF-8 in event data: {exc.reason}") from None
         return [event.data for event in self.feed(chunk)]
@@ -158,20 +173,20 @@ class SSEDecoder:
         When a line of `chunk` is invalid after other events of it completed, those
         events are returned and the `ProtocolError` is raised by the next call.
         """
-        if self._failed is not None:
-            raise self._failed
+        if self.deferred_error is not None:
+            raise self.deferred_error
         if not chunk:
             # A transport may hand over an empty read: it holds no byte, so a CR that
             # ended the previous chunk still waits for the LF of its CRLF (issue #15).
             return []
         events = self._feed(chunk)
-        self._clean = not (
+        self.at_event_start = not (
             self._pending
             or self._data
             or self._event
             or self._skip_lf
             or self._bom_head is not None
-            or self._failed is not None
+            or self.deferred_error is not None
         )
         return events
 
@@ -196,8 +211,8 @@ class SSEDecoder:
             if chunk:
                 self._pending.append(chunk)
                 self._pending_bytes += len(chunk)
-                if self._pending_bytes + self._data_bytes > self._max:
-                    raise ProtocolError(f"event exceeds max_event_bytes ({self._max})")
+                if self._pending_bytes + self._data_bytes > self.max_event_bytes:
+                    raise ProtocolError(f"event exceeds max_event_bytes ({self.max_event_bytes})")
             return []
         if self._pending:
             self._pending.append(chunk[: end + 1])
@@ -208,14 +223,14 @@ class SSEDecoder:
             block = chunk[: end + 1] if end + 1 < len(chunk) else chunk
         rest = chunk[end + 1 :]
         events = self._lines(block)
-        if rest and self._failed is None:
+        if rest and self.deferred_error is None:
             self._pending.append(rest)
             self._pending_bytes = len(rest)
-            if self._pending_bytes + self._data_bytes > self._max:
-                error = ProtocolError(f"event exceeds max_event_bytes ({self._max})")
+            if self._pending_bytes + self._data_bytes > self.max_event_bytes:
+                error = ProtocolError(f"event exceeds max_event_bytes ({self.max_event_bytes})")
                 if not events:
                     raise error
-                self._failed = error
+                self.deferred_error = error
         return events
 
     def flush(self) -> list[ServerSentEvent]:
@@ -223,22 +238,22 @@ class SSEDecoder:
 
         Raises the `ProtocolError` that `feed()` deferred, if any.
         """
-        if self._failed is not None:
-            raise self._failed
+        if self.deferred_error is not None:
+            raise self.deferred_error
         self._pending.clear()
         self._pending_bytes = 0
         self._data.clear()
         self._data_bytes = 0
         self._event = ""
         self._bom_head = None
-        self._clean = not self._skip_lf
+        self.at_event_start = not self._skip_lf
         return []
 
     def _lines(self, block: bytes) -> list[ServerSentEvent]:
         # `block` ends in "\n" and holds whole lines only.
         events: list[ServerSentEvent] = []
         data = self._data
-        errors = self._errors
+        errors = self.utf8_errors
         try:
             self._lines_into(block, events, data, errors)
         except ProtocolError as exc:
@@ -246,7 +261,7 @@ class SSEDecoder:
             # (issue #6: deltas before an error are delivered, however chunks coalesce).
             if not events:
                 raise
-            self._failed = exc
+            self.deferred_error = exc
         return events
 
     def _lines_into(
@@ -279,8 +294,8 @@ class SSEDecoder:
                     self._other_field(field, value)
                     continue
             self._data_bytes += len(value)
-            if self._data_bytes > self._max:
-                raise ProtocolError(f"event exceeds max_event_bytes ({self._max})")
+            if self._data_bytes > self.max_event_bytes:
+                raise ProtocolError(f"event exceeds max_event_bytes ({self.max_event_bytes})")
             try:
                 data.append(value.decode("utf-8", errors))
             except UnicodeDecodeError as exc:
@@ -288,7 +303,7 @@ class SSEDecoder:
 
     def _other_field(self, field: bytes, value: bytes) -> None:
         try:
-            text = value.decode("utf-8", self._errors)
+            text = value.decode("utf-8", self.utf8_errors)
         except UnicodeDecodeError as exc:
             raise ProtocolError(f"invalid UTF-8 in event field: {exc.reason}") from None
         if field == b"event":

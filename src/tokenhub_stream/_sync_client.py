@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Self
 
@@ -12,21 +12,22 @@ from ._base import (
     ERROR_BODY_LIMIT,
     BaseClient,
     Call,
-    ChatResult,
     CompletionDeadline,
     HeaderTypes,
     MessagesTypes,
-    StreamState,
     SyncShield,
     TimeoutTypes,
+    answered,
+    build_call,
     direct_request,
     direct_transport_ok,
     generator_done,
-    is_event_stream,
-    parse_completion,
     raw_chunks,
+    send_error,
+    status_error,
     sync_sleep,
 )
+from ._chunks import parse_completion
 from ._config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_MAX_EVENT_BYTES,
@@ -39,14 +40,16 @@ from ._config import (
     UnsetType,
 )
 from ._exceptions import TokenHubError
-from ._models import StreamEvent
-from ._tool_loop import DEFAULT_MAX_TURNS, ToolLoop, run_tools_sync
+from ._models import ChatResult, StreamEvent
+from ._retry import Retries
+from ._stream import StreamState, StreamView
 from .tools import ToolsTypes
+from .tools._loop_sync import DEFAULT_MAX_TURNS, ToolLoop, run_tools_sync
 
 __all__ = ["ChatStream", "Client"]
 
 
-class ChatStream(StreamState):
+class ChatStream(StreamView):
     """One streamed chat completion: an iterator of text deltas and a
     context manager. The request is sent on enter, or on first iteration.
 
@@ -60,24 +63,28 @@ class ChatStream(StreamState):
     Iterate it once, either directly (text deltas) or through `events()` (typed
     events); `message`, `usage`, `timings` and `outcome` are filled either way.
     Leaving the `with` block, `close()`, or Ctrl-C closes the
-    upstream connection at once.
+    upstream connection at once. So does dropping an unfinished stream (a bare `break`
+    with no `with`), with a `ResourceWarning`, as for an unclosed file.
     """
 
+    _state: _StreamCore
+
     def __init__(self, client: Client, call: Call, *, owns_client: bool = False) -> None:
-        super().__init__(client, call)
-        self._client = client
-        self._owns_client = owns_client
-        self._response: httpx.Response | None = None
-        self._chunks: Iterator[bytes] | None = None
+        # The state is shared with the consuming generators; it never points back at
+        # this object or at them, so nothing here is a reference cycle and a dropped
+        # stream is noticed at once (see `StreamState._adopt`).
+        self._state = state = _StreamCore(client, call, owns_client)
+        state._adopt(self)
         self._consumer: Iterator[Any] | None = None
         self._next_consumer: Iterator[str] | None = None
 
     def __enter__(self) -> Self:
+        state = self._state
         try:
-            if self._response is None:
-                self._open()
+            if state._response is None:
+                state._open()
         except BaseException as exc:
-            self._record_exit(exc)
+            state._record_exit(exc)
             self.close()
             raise
         return self
@@ -89,54 +96,63 @@ class ChatStream(StreamState):
         tb: TracebackType | None,
     ) -> None:
         if exc is not None:
-            self._record_exit(exc)
+            self._state._record_exit(exc)
         self.close()
 
     def __iter__(self) -> Iterator[str]:
         if self._next_consumer is not None:  # reading already began with next()
             return self._next_consumer
-        self._consumer = self._consume(text=True)
+        self._consumer = self._state._consumer(text=True)
         return self._consumer
 
     def __next__(self) -> str:
         if self._next_consumer is None:
-            self._next_consumer = self._consumer = self._consume(text=True)
+            self._next_consumer = self._consumer = self._state._consumer(text=True)
         return self._next_consumer.__next__()
 
     def events(self) -> Iterator[StreamEvent]:
         """Iterate typed events: content, reasoning and tool-call deltas, finish, usage."""
-        self._consumer = self._consume(text=False)
+        self._consumer = self._state._consumer(text=False)
         return self._consumer
 
     def close(self) -> None:
         """Close the upstream connection (at once if the body was not read to its end)."""
-        self._record_exit(None)
+        state = self._state
+        state._record_exit(None)
         consumer, self._consumer = self._consumer, None
         if consumer is not None and not generator_done(consumer):
             with SyncShield():
                 _close_generator(consumer)
-        self._release()
+        state._release()
+
+
+class _StreamCore(StreamState):
+    """What the public stream (`ChatStream`) and its consuming generators share:
+    the response, the parser and the I/O that reads it."""
+
+    _public_name = "ChatStream"
+
+    def __init__(self, client: Client, call: Call, owns_client: bool) -> None:
+        super().__init__(client, call)
+        self._client = client
+        self._owns_client = owns_client
+        self._chunks: Iterator[bytes] | None = None
+
+    def _consumer(self, text: bool) -> Iterator[Any]:
+        consumer = self._consume(text)
+        self._adopt(consumer)
+        return consumer
 
     def _open(self) -> None:
-        while True:
-            self._before_send()
-            try:
-                response = self._client._send(self._call)
-            except httpx.HTTPError as exc:
-                error = self._base._send_error(exc, self._call)
-            else:
-                if response.status_code < 300 and is_event_stream(response):
-                    self._response = response
-                    self._start(response)
-                    self._chunks = _body(response)
-                    return
-                error = self._client._error_of(response)
-            delay = self._base._retry_delay(self._attempt, self._call.max_retries, error)
-            if delay is None:
-                self._fail(error)
-                raise error
-            self._attempt += 1
-            sync_sleep(delay)
+        client = self._client
+        try:
+            response = client._send_retrying(self._call, self._retries, self._before_send)
+        except TokenHubError as error:
+            self._fail(error)
+            raise
+        self._response = response
+        self._start(response)
+        self._chunks = _body(response)
 
     def _consume(self, text: bool) -> Iterator[Any]:
         self._claim()
@@ -187,7 +203,7 @@ class ChatStream(StreamState):
 
     def _release_response(self) -> None:
         if self._timer is not None:
-            self._timer.stop()
+            self._timer.release()  # closed, or back in the pool: never ours to shut down
         response, self._response = self._response, None
         chunks, self._chunks = self._chunks, None
         if chunks is not None and generator_done(chunks):
@@ -244,6 +260,8 @@ class Client(BaseClient):
         max_retries: retries before the first delta (connect errors, 408, 429, 5xx,
             retryable error frames).
         max_retry_wait: the longest `Retry-After` honoured; beyond it the error is raised.
+        include_usage: ask for a final usage chunk (`stream_options.include_usage`) on
+            every stream; a call's `include_usage` overrides it.
         max_event_bytes: the largest SSE event accepted (`ProtocolError` beyond).
         strict_utf8: raise `ProtocolError` on invalid UTF-8 instead of U+FFFD.
         drain_timeout: how long to read on after `[DONE]` to keep the connection.
@@ -260,6 +278,7 @@ class Client(BaseClient):
         timeout: TimeoutTypes = DEFAULT_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
         max_retry_wait: float = DEFAULT_MAX_RETRY_WAIT,
+        include_usage: bool = False,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         strict_utf8: bool = False,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
@@ -273,6 +292,7 @@ class Client(BaseClient):
             timeout=timeout,
             max_retries=max_retries,
             max_retry_wait=max_retry_wait,
+            include_usage=include_usage,
             max_event_bytes=max_event_bytes,
             strict_utf8=strict_utf8,
             drain_timeout=drain_timeout,
@@ -311,7 +331,7 @@ class Client(BaseClient):
         model: str | UnsetType = UNSET,
         timeout: TimeoutTypes | UnsetType = UNSET,
         max_retries: int | UnsetType = UNSET,
-        include_usage: bool = False,
+        include_usage: bool | UnsetType = UNSET,
         extra_headers: HeaderTypes | None = None,
         **params: object,
     ) -> ChatStream:
@@ -321,7 +341,8 @@ class Client(BaseClient):
             messages: the conversation, OpenAI shape.
             model: the model; default the client's.
             timeout, max_retries: override the client's for this call.
-            include_usage: ask for a final usage chunk (`stream_options.include_usage`).
+            include_usage: ask for a final usage chunk (`stream_options.include_usage`);
+                default the client's.
             extra_headers: headers for this request only.
             **params: other body fields (`temperature`, `max_tokens`, `tools`, ...).
 
@@ -332,7 +353,8 @@ class Client(BaseClient):
             TypeError: `stream` given in `params`, or messages not a list.
             MissingAPIKeyError: no key for the default token-hub URL.
         """
-        call = self._prepare(
+        call = build_call(
+            self,
             messages,
             model,
             params,
@@ -353,7 +375,7 @@ class Client(BaseClient):
         max_turns: int = DEFAULT_MAX_TURNS,
         timeout: TimeoutTypes | UnsetType = UNSET,
         max_retries: int | UnsetType = UNSET,
-        include_usage: bool = False,
+        include_usage: bool | UnsetType = UNSET,
         extra_headers: HeaderTypes | None = None,
         **params: object,
     ) -> ToolLoop:
@@ -409,41 +431,49 @@ class Client(BaseClient):
             TransportError: the upstream could not be reached.
             ProtocolError: the response was not a chat completion.
         """
-        call = self._prepare(
+        call = build_call(
+            self,
             messages,
             model,
             params,
             stream=False,
             timeout=timeout,
             max_retries=max_retries,
-            include_usage=False,
+            include_usage=False,  # no usage chunk without a stream
             extra_headers=extra_headers,
         )
-        attempt = 0
+        deadline = CompletionDeadline(call)
+        retries = Retries(call.max_retries, self.max_retry_wait)
+        response = self._send_retrying(call, retries, deadline.restart)
+        deadline.watch(response)
+        try:
+            body = response.read()
+        except httpx.HTTPError as exc:
+            raise deadline.error(exc) from exc
+        finally:
+            deadline.stop()
+            with SyncShield():
+                response.close()
+        return parse_completion(body, call.redact)
+
+    def _send_retrying(
+        self, call: Call, retries: Retries, on_send: Callable[[], None]
+    ) -> httpx.Response:
+        """Send `call` until it is `answered`, waiting between attempts as `retries`
+        decides (`on_send` runs before each); raises the error it gives up on."""
         while True:
-            error: TokenHubError
-            deadline = CompletionDeadline(call)
+            on_send()
             try:
                 response = self._send(call)
             except httpx.HTTPError as exc:
-                error = self._send_error(exc, call)
+                error = send_error(exc, call)
             else:
-                if response.status_code < 300:
-                    deadline.watch(response)
-                    try:
-                        body = response.read()
-                    except httpx.HTTPError as exc:
-                        raise deadline.error(exc) from exc
-                    finally:
-                        deadline.stop()
-                        with SyncShield():
-                            response.close()
-                    return parse_completion(body, self._redact)
-                error = self._error_of(response)
-            delay = self._retry_delay(attempt, call.max_retries, error)
+                if answered(call, response):
+                    return response
+                error = self._error_of(call, response)
+            delay = retries.next_delay(error)
             if delay is None:
                 raise error
-            attempt += 1
             sync_sleep(delay)
 
     def _send(self, call: Call) -> httpx.Response:
@@ -466,7 +496,7 @@ class Client(BaseClient):
         )
         return self._http.send(request, stream=True)
 
-    def _error_of(self, response: httpx.Response) -> TokenHubError:
+    def _error_of(self, call: Call, response: httpx.Response) -> TokenHubError:
         body = b""
         try:
             for chunk in response.iter_bytes():
@@ -478,4 +508,4 @@ class Client(BaseClient):
         finally:
             with SyncShield():
                 response.close()
-        return self._status_error(response, body)
+        return status_error(call, response, body)

@@ -11,6 +11,10 @@ returns at once and the shell raises `StreamTimeout(kind)`.
 Deadlines are checked under one lock, and `StreamTimer.stop()` takes it too, so a
 socket that has gone back to the pool is never touched.
 
+This module owns the sockets and the thread: the rest of the package holds a
+`StreamTimer` per response and calls its five methods (`watch`, `drain`, `stop`,
+`release`, `shutdown`) and reads `fired`; it never sees a socket.
+
 Waking the thread costs the streaming thread a futex call and a GIL hand-off, so a new
 deadline wakes it only when it falls before the time the thread already sleeps until.
 While streams are open the thread sleeps at most `_TICK` at a time; a stream's next
@@ -21,26 +25,55 @@ until the earliest deadline whenever that comes before its next tick.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import socket
 import threading
 import time
+import weakref
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import httpx
+
     from ._chunks import ChunkParser
 
-__all__ = ["StreamTimer", "watchdog"]
+__all__ = ["StreamTimer"]
 
 _TICK = 0.05  # the longest sleep while deadlines are pending or were lately
 _IDLE_EXIT = 30.0  # the thread ends after this long without a deadline
 
 
 class StreamTimer:
-    """The deadlines of one stream: first token, idle, total, and the post-[DONE] drain."""
+    """The deadlines of one response (first token, idle, total, and the drain after
+    `[DONE]`) and the socket under it: the one handle the clients have on the watchdog.
 
-    __slots__ = ("_sock", "_stopped", "drain_deadline", "fired", "first_token", "idle", "parser")
+    ```python
+    timer = StreamTimer(parser, first_token=10.0, idle=30.0)
+    timer.watch(response, total_deadline)  # the watchdog now enforces the deadlines
+    ...                                    # read the body, feeding `parser`
+    timer.stop()                           # the body ended; timer.fired says if a deadline did it
+    timer.release()                        # the response is closed or back in the pool
+    ```
+
+    Used by `StreamState` (`_stream.py`) and `CompletionDeadline` (`_base.py`). The
+    deadlines are read from `parser`'s timestamps (`started_at`, `first_token_at`,
+    `last_event_at`), so the hot loop does no timing work of its own.
+    """
+
+    __slots__ = (
+        "_held",
+        "_sock",
+        "_stopped",
+        "_total",
+        "_watched",
+        "drain_deadline",
+        "fired",
+        "first_token",
+        "idle",
+        "parser",
+    )
 
     def __init__(
         self, parser: ChunkParser, *, first_token: float | None, idle: float | None
@@ -49,9 +82,58 @@ class StreamTimer:
         self.first_token = first_token
         self.idle = idle
         self.drain_deadline: float | None = None
-        self.fired: str | None = None  # "first_token" | "idle" | "total" | "drain"
-        self._sock: socket.socket | None = None
+        #: Which deadline passed: "first_token" | "idle" | "total" | "drain"; None if none.
+        self.fired: str | None = None
+        self._sock: socket.socket | None = None  # the watchdog's: cleared when it fires
+        self._held: object | None = None  # the response's socket, until `release()`
+        self._total: float | None = None
+        self._watched = False
         self._stopped = False
+
+    def watch(self, response: httpx.Response, total_deadline: float | None) -> bool:
+        """Hand the response's socket to the watchdog, which shuts it down when a deadline
+        passes (`total_deadline` is a `time.monotonic()` time, or None). Returns False
+        when the response has no socket (a mock transport): nothing is then enforced
+        beyond httpx's own timeouts."""
+        sock = _socket_of(response)
+        self._held = sock
+        self._total = total_deadline
+        self._watched = sock is not None and watchdog.watch(self, sock, total_deadline)
+        return self._watched
+
+    def drain(self, seconds: float) -> bool:
+        """After `[DONE]`: give the rest of the body `seconds` to arrive. False when no
+        watchdog can bound that time (then do not read on)."""
+        if not self._watched:
+            return False
+        self.drain_deadline = time.monotonic() + seconds
+        watchdog.reschedule(self, self._total)
+        return True
+
+    def stop(self) -> None:
+        """Stop watching: no deadline fires after this, and the watchdog never touches the
+        socket again."""
+        if self._stopped:  # only ever set to True, under the lock
+            return
+        with watchdog.lock:
+            self._stopped = True
+            self._sock = None
+
+    def release(self) -> None:
+        """The response is closed or back in the pool: its socket is no longer ours."""
+        self.stop()
+        self._held = None
+
+    def shutdown(self) -> None:
+        """Stop, then shut the socket down now, as the watchdog does: the pending or next
+        read ends at once and the upstream sees the disconnect. Safe inside a weakref
+        callback (it neither awaits nor blocks for long). The socket is not closed: its
+        descriptor still belongs to the event loop's transport."""
+        sock, self._held = self._held, None
+        self.stop()  # the watchdog forgets the socket first
+        if sock is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
 
     def next_deadline(self, total_deadline: float | None) -> tuple[float, str] | None:
         parser = self.parser
@@ -78,13 +160,6 @@ class StreamTimer:
             soon = now + self.idle
             when = soon if when is None else min(when, soon)
         return when
-
-    def stop(self) -> None:
-        if self._stopped:  # only ever set to True, under the lock
-            return
-        with watchdog.lock:
-            self._stopped = True
-            self._sock = None
 
 
 class _Watchdog:
@@ -168,3 +243,27 @@ class _Watchdog:
 
 
 watchdog = _Watchdog()
+
+
+def _socket_of(response: httpx.Response) -> object | None:
+    # The socket under a response (httpx's `network_stream` extension), or None.
+    stream = response.extensions.get("network_stream")
+    if stream is None:
+        return None
+    try:
+        sock = _SOCKETS.get(stream)
+    except TypeError:  # not weak-referenceable
+        sock = None
+    if sock is None:
+        get_info = getattr(stream, "get_extra_info", None)
+        sock = get_info("socket") if get_info is not None else None
+        if sock is None:
+            return None
+        # A network stream keeps its socket for life and is reused by every request on
+        # its pooled connection; anyio's lookup builds a dict of attributes each time.
+        with contextlib.suppress(TypeError):
+            _SOCKETS[stream] = sock
+    return sock
+
+
+_SOCKETS: weakref.WeakKeyDictionary[object, object] = weakref.WeakKeyDictionary()

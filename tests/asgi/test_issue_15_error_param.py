@@ -21,7 +21,7 @@ import pytest
 from starlette.applications import Starlette
 
 from tokenhub_stream import APIError, AsyncClient, BadRequestError
-from tokenhub_stream._chunks import error_from_frame, error_from_status
+from tokenhub_stream._errors import error_from_frame, error_from_status
 from tokenhub_stream.asgi import ChatProxy
 from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, Script, ScriptedToolCall
 from tokenhub_stream.tools import ToolSet, tool

@@ -349,7 +349,7 @@ def test_chatproxy_rejects_more_bad_options() -> None:
 async def test_chatproxy_async_context_manager(mock_upstream: MockUpstream) -> None:
     async with make_proxy(mock_upstream) as proxy:
         assert (await post(proxy)).status_code == 200
-    assert proxy._client is None
+    assert proxy._upstreams.chosen is None  # closed: the next request chooses again
 
 
 async def test_chatproxy_on_request_must_return_mapping(mock_upstream: MockUpstream) -> None:

@@ -22,10 +22,10 @@ import anyio
 import httpx
 import pytest
 
-from tokenhub_stream import _proxy_http
-from tokenhub_stream._proxy_http import HttpResponse, HttpUpstream
-from tokenhub_stream._proxy_upstream import AiohttpUpstream, default_upstream
+from tokenhub_stream._engine import _http as _proxy_http
+from tokenhub_stream._engine._http import HttpEngine, HttpResponse
 from tokenhub_stream.asgi import ChatProxy
+from tokenhub_stream.asgi._upstream import HttpxUpstream, Upstreams
 from tokenhub_stream.testing import Script
 
 from .conftest import KEY, assert_no_key, serve
@@ -116,13 +116,11 @@ def chunked(*events: bytes) -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
 
 
-def upstream_client(
-    max_connections: int = 10, timeout: httpx.Timeout | float = 5.0
-) -> HttpUpstream:
-    return HttpUpstream(max_connections, httpx.Timeout(timeout))
+def upstream_client(max_connections: int = 10, timeout: httpx.Timeout | float = 5.0) -> HttpEngine:
+    return HttpEngine(max_connections, httpx.Timeout(timeout))
 
 
-async def fetch(client: HttpUpstream, url: str) -> tuple[HttpResponse, bytes]:
+async def fetch(client: HttpEngine, url: str) -> tuple[HttpResponse, bytes]:
     response = await client.send(url, HEADERS, b'{"stream":true}')
     try:
         return response, await response.aread()
@@ -308,7 +306,7 @@ async def test_proxy_http_pool_limit_and_pool_timeout() -> None:
     # One connection: a second request waits for it, and gives up after timeout.pool.
     release = asyncio.Event()
     async with raw_server(held_handler(release)) as server:
-        client = HttpUpstream(1, httpx.Timeout(5.0, pool=0.2))
+        client = HttpEngine(1, httpx.Timeout(5.0, pool=0.2))
         with anyio.fail_after(5):
             first = await client.send(server.url, HEADERS, b"{}")
             start = time.monotonic()
@@ -331,7 +329,7 @@ async def test_proxy_http_pool_limit_and_pool_timeout() -> None:
 async def test_proxy_http_waiter_gets_the_slot_of_a_closed_connection() -> None:
     release = asyncio.Event()
     async with raw_server(held_handler(release)) as server:
-        client = HttpUpstream(1, httpx.Timeout(5.0, pool=2.0))
+        client = HttpEngine(1, httpx.Timeout(5.0, pool=2.0))
         with anyio.fail_after(5):
             first = await client.send(server.url, HEADERS, b"{}")
             waiting = asyncio.ensure_future(client.send(server.url, HEADERS, b"{}"))
@@ -348,7 +346,7 @@ async def test_proxy_http_waiter_gets_the_slot_of_a_closed_connection() -> None:
 async def test_proxy_http_cancelled_waiter_leaks_no_slot() -> None:
     release = asyncio.Event()
     async with raw_server(held_handler(release)) as server:
-        client = HttpUpstream(1, httpx.Timeout(5.0, pool=2.0))
+        client = HttpEngine(1, httpx.Timeout(5.0, pool=2.0))
         with anyio.fail_after(5):
             first = await client.send(server.url, HEADERS, b"{}")
             waiting = asyncio.ensure_future(client.send(server.url, HEADERS, b"{}"))
@@ -462,7 +460,7 @@ async def test_proxy_http_connect_timeout() -> None:
         await wait_closed(server, reader)
 
     async with raw_server(handler, scheme="https") as server:
-        client = HttpUpstream(10, httpx.Timeout(5.0, connect=0.2))
+        client = HttpEngine(10, httpx.Timeout(5.0, connect=0.2))
         start = time.monotonic()
         with anyio.fail_after(5), pytest.raises(httpx.ConnectTimeout):
             await client.send(server.url, HEADERS, b"{}")
@@ -534,7 +532,7 @@ async def test_proxy_http_no_headers_is_read_timeout() -> None:
         await wait_closed(server, reader)
 
     async with raw_server(handler) as server:
-        client = HttpUpstream(10, httpx.Timeout(5.0, read=0.2))
+        client = HttpEngine(10, httpx.Timeout(5.0, read=0.2))
         with anyio.fail_after(5), pytest.raises(httpx.ReadTimeout):
             await client.send(server.url, HEADERS, b"{}")
         with anyio.fail_after(2):
@@ -552,7 +550,7 @@ async def test_proxy_http_idle_timeout_fires_after_silence() -> None:
         await wait_closed(server, reader)
 
     async with raw_server(handler) as server:
-        client = HttpUpstream(10, httpx.Timeout(5.0, read=0.3))
+        client = HttpEngine(10, httpx.Timeout(5.0, read=0.3))
         with anyio.fail_after(5):
             response = await client.send(server.url, HEADERS, b"{}")
             chunks = response.aiter_raw()
@@ -586,7 +584,7 @@ async def test_proxy_http_one_idle_timer_for_all_streams() -> None:
             await writer.drain()
         await wait_closed(server, reader)
 
-    async def read_all(client: HttpUpstream, body: bytes) -> str:
+    async def read_all(client: HttpEngine, body: bytes) -> str:
         response = await client.send(server.url, HEADERS, body)
         try:
             async for _ in response.aiter_raw():
@@ -598,7 +596,7 @@ async def test_proxy_http_one_idle_timer_for_all_streams() -> None:
         return "complete"
 
     async with raw_server(handler) as server:
-        client = HttpUpstream(10, httpx.Timeout(5.0, read=0.3))
+        client = HttpEngine(10, httpx.Timeout(5.0, read=0.3))
         with anyio.fail_after(5):
             outcomes = await asyncio.gather(
                 read_all(client, b"{}"), read_all(client, b'{"talk": 1}'), read_all(client, b"{}")
@@ -627,7 +625,7 @@ async def test_proxy_http_time_spent_writing_is_not_upstream_silence() -> None:
         await wait_closed(server, reader)
 
     async with raw_server(handler) as server:
-        client = HttpUpstream(10, httpx.Timeout(5.0, read=0.4))
+        client = HttpEngine(10, httpx.Timeout(5.0, read=0.4))
         with anyio.fail_after(5):
             response = await client.send(server.url, HEADERS, b"{}")
             received = []
@@ -838,7 +836,7 @@ async def test_proxy_http_response_members_and_key_hygiene() -> None:
     with pytest.raises(httpx.UnsupportedProtocol):
         await client.send("ftp://127.0.0.1/v1", HEADERS, b"")
     with pytest.raises(ValueError):
-        HttpUpstream(0, httpx.Timeout(1.0))
+        HttpEngine(0, httpx.Timeout(1.0))
 
 
 # --- TLS -----------------------------------------------------------------------------------
@@ -903,8 +901,7 @@ async def test_proxy_http_is_the_default_upstream(upstream: Upstream) -> None:
     with serve(starlette_app(proxy, "/api/chat")) as url, anyio.fail_after(5):
         async with httpx.AsyncClient(timeout=5) as client:
             response = await client.post(f"{url}/api/chat", json={"messages": MESSAGES})
-        assert type(proxy._upstream) is HttpUpstream
-        assert proxy._client is None  # no httpx client was built for the passthrough
+        assert type(proxy._upstreams.chosen) is HttpEngine  # no httpx for the passthrough
     assert response.status_code == 200
     assert response.content.endswith(b"data: [DONE]\n\n")
     assert app.requests[-1].headers["authorization"] == f"Bearer {KEY}"
@@ -912,7 +909,7 @@ async def test_proxy_http_is_the_default_upstream(upstream: Upstream) -> None:
     assert_no_key(response.content, response.headers)
 
 
-async def test_proxy_http_falls_back_to_aiohttp_without_httptools(
+async def test_proxy_http_falls_back_to_httpx_without_httptools(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     find_spec = importlib.util.find_spec
@@ -921,6 +918,9 @@ async def test_proxy_http_falls_back_to_aiohttp_without_httptools(
         return None if name == "httptools" else find_spec(name, package)
 
     monkeypatch.setattr(importlib.util, "find_spec", without_httptools)
-    chosen = default_upstream(10, httpx.Timeout(5.0))
-    assert isinstance(chosen, AiohttpUpstream)
-    await chosen.aclose()
+    upstreams = Upstreams(
+        max_connections=10, timeout=httpx.Timeout(5.0), max_head_bytes=16384, transport=None
+    )
+    assert isinstance(upstreams.get(), HttpxUpstream)
+    assert not upstreams.native
+    await upstreams.aclose()

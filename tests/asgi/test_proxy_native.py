@@ -112,7 +112,7 @@ async def test_native_relay_on_asyncio_anyio_relay_elsewhere(
     try:
         with anyio.fail_after(5):
             await proxy(scope(), receive, send)
-        assert proxy._native == (anyio_backend == "asyncio")
+        assert proxy._upstreams.native == (anyio_backend == "asyncio")
     finally:
         await proxy.aclose()
     body = b"".join(m.get("body", b"") for m in sent[1:])  # type: ignore[misc]
@@ -138,9 +138,10 @@ async def test_cancelling_the_request_task_closes_the_upstream_and_reraises(
         # The keep-alive timer stops once its last stream is gone (it looks every
         # 0.0125 s here).
         await asyncio.sleep(0.2)
-        assert proxy._keepalives is not None
-        assert not proxy._keepalives._members
-        assert proxy._keepalives._timer is None
+        keepalives = proxy._relay._keepalives
+        assert keepalives is not None
+        assert not keepalives._members
+        assert keepalives._timer is None
     finally:
         await proxy.aclose()
 

@@ -367,18 +367,17 @@ async def test_log_line_per_request(
 
 
 async def test_default_transport_by_event_loop(anyio_backend: str) -> None:
-    # The measured choice (docs/performance.md): aiohttp's pool via httpx-aiohttp on asyncio.
+    # The measured choice (docs/performance.md): our engine on asyncio, httpx under trio.
     proxy = ChatProxy(api_key=KEY, base_url="http://127.0.0.1:9/v1")
     try:
-        client = proxy._get_client()
-        name = type(client._transport).__name__
+        name = type(proxy._upstreams.get()).__name__
+        tool_transport = type(proxy._upstreams.tool_transport()).__name__
     finally:
         await proxy.aclose()
-    has_aiohttp = importlib.util.find_spec("httpx_aiohttp") is not None
-    expected = (
-        "AiohttpTransport" if anyio_backend == "asyncio" and has_aiohttp else "AsyncHTTPTransport"
-    )
-    assert name == expected
+    engine = anyio_backend == "asyncio" and importlib.util.find_spec("httptools") is not None
+    assert name == ("HttpEngine" if engine else "HttpxUpstream")
+    # The tool loop speaks httpx, over the same pool.
+    assert tool_transport == ("EngineTransport" if engine else "AsyncHTTPTransport")
 
 
 async def test_client_gone_while_sending_body(mock_upstream: MockUpstream) -> None:
@@ -396,8 +395,12 @@ async def test_client_gone_while_sending_body(mock_upstream: MockUpstream) -> No
 
 
 async def test_unterminated_last_event_is_forwarded(mock_upstream: MockUpstream) -> None:
-    # An upstream that ends without the final blank line: its bytes still go out unchanged.
-    mock_upstream.responses.append(sse_response([chunk("a", "stop"), b"data: [DONE]"]))
+    # An upstream that ends a framed body (chunked here) without the final blank line: its
+    # bytes still go out unchanged. A close-delimited body that does so was cut (issue #14:
+    # test_issue_14_close_delimited_half_event_is_an_error_frame).
+    response = sse_response([chunk("a", "stop"), b"data: [DONE]"])
+    response.headers["transfer-encoding"] = "chunked"
+    mock_upstream.responses.append(response)
     records: list[CompletionRecord] = []
     client = FakeClient()
     with anyio.fail_after(2):

@@ -1,19 +1,17 @@
-"""ChatProxy's upstreams on asyncio: ours on httptools (the default) and aiohttp (its fallback).
+"""ChatProxy's upstreams on asyncio: our engine on httptools (the default) and httpx (with
+`transport=`, or without httptools).
 
-`test_proxy_http.py` tests our client on its own; these run both through ChatProxy.
+`test_proxy_http.py` tests the engine on its own; these run both through ChatProxy.
 """
 
 from __future__ import annotations
 
-import importlib
 import time
 
 import anyio
 import httpx
 import pytest
 
-from tokenhub_stream._proxy_http import HttpUpstream
-from tokenhub_stream._proxy_upstream import AiohttpUpstream
 from tokenhub_stream.asgi import ChatProxy
 from tokenhub_stream.testing import Script
 
@@ -23,17 +21,13 @@ from .test_proxy_uvicorn import MESSAGES, Upstream, starlette_app
 pytestmark = pytest.mark.anyio
 
 
-UPSTREAMS = ["httptools", "aiohttp"]
+UPSTREAMS = ["engine", "httpx"]
 
 
 def use_upstream(proxy: ChatProxy, kind: str) -> None:
-    """Make `proxy` send through `kind` (the default picks httptools when installed)."""
-    if kind == "aiohttp":
-        module = importlib.import_module("aiohttp")
-        proxy._upstream = AiohttpUpstream(proxy._max_connections, proxy._timeout, module)
-    else:
-        proxy._upstream = HttpUpstream(proxy._max_connections, proxy._timeout)
-    proxy._upstream_chosen = True
+    """Make `proxy` send through `kind` (the default picks the engine when it can)."""
+    if kind == "httpx":
+        proxy._upstreams._transport = httpx.AsyncHTTPTransport(trust_env=False)
 
 
 @pytest.mark.parametrize("kind", UPSTREAMS)
@@ -47,7 +41,7 @@ async def test_upstream_passes_bytes_without_httpx(upstream: Upstream, kind: str
     with serve(starlette_app(proxy, "/api/chat")) as url, anyio.fail_after(5):
         async with httpx.AsyncClient(timeout=5) as client:
             response = await client.post(f"{url}/api/chat", json={"messages": MESSAGES})
-        assert proxy._client is None  # no httpx client was built for the passthrough
+        assert proxy._upstreams.native == (kind == "engine")
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/event-stream"
     assert response.content.endswith(b"data: [DONE]\n\n")

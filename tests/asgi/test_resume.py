@@ -16,13 +16,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from tokenhub_stream import SSEDecoder
-from tokenhub_stream._proxy_resume import tag_events
 from tokenhub_stream.asgi import (
     ChatProxy,
     CompletionRecord,
     InMemoryStreamBuffer,
     StreamBuffer,
 )
+from tokenhub_stream.asgi._buffers import tag_events
 from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, Script
 
 from .conftest import KEY, assert_no_key, serve, text_of

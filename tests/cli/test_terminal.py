@@ -469,11 +469,14 @@ def test_serve_passes_options_to_run_serve(
         model: str | None,
         store_url: str | None,
         history: bool,
+        allowed_hosts: list[str],
+        require_token: bool,
     ) -> int:
         calls.append(
             {"host": host, "port": port, "base_url": base_url, "api_key": api_key, "model": model}
         )
         assert (store_url, history) == (None, True)  # the store flags: test_serve_history.py
+        assert (allowed_hosts, require_token) == ([], False)  # test_issue_14_hosts.py
         return 0
 
     monkeypatch.setattr("tokenhub_stream.cli._serve.run_serve", fake_run_serve)

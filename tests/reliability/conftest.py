@@ -68,7 +68,7 @@ def figure(name: str, value: float) -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     # The faults are transport-level and the proxy's fast path is asyncio-only
-    # (httpx-aiohttp); trio is covered by the rest of the suite. One backend keeps the
+    # (the engine); trio is covered by the rest of the suite. One backend keeps the
     # short form inside its time budget.
     return "asyncio"
 

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from tokenhub_stream import ContentDelta, ProtocolError, SSEDecoder, TokenHubError
 from tokenhub_stream._chunks import ChunkParser
 from tokenhub_stream._config import DEFAULT_MAX_EVENT_BYTES
-from tokenhub_stream._proxy_core import EventSplitter
+from tokenhub_stream.asgi._wire import EventSplitter
 
 from .conftest import EXAMPLES, figure
 

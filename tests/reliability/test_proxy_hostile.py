@@ -361,7 +361,7 @@ BAD_BODIES: list[tuple[str, bytes | list[bytes], list[tuple[bytes, bytes]] | Non
     ("huge_messages_array", json.dumps({"messages": MESSAGES * 30_000}).encode(), None, 413),
     ("deep_nesting_over_limit", nested(200_000), None, 413),
     ("not_utf8", '{"messages":[{"role":"user","content":"é"}]}'.encode("latin-1"), None, 400),
-    ("unknown_charset", body_of(), [(b"content-type", b"application/json; charset=x-evil")], 400),
+    ("unknown_charset", body_of(), [(b"content-type", b"application/json; charset=x-evil")], 415),
     ("not_json", b"messages=hi", None, 400),
     ("json_not_object", b'[{"role":"user"}]', None, 400),
     ("empty_body", b"", None, 400),
@@ -475,6 +475,7 @@ RESPONSE_HEADERS = {
     b"cache-control",
     b"x-accel-buffering",
     b"x-request-id",
+    b"x-content-type-options",
     b"retry-after",
     b"allow",
 }

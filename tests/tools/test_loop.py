@@ -11,7 +11,6 @@ import anyio
 import pytest
 
 from tokenhub_stream import AsyncClient, ContentDelta, ReasoningDelta, StreamConsumed
-from tokenhub_stream._tool_loop import AsyncToolLoop, arun_tools
 from tokenhub_stream.testing import RunningUpstream, Script, ScriptedToolCall
 from tokenhub_stream.tools import (
     MaxTurnsExceeded,
@@ -22,6 +21,7 @@ from tokenhub_stream.tools import (
     TurnFinished,
     tool,
 )
+from tokenhub_stream.tools._loop import AsyncToolLoop, arun_tools
 
 from .conftest import chunk, frames, sent_messages
 

@@ -8,9 +8,9 @@ import threading
 import pytest
 
 from tokenhub_stream import Client, ContentDelta, StreamConsumed
-from tokenhub_stream._tool_loop import run_tools_sync
 from tokenhub_stream.testing import RunningUpstream, Script, ScriptedToolCall
 from tokenhub_stream.tools import MaxTurnsExceeded, ToolResult, TurnFinished, tool
+from tokenhub_stream.tools._loop_sync import run_tools_sync
 
 from .conftest import sent_messages
 

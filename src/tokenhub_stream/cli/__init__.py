@@ -18,7 +18,7 @@ import contextlib
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..__version__ import __version__
 from .._config import env_api_key
@@ -79,6 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="default 8000")
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name or address browsers may reach the page as, beside localhost, "
+        "127.0.0.1, [::1] and --host (repeatable; *.example.com for subdomains); "
+        "other Host headers get 400",
+    )
+    serve.add_argument(
+        "--require-token",
+        action="store_true",
+        help="require a token on every request (env TOKENHUB_SERVE_TOKEN, else a random "
+        "one); the printed URL carries it. A set TOKENHUB_SERVE_TOKEN requires it anyway",
+    )
     store = serve.add_mutually_exclusive_group()
     store.add_argument(
         "--store-url",
@@ -138,18 +153,9 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     question = question.strip()
     if not question:
         return _error("no question (give it as an argument or on stdin)")
-    try:
-        tools = _tools_option(args.tools)
-    except Exception as exc:  # the file is the user's code: say what it raised
-        return _error(f"--tools {args.tools}: {type(exc).__name__}: {exc}")
-    with contextlib.ExitStack() as stack:
-        try:
-            upstream = stack.enter_context(resolve_upstream(args.base_url))
-        except ImportError as exc:
-            return _error(str(exc))
-        model = args.model or default_model(upstream)
-        client = stack.enter_context(_client(upstream, model))
-        return run_ask(
+    return _in_terminal(
+        args,
+        lambda client, model, tools: run_ask(
             client,
             question,
             model=model,
@@ -157,23 +163,14 @@ def _cmd_ask(args: argparse.Namespace) -> int:
             stdout=sys.stdout,
             stderr=sys.stderr,
             tools=tools,
-        )
-    raise AssertionError("unreachable")  # pragma: no cover  (ExitStack may swallow)
+        ),
+    )
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    try:
-        tools = _tools_option(args.tools)
-    except Exception as exc:  # the file is the user's code: say what it raised
-        return _error(f"--tools {args.tools}: {type(exc).__name__}: {exc}")
-    with contextlib.ExitStack() as stack:
-        try:
-            upstream = stack.enter_context(resolve_upstream(args.base_url))
-        except ImportError as exc:
-            return _error(str(exc))
-        model = args.model or default_model(upstream)
-        client = stack.enter_context(_client(upstream, model))
-        return run_chat(
+    return _in_terminal(
+        args,
+        lambda client, model, tools: run_chat(
             client,
             model=model,
             system=args.system,
@@ -182,7 +179,27 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             stderr=sys.stderr,
             interactive=sys.stdin.isatty(),
             tools=tools,
-        )
+        ),
+    )
+
+
+def _in_terminal(
+    args: argparse.Namespace, run: Callable[[Client, str, ToolSet | None], int]
+) -> int:
+    """What `ask` and `chat` share: load `--tools`, pick the upstream and the model, open
+    a client, then `run(client, model, tools)`."""
+    try:
+        tools = _tools_option(args.tools)
+    except Exception as exc:  # the file is the user's code: say what it raised
+        return _error(f"--tools {args.tools}: {type(exc).__name__}: {exc}")
+    with contextlib.ExitStack() as stack:
+        try:
+            upstream = stack.enter_context(resolve_upstream(args.base_url))
+        except ImportError as exc:
+            return _error(str(exc))
+        model = args.model or default_model(upstream)
+        client = stack.enter_context(_client(upstream, model))
+        return run(client, model, tools)
     raise AssertionError("unreachable")  # pragma: no cover  (ExitStack may swallow)
 
 
@@ -208,6 +225,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             model=args.model,
             store_url=args.store_url,
             history=not args.no_store,
+            allowed_hosts=args.allowed_host,
+            require_token=args.require_token,
         )
     except (ImportError, ValueError) as exc:
         return _error(str(exc))

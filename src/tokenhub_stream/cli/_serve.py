@@ -32,6 +32,11 @@ Deliberate choices:
   finds it whole in the history.
 - The page learns of a finished turn before the proxy's `on_complete` has written it, so
   `GET /api/conversations?after=<x-request-id>` waits (briefly) for that turn's write.
+- Every request passes `_Guard` first: a `Host` that is not one of the names the server
+  listens as gets 400 (a page whose DNS name was re-pointed at 127.0.0.1, DNS rebinding,
+  would otherwise be same-origin with the proxy), and with a token (`--require-token`,
+  `TOKENHUB_SERVE_TOKEN`) a request without it gets 401. The token arrives once in the
+  printed URL (`/?token=...`), which trades it for an HttpOnly cookie.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -46,7 +53,7 @@ import re
 import secrets
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -56,16 +63,20 @@ import anyio
 import httpx
 
 from .._config import DEFAULT_BASE_URL, DEFAULT_MODEL, env_base_url
-from .._proxy_core import ProxyRejection, check_origin, error_body
 from ..asgi import DEFAULT_KEEPALIVE_INTERVAL, ChatProxy, CompletionRecord
+from ..asgi._admission import HostPattern, check_host, check_origin, parse_allowed_hosts
+from ..asgi._wire import ProxyRejection, error_body
 from ._upstream import ResolvedUpstream, default_model, resolve_upstream
 
 try:
     from starlette.applications import Starlette
+    from starlette.datastructures import Headers
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.requests import Request
-    from starlette.responses import Response
+    from starlette.responses import RedirectResponse, Response
     from starlette.routing import BaseRoute, Route
+    from starlette.types import ASGIApp, Receive, Scope, Send
 except ImportError as exc:  # pragma: no cover
     raise ImportError(
         "tokenhub-stream serve needs Starlette and uvicorn: pip install 'tokenhub_stream[cli]'"
@@ -74,7 +85,7 @@ except ImportError as exc:  # pragma: no cover
 if TYPE_CHECKING:
     from ..store import Conversation, ConversationStore, Message
 
-__all__ = ["create_app", "default_store_url", "run_serve"]
+__all__ = ["LOCAL_HOSTS", "create_app", "default_store_url", "run_serve", "served_hosts"]
 
 logger = logging.getLogger("tokenhub_stream.serve")
 
@@ -107,6 +118,14 @@ _REQUEST_ID = re.compile(r"[0-9a-f]{1,64}")
 WRITE_WAIT = 3.0
 #: Env var naming the store's SQLAlchemy URL (`--store-url` wins over it).
 STORE_URL_ENV = "TOKENHUB_STORE_URL"
+#: The names a server on this machine is reached as; `create_app` accepts only these by default.
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+#: Env var holding the token `serve` then requires (`--require-token` makes up one without it).
+TOKEN_ENV = "TOKENHUB_SERVE_TOKEN"
+#: The cookie the token is traded for (see the module docstring).
+TOKEN_COOKIE = "tokenhub_token"
+_TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,256}")
+_ANY_ADDRESS = ("", "0.0.0.0", "::")
 
 
 def _read_static() -> dict[str, bytes]:
@@ -123,6 +142,8 @@ def create_app(
     local: bool = False,
     keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
     store: ConversationStore | None = None,
+    allowed_hosts: Collection[str] | None = LOCAL_HOSTS,
+    token: str | None = None,
 ) -> Starlette:
     """Build the chat app: the page at `/` and `ChatProxy` at `/api/chat`.
 
@@ -143,12 +164,18 @@ def create_app(
         keepalive_interval: passed to `ChatProxy`.
         store: keep the conversations there (each browser its own, by cookie) and serve
             them under `/api/conversations`; `None`: no history, and no cookie.
+        allowed_hosts: the names the app is reached as (`ChatProxy`'s `allowed_hosts`
+            syntax); any other `Host` gets 400 on every route, the guard against DNS
+            rebinding. Default `LOCAL_HOSTS`; `None`: any host.
+        token: require it on every request: `Authorization: Bearer <token>`, or the
+            cookie that `GET /?token=<token>` sets; otherwise 401. `None`: no token.
 
     Returns:
         A Starlette app; its lifespan closes the proxy's connection pool (and the store's).
 
     Raises:
-        ValueError: an invalid `base_url`.
+        ValueError: an invalid `base_url`, allowed host or token (16-256 characters of
+            `A-Z a-z 0-9 . _ ~ -`).
     """
     allowed = list(dict.fromkeys(models)) if models else None
     default = model or DEFAULT_MODEL
@@ -157,6 +184,9 @@ def create_app(
             allowed.append(model)
         else:
             default = allowed[0]
+    if token is not None and _TOKEN.fullmatch(token) is None:
+        raise ValueError("the token must be 16-256 characters of A-Z a-z 0-9 . _ ~ -")
+    hosts = None if allowed_hosts is None else parse_allowed_hosts(allowed_hosts)
     history = None if store is None else _History(store)
     proxy = ChatProxy(
         api_key=api_key or None,  # "" is no key too, as for TOKENHUB_KEY
@@ -169,6 +199,7 @@ def create_app(
         on_complete=None if history is None else history.on_complete,
         # The page asks for resumable streams and resumes after a dropped connection.
         resumable=True,
+        allowed_hosts=allowed_hosts,  # _Guard checks first; this holds wherever it is mounted
     )
     files = _read_static()
     config = json.dumps({"default_model": default, "local": local}).encode()
@@ -203,10 +234,97 @@ def create_app(
                 if store is not None:
                     await store.aclose()
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    guard = Middleware(_Guard, hosts=hosts, token=token)
+    app = Starlette(routes=routes, middleware=[guard], lifespan=lifespan)
     app.state.proxy = proxy
     app.state.store = store
     return app
+
+
+# --- who may use it ---------------------------------------------------------------------------
+
+
+def served_hosts(host: str, extra: Sequence[str] = ()) -> list[str]:
+    """The names a server listening on `host` accepts: `LOCAL_HOSTS`, `host`, then `extra`.
+
+    A wildcard address (`0.0.0.0`, `::`) is no name a browser sends, so it adds none: other
+    machines then need `extra` (`--allowed-host`).
+    """
+    hosts = [*LOCAL_HOSTS, *(() if host in _ANY_ADDRESS else (host,)), *extra]
+    return list(dict.fromkeys(hosts))
+
+
+class _Guard:
+    """ASGI middleware ahead of every route: the `Host` check (400), then the token (401)."""
+
+    def __init__(
+        self, app: ASGIApp, *, hosts: tuple[HostPattern, ...] | None, token: str | None
+    ) -> None:
+        self.app = app
+        self._hosts = hosts
+        self._token = None if token is None else token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        if self._hosts is not None:
+            try:
+                check_host(headers.get("host"), self._hosts)
+            except ProxyRejection as rejection:
+                response = _error(400, rejection.message, rejection.code or "host_not_allowed")
+                await response(scope, receive, send)
+                return
+        if self._token is not None:
+            request = Request(scope)
+            if not self._has_token(request, self._token):
+                await self._login(request, self._token)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _has_token(request: Request, token: bytes) -> bool:
+        bearer = request.headers.get("authorization", "")
+        if bearer[:7].lower() == "bearer " and _same(bearer[7:].strip(), token):
+            return True
+        cookie = request.cookies.get(TOKEN_COOKIE)
+        return cookie is not None and _same(cookie, token)
+
+    @staticmethod
+    def _login(request: Request, token: bytes) -> Response:
+        # The printed URL's `?token=`: traded for a cookie, and dropped from the address bar
+        # (and so from the history and any Referer) by a redirect.
+        given = request.query_params.get("token")
+        if request.method != "GET" or given is None or not _same(given, token):
+            message = "This server needs its token: open the URL it printed."
+            return _error(401, message, "token_required")
+        url = request.url
+        response = RedirectResponse(url.remove_query_params("token"), status_code=303)
+        response.set_cookie(
+            TOKEN_COOKIE,
+            given,
+            max_age=COOKIE_MAX_AGE,
+            path="/",
+            httponly=True,
+            samesite="lax",
+            secure=url.scheme == "https",
+        )
+        response.headers.update(_PRIVATE_HEADERS)
+        return response
+
+
+def _same(given: str, token: bytes) -> bool:
+    return hmac.compare_digest(given.encode("utf-8", "replace"), token)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # --- history ----------------------------------------------------------------------------------
@@ -426,6 +544,21 @@ def _display_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
+def _warn_exposed(host: str, allowed_hosts: Sequence[str], token: str | None) -> None:
+    if _is_loopback(host):
+        return
+    if host in _ANY_ADDRESS and not allowed_hosts:
+        sys.stderr.write(
+            "tokenhub-stream: listening on every interface, but only localhost names are "
+            "accepted: add --allowed-host NAME for the name or address other machines use\n"
+        )
+    if token is None:
+        sys.stderr.write(
+            "tokenhub-stream: anyone who can reach this port can spend the upstream key: "
+            "--require-token asks every browser for a token\n"
+        )
+
+
 def default_store_url() -> str:
     """Where `serve` keeps the history: a SQLite file in the user's data folder.
 
@@ -473,6 +606,8 @@ def run_serve(
     model: str | None,
     store_url: str | None = None,
     history: bool = True,
+    allowed_hosts: Sequence[str] = (),
+    require_token: bool = False,
 ) -> int:
     """Serve the chat page until Ctrl-C, printing its URL on stdout.
 
@@ -494,6 +629,11 @@ def run_serve(
             one line on stderr.
         history: keep conversations (needs the `store` extra; without it, and without a
             store URL, the page runs without history and says so on stderr).
+        allowed_hosts: names accepted beside `LOCAL_HOSTS` and `host` itself (the
+            `--allowed-host` option); any other `Host` gets 400 (`served_hosts`).
+        require_token: require a token on every request: `TOKENHUB_SERVE_TOKEN`, else a
+            random one; the printed URL carries it (`?token=...`). A set
+            `TOKENHUB_SERVE_TOKEN` requires it even without this.
 
     Returns:
         0 once the server stopped.
@@ -501,7 +641,9 @@ def run_serve(
     Raises:
         ImportError: uvicorn is not installed (`pip install 'tokenhub_stream[cli]'`), or a
             store URL was given without the `store` extra or its driver.
-        ValueError: the store URL is not a database URL, or `base_url` is invalid.
+        ValueError: the store URL is not a database URL, `base_url` or an allowed host is
+            invalid, or `TOKENHUB_SERVE_TOKEN` is not 16-256 characters of
+            `A-Z a-z 0-9 . _ ~ -`.
         OSError: the address could not be bound.
     """
     try:
@@ -511,6 +653,12 @@ def run_serve(
             "tokenhub-stream serve needs uvicorn: pip install 'tokenhub_stream[cli]'"
         ) from exc
 
+    hosts = served_hosts(host, allowed_hosts)
+    parse_allowed_hosts(hosts)  # a bad --allowed-host fails before anything starts
+    token = os.environ.get(TOKEN_ENV) or (secrets.token_urlsafe(24) if require_token else None)
+    if token is not None and _TOKEN.fullmatch(token) is None:
+        raise ValueError(f"{TOKEN_ENV} must be 16-256 characters of A-Z a-z 0-9 . _ ~ -")
+    _warn_exposed(host, allowed_hosts, token)
     with contextlib.ExitStack() as stack:
         store = _open_store(store_url) if history else None
         upstream = stack.enter_context(_resolve(base_url, api_key))
@@ -521,6 +669,8 @@ def run_serve(
             models=_fetch_models(upstream),
             local=upstream.local,
             store=store,
+            allowed_hosts=hosts,
+            token=token,
         )
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         # IPPROTO_TCP: asyncio (when uvloop is missing) sets TCP_NODELAY only then; without
@@ -529,7 +679,8 @@ def run_serve(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(128)
-        sys.stdout.write(_display_url(host, int(sock.getsockname()[1])) + "\n")
+        url = _display_url(host, int(sock.getsockname()[1]))
+        sys.stdout.write(url + ("" if token is None else f"?token={token}") + "\n")
         sys.stdout.flush()
         config = uvicorn.Config(
             app,

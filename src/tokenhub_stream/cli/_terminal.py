@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from .._exceptions import TokenHubError
-from .._models import ContentDelta, Timings, Usage
+from .._models import ContentDelta, Timings, Usage, add_usage
 from .._sync_client import Client
 from ..tools import ToolCallStarted, ToolResult, ToolSet, TurnFinished
 
@@ -114,18 +114,23 @@ def stream_answer(
     except KeyboardInterrupt:
         interrupted = True
     answer = Answer("".join(parts), error, interrupted)
-    if answer.text or error is None:
+    reason = "interrupted" if interrupted else stream.finish_reason
+    status = format_status(model, stream.timings, reason, stream.usage)
+    _end(answer, status, stdout=stdout, stderr=stderr)
+    return answer
+
+
+def _end(answer: Answer, status: str, *, stdout: TextIO, stderr: TextIO) -> None:
+    """After an answer: the newline that ends its text, then its error, else `status`."""
+    if answer.text or answer.error is None:
         stdout.write("\n")
         stdout.flush()
-    if error is not None:
+    if answer.error is not None:
         # Messages never contain the key: the client redacts it (STYLE.md section 5).
-        stderr.write(f"tokenhub-stream: {type(error).__name__}: {error}\n")
+        stderr.write(f"tokenhub-stream: {type(answer.error).__name__}: {answer.error}\n")
     else:
-        reason = "interrupted" if interrupted else stream.finish_reason
-        line = format_status(model, stream.timings, reason, stream.usage)
-        stderr.write(_dim(line, stderr) + "\n")
+        stderr.write(_dim(status, stderr) + "\n")
     stderr.flush()
-    return answer
 
 
 def stream_tool_answer(
@@ -168,39 +173,18 @@ def stream_tool_answer(
                     stderr.write(_dim(line, stderr) + "\n")
                     stderr.flush()
                 elif isinstance(event, TurnFinished):
-                    usage = _add_usage(usage, event.usage)
+                    usage = add_usage(usage, event.usage)
                     reason = event.message.finish_reason
     except TokenHubError as exc:
         error = exc
     except KeyboardInterrupt:
         interrupted = True
     answer = Answer("".join(parts), error, interrupted)
-    if answer.text or error is None:
-        stdout.write("\n")
-        stdout.flush()
-    if error is not None:
-        stderr.write(f"tokenhub-stream: {type(error).__name__}: {error}\n")
-    else:
-        reason = "interrupted" if interrupted else reason
-        line = format_status(model, Timings(), reason, usage, turns=loop.turns)
-        stderr.write(_dim(line, stderr) + "\n")
-    stderr.flush()
+    reason = "interrupted" if interrupted else reason
+    status = format_status(model, Timings(), reason, usage, turns=loop.turns)
+    _end(answer, status, stdout=stdout, stderr=stderr)
     done = error is None and not interrupted
     return answer, (loop.messages if done else [])
-
-
-def _add_usage(total: Usage | None, usage: Usage | None) -> Usage | None:
-    if total is None or usage is None:
-        return usage if total is None else total
-
-    def plus(a: int | None, b: int | None) -> int | None:
-        return None if a is None and b is None else (a or 0) + (b or 0)
-
-    return Usage(
-        plus(total.prompt_tokens, usage.prompt_tokens),
-        plus(total.completion_tokens, usage.completion_tokens),
-        plus(total.total_tokens, usage.total_tokens),
-    )
 
 
 def _answer(

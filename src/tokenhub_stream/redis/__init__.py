@@ -15,13 +15,7 @@ Needs the `redis` extra (redis-py): `pip install 'tokenhub_stream[redis]'`. Uses
 
 from __future__ import annotations
 
-try:
-    import redis  # noqa: F401
-except ImportError as exc:  # pragma: no cover
-    raise ImportError(
-        "tokenhub_stream.redis needs redis-py: pip install 'tokenhub_stream[redis]'"
-    ) from exc
-
+# Without redis-py, the first import below raises an ImportError naming the extra.
 from ._limits import BudgetUsage, OnRedisError, RedisBudget, RedisRateLimiter
 from ._streams import RedisStreamBuffer
 
@@ -33,11 +27,8 @@ __all__ = [
     "RedisStreamBuffer",
 ]
 
-# Public names report the public module, like the package root does.
-__locals = locals()
-for __name in __all__:
-    if not __name.isupper() and hasattr(__locals[__name], "__module__"):
-        try:
-            __locals[__name].__module__ = "tokenhub_stream.redis"
-        except (AttributeError, TypeError):
-            pass
+for _name in __all__:  # shown as tokenhub_stream.redis.X (reprs, docs), as httpx does
+    _value = globals()[_name]
+    if isinstance(_value, type):
+        _value.__module__ = __name__
+del _name, _value

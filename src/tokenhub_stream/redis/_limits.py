@@ -18,17 +18,11 @@ import math
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Self
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 
-try:
-    import redis.asyncio as aioredis
-    from redis.exceptions import RedisError
-except ImportError as exc:  # pragma: no cover
-    raise ImportError(
-        "tokenhub_stream.redis needs redis-py: pip install 'tokenhub_stream[redis]'"
-    ) from exc
+from ._connection import RedisBacked, RedisError, aioredis
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -50,6 +44,8 @@ DEFAULT_RATE_LIMIT_PREFIX = "tokenhub:ratelimit:"
 DEFAULT_BUDGET_PREFIX = "tokenhub:budget:"
 DEFAULT_REDIS_TIMEOUT = 1.0
 DEFAULT_ERROR_RETRY_AFTER = 1.0
+#: Connections a limiter made from a URL opens at most (per process).
+DEFAULT_MAX_CONNECTIONS = 16
 _WARNING_INTERVAL = 10.0
 
 # KEYS[1]: the bucket (a hash: tokens, ts). ARGV: rate (tokens/s), burst, cost.
@@ -129,17 +125,17 @@ class BudgetUsage:
     reset_after: float
 
 
-class _RedisLimit:
+class _RedisLimit(RedisBacked):
     """The Redis connection, key prefix, timeout and error policy of one limiter."""
 
     def __init__(
         self,
         connection: str | aioredis.Redis,
-        *,
         prefix: str,
         on_redis_error: OnRedisError,
         error_retry_after: float,
         timeout: float,
+        max_connections: int,
     ) -> None:
         if on_redis_error not in ("open", "closed"):
             raise ValueError("on_redis_error must be 'open' or 'closed'")
@@ -149,6 +145,8 @@ class _RedisLimit:
             raise ValueError("error_retry_after must be positive")
         if not timeout > 0:
             raise ValueError("timeout must be positive")
+        if isinstance(max_connections, bool) or max_connections < 1:
+            raise ValueError("max_connections must be a positive integer")
         self._secrets: tuple[str, ...] = ()
         if isinstance(connection, str):
             parsed = urllib.parse.urlsplit(connection)
@@ -156,32 +154,15 @@ class _RedisLimit:
                 raise ValueError("the Redis URL must start with redis://, rediss:// or unix://")
             secrets = (parsed.password, urllib.parse.unquote(parsed.password or ""))
             self._secrets = tuple(s for s in secrets if s)
-            self._redis: aioredis.Redis = aioredis.Redis.from_url(
-                connection, socket_timeout=timeout, socket_connect_timeout=timeout
-            )
-            self._owns_client = True
-        elif isinstance(connection, aioredis.Redis):
-            self._redis = connection
-            self._owns_client = False
-        else:
-            raise TypeError("connection must be a redis:// URL or a redis.asyncio.Redis")
+        super().__init__(
+            connection, max_connections=max_connections, timeout=timeout, socket_timeout=timeout
+        )
         self.prefix = prefix
         self.on_redis_error: OnRedisError = on_redis_error
         self.error_retry_after = error_retry_after
         self.timeout = timeout
         self._last_warning = -math.inf
         self._suppressed = 0
-
-    async def aclose(self) -> None:
-        """Close the Redis connection pool, if this object created it from a URL."""
-        if self._owns_client:
-            await self._redis.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *args: object) -> None:
-        await self.aclose()
 
     def _script(self, source: str) -> AsyncScript:
         return self._redis.register_script(source)
@@ -194,6 +175,17 @@ class _RedisLimit:
         if not isinstance(result, list):  # pragma: no cover - the scripts return tables
             raise RedisError("unexpected script result")
         return result
+
+    async def _take(
+        self, script: AsyncScript, key: str, args: list[str], action: str
+    ) -> float | None:
+        """Run a checking script: `None` if it allowed the request, else the seconds to
+        wait (the script's last value), or what `on_redis_error` says if Redis failed."""
+        try:
+            result = await self._run(script, key, args)
+        except (RedisError, OSError, TimeoutError) as exc:
+            return self._on_error(action, exc)
+        return None if result[0] == 1 else max(float(_text(result[-1])), 0.001)
 
     def _on_error(self, action: str, exc: BaseException) -> float | None:
         # Log without secrets: redis-py's messages name host and port, never the password,
@@ -246,11 +238,14 @@ class RedisRateLimiter(_RedisLimit):
         on_redis_error: `"closed"` refuses requests while Redis fails (with
             `error_retry_after`); `"open"` lets them through. Both log a warning.
         error_retry_after: the `Retry-After` seconds of a request refused because Redis failed.
-        timeout: the most seconds one check may take before it counts as a Redis failure.
+        timeout: the most seconds one check may take before it counts as a Redis failure
+            (waiting for a free connection included).
+        max_connections: the most connections to Redis this object opens, when made from
+            a URL (a client you pass keeps its own pool).
 
     Raises:
-        ValueError: a non-positive rate, burst, timeout or error_retry_after, a bad URL
-            scheme or an unknown `on_redis_error`.
+        ValueError: a non-positive rate, burst, timeout, error_retry_after or
+            max_connections, a bad URL scheme or an unknown `on_redis_error`.
         TypeError: `connection` is neither a URL nor a `redis.asyncio.Redis`.
     """
 
@@ -264,18 +259,14 @@ class RedisRateLimiter(_RedisLimit):
         on_redis_error: OnRedisError = "closed",
         error_retry_after: float = DEFAULT_ERROR_RETRY_AFTER,
         timeout: float = DEFAULT_REDIS_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if not rate > 0 or math.isinf(rate):
             raise ValueError("rate must be a positive number")
         if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
             raise ValueError("burst must be a positive integer")
-        super().__init__(
-            connection,
-            prefix=prefix,
-            on_redis_error=on_redis_error,
-            error_retry_after=error_retry_after,
-            timeout=timeout,
-        )
+        limit = (prefix, on_redis_error, error_retry_after, timeout, max_connections)
+        super().__init__(connection, *limit)
         self.rate = float(rate)
         self.burst = burst
         self._bucket = self._script(_TOKEN_BUCKET)
@@ -288,15 +279,8 @@ class RedisRateLimiter(_RedisLimit):
 
     async def acquire(self, key: str) -> float | None:
         """Take one token for `key`: `None` if allowed, else the seconds until one is back."""
-        try:
-            allowed, wait = await self._run(
-                self._bucket, key, [repr(self.rate), str(self.burst), "1"]
-            )
-        except (RedisError, OSError, TimeoutError) as exc:
-            return self._on_error("a rate-limit check", exc)
-        if allowed == 1:
-            return None
-        return max(float(_text(wait)), 0.001)
+        args = [repr(self.rate), str(self.burst), "1"]
+        return await self._take(self._bucket, key, args, "a rate-limit check")
 
 
 class RedisBudget(_RedisLimit):
@@ -306,17 +290,17 @@ class RedisBudget(_RedisLimit):
     from tokenhub_stream.redis import RedisBudget
 
     budget = RedisBudget("redis://localhost:6379/0", requests=200, tokens=100_000, window=86400)
-    proxy = ChatProxy(api_key=key, base_url=url, rate_limiter=budget, on_request=ask_usage)
+    proxy = ChatProxy(api_key=key, base_url=url, rate_limiter=budget, max_tokens_cap=2048)
     ```
 
     As a `ChatProxy` `rate_limiter`, `acquire(key)` refuses (with the seconds until the
     window ends) once the key made `requests` requests or used `tokens` tokens in the
     current window, and counts one request otherwise. It is also a `UsageLimiter`: after
-    each turn whose usage is known the proxy calls `record(key, usage)`, which adds the
-    turn's total tokens. Tokens are checked before a turn and charged after it, so the last
-    turn of a window may overshoot `tokens` by at most one answer (`max_tokens_cap` bounds
-    it). Streamed turns report usage only when the request asks for it
-    (`stream_options.include_usage`, which `on_request` can add).
+    each turn the proxy calls `record(key, usage)`, which adds the turn's total tokens.
+    The proxy asks streamed turns for their usage, and charges an estimate for a turn that
+    ended without it (a client that left early). Tokens are checked before a turn and
+    charged after it, so the last turn of a window may overshoot `tokens` by at most one
+    answer (`max_tokens_cap` bounds it).
 
     Windows are fixed (aligned to multiples of `window` seconds of Redis' clock), so a key
     may spend up to twice its budget across a window boundary. Keys expire when their
@@ -333,11 +317,15 @@ class RedisBudget(_RedisLimit):
             `error_retry_after`); `"open"` lets them through. A failed `record` logs a
             warning and the turn's tokens go uncounted.
         error_retry_after: the `Retry-After` seconds of a request refused because Redis failed.
-        timeout: the most seconds one Redis call may take before it counts as a failure.
+        timeout: the most seconds one Redis call may take before it counts as a failure
+            (waiting for a free connection included).
+        max_connections: the most connections to Redis this object opens, when made from
+            a URL (a client you pass keeps its own pool).
 
     Raises:
-        ValueError: both limits `None`, a negative limit, a non-positive window, timeout or
-            error_retry_after, a bad URL scheme or an unknown `on_redis_error`.
+        ValueError: both limits `None`, a negative limit, a non-positive window, timeout,
+            error_retry_after or max_connections, a bad URL scheme or an unknown
+            `on_redis_error`.
         TypeError: `connection` is neither a URL nor a `redis.asyncio.Redis`.
     """
 
@@ -352,6 +340,7 @@ class RedisBudget(_RedisLimit):
         on_redis_error: OnRedisError = "closed",
         error_retry_after: float = DEFAULT_ERROR_RETRY_AFTER,
         timeout: float = DEFAULT_REDIS_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if requests is None and tokens is None:
             raise ValueError("give requests=, tokens= or both")
@@ -362,13 +351,8 @@ class RedisBudget(_RedisLimit):
                 raise ValueError(f"{name} must be a non-negative integer or None")
         if not window > 0 or math.isinf(window):
             raise ValueError("window must be a positive number of seconds")
-        super().__init__(
-            connection,
-            prefix=prefix,
-            on_redis_error=on_redis_error,
-            error_retry_after=error_retry_after,
-            timeout=timeout,
-        )
+        limit = (prefix, on_redis_error, error_retry_after, timeout, max_connections)
+        super().__init__(connection, *limit)
         self.requests = requests
         self.tokens = tokens
         self.window = float(window)
@@ -390,13 +374,7 @@ class RedisBudget(_RedisLimit):
 
     async def acquire(self, key: str) -> float | None:
         """Count one request for `key`: `None` if within budget, else seconds to the next window."""
-        try:
-            allowed, _, _, reset = await self._run(self._budget, key, self._args(-1))
-        except (RedisError, OSError, TimeoutError) as exc:
-            return self._on_error("a budget check", exc)
-        if allowed == 1:
-            return None
-        return max(float(_text(reset)), 0.001)
+        return await self._take(self._budget, key, self._args(-1), "a budget check")
 
     async def record(self, key: str, usage: Usage) -> None:
         """Add a finished turn's tokens (its `total_tokens`, else prompt + completion) to `key`."""

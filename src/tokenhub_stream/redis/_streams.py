@@ -10,28 +10,29 @@ Per upstream chunk the relaying worker sends one `XADD` (a plain command, not a 
 for a chunk of one event); the expiry is refreshed only every `live_ttl / 4` seconds. The
 cost is measured in docs/proxy.md ("Stream buffers").
 
-A resume reads the kept events with `XREAD` from `0-<Last-Event-ID>`, then blocks in
-`XREAD BLOCK` for the live ones, so it may run in another process than the upstream call.
+A resume reads the kept events with `XREAD` from `0-<Last-Event-ID>`, then waits for the
+live ones, so it may run in another process than the upstream call. Waiting readers hold
+no Redis connection each: one task per process (`_Tailer`) blocks in a single
+`XREAD BLOCK` on every stream its readers wait on and wakes those whose stream moved; they
+then fetch the new entries with a plain `XREAD`. (One blocking read per waiting reader let
+80 resumes exhaust a Redis with `maxclients 60`, issue #14.) From a URL the connection pool
+is bounded (`max_connections`, waiting at most `timeout` for a free connection).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
+import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Self
 
 import anyio
 
-try:
-    import redis.asyncio as aioredis
-    from redis.exceptions import RedisError
-except ImportError as exc:  # pragma: no cover
-    raise ImportError(
-        "tokenhub_stream.redis needs redis-py: pip install 'tokenhub_stream[redis]'"
-    ) from exc
-
-from .._proxy_resume import StreamInfo
+from ..asgi._buffers import StreamInfo
+from ._connection import RedisBacked, RedisError, aioredis
 
 __all__ = ["RedisStreamBuffer"]
 
@@ -39,14 +40,20 @@ DEFAULT_STREAM_PREFIX = "tokenhub:stream:"
 DEFAULT_MAX_EVENTS = 10_000
 DEFAULT_LIVE_TTL = 900.0
 DEFAULT_REDIS_TIMEOUT = 1.0
+#: Connections a `RedisStreamBuffer` made from a URL opens at most (per process).
+DEFAULT_MAX_CONNECTIONS = 32
 #: Longest single `XREAD BLOCK`; between two, the reader checks the stream still exists.
 _BLOCK = 4.0  # below redis-py's default socket_timeout (5 s) of a client passed in
 _BATCH = 256
 #: Streams whose expiry this process refreshes, at most this many remembered at once.
 _MAX_REFRESH_ENTRIES = 100_000
+#: How long the wake-up stream of a `_Tailer` outlives its last use, in ms.
+_WAKE_TTL_MS = 60_000
+
+logger = logging.getLogger("tokenhub_stream.redis")
 
 
-class RedisStreamBuffer:
+class RedisStreamBuffer(RedisBacked):
     """A `StreamBuffer` on Redis Streams, shared by every proxy process using that Redis.
 
     ```python
@@ -65,10 +72,16 @@ class RedisStreamBuffer:
         max_events: events kept per stream (`XADD MAXLEN ~`, so about that many); a resume
             from before the oldest kept one gets 410.
         live_ttl: seconds a live stream's keys outlive its last event.
-        timeout: the limit of each Redis command (not of the blocking reads).
+        timeout: the limit of each Redis command (not of the blocking reads), waiting for
+            a free connection included.
+        max_connections: the most connections to Redis this object opens, when made from
+            a URL (a client you pass keeps its own pool: bound it with
+            `redis.asyncio.BlockingConnectionPool`). However many resumes wait, they share
+            one of them; at least 2.
 
     Raises:
-        ValueError: a non-positive option, or a client that decodes responses.
+        ValueError: a non-positive option, `max_connections` below 2, or a client that
+            decodes responses.
         TypeError: `connection` is neither a URL nor a `redis.asyncio.Redis`.
     """
 
@@ -80,43 +93,37 @@ class RedisStreamBuffer:
         max_events: int = DEFAULT_MAX_EVENTS,
         live_ttl: float = DEFAULT_LIVE_TTL,
         timeout: float = DEFAULT_REDIS_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if max_events < 1 or live_ttl <= 0 or timeout <= 0:
             raise ValueError("max_events, live_ttl and timeout must be positive")
-        if isinstance(connection, str):
-            # No socket timeout: each command is bounded here, and XREAD BLOCK waits longer.
-            self._redis: aioredis.Redis = aioredis.Redis.from_url(
-                connection, socket_timeout=None, socket_connect_timeout=timeout
-            )
-            self._owns_client = True
-        elif isinstance(connection, aioredis.Redis):
-            if connection.connection_pool.connection_kwargs.get("decode_responses"):
-                raise ValueError("RedisStreamBuffer needs a client with decode_responses off")
-            self._redis = connection
-            self._owns_client = False
-        else:
-            raise TypeError("connection must be a redis:// URL or a redis.asyncio.Redis")
+        if isinstance(max_connections, bool) or max_connections < 2:
+            # One of them is the shared blocking read's for up to 4 s at a time.
+            raise ValueError("max_connections must be at least 2")
+        if isinstance(connection, aioredis.Redis) and _decodes(connection):
+            raise ValueError("RedisStreamBuffer needs a client with decode_responses off")
+        # No socket timeout: each command is bounded here, and XREAD BLOCK waits longer.
+        super().__init__(
+            connection, max_connections=max_connections, timeout=timeout, socket_timeout=None
+        )
         self.prefix = prefix
         self.max_events = max_events
         self.live_ttl = live_ttl
         self.timeout = timeout
+        self.max_connections = max_connections
         # stream id -> when this process last refreshed its keys' expiry (monotonic).
         self._refreshed: dict[str, float] = {}
+        wake = f"{prefix}wake:{secrets.token_urlsafe(12)}"
+        self._tailer = _Tailer(self._redis, wake.encode(), timeout)
 
     def __repr__(self) -> str:
         # No URL: it may carry a password.
         return f"RedisStreamBuffer(prefix={self.prefix!r}, max_events={self.max_events!r})"
 
     async def aclose(self) -> None:
-        """Close the Redis connection pool, if this object created it from a URL."""
-        if self._owns_client:
-            await self._redis.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *args: object) -> None:
-        await self.aclose()
+        """Stop the shared read; close the connection pool, if this object made it from a URL."""
+        await self._tailer.aclose()
+        await super().aclose()
 
     def _keys(self, stream_id: str) -> tuple[str, str]:
         key = self.prefix + stream_id
@@ -222,38 +229,184 @@ class RedisStreamBuffer:
         self, stream_id: str, after: int, *, idle: float
     ) -> AsyncIterator[tuple[int, bytes]]:
         key, meta = self._keys(stream_id)
+        watched = key.encode()
         cursor = f"0-{after}".encode()
         heard = time.monotonic()
-        checked = False
+        check = True  # whether the stream must be seen to exist before waiting on it
         while True:
+            try:
+                with anyio.fail_after(self.timeout):
+                    entries = _entries(await self._redis.xread({key: cursor}, count=_BATCH))
+                    if not entries and check:
+                        if not await self._redis.exists(meta):
+                            raise LookupError("the stream expired")
+            except TimeoutError:
+                # Never a bare TimeoutError: to the caller that means "the stream is silent".
+                raise RedisError("Redis did not answer in time") from None
+            if entries:
+                heard = time.monotonic()
+                for entry_id, fields in entries:
+                    if b"end" in fields:
+                        return
+                    yield int(entry_id.partition(b"-")[2]), fields[b"d"]
+                    cursor = entry_id
+                if len(entries) == _BATCH:
+                    continue  # more may be kept already
             left = idle - (time.monotonic() - heard)
             if left <= 0:
                 raise TimeoutError("the stream went silent")
-            # Without anything new, check the stream still exists before blocking on it.
-            block = min(_BLOCK, left) if checked else 0.0
-            try:
-                with anyio.fail_after(block + self.timeout):
-                    found = await self._redis.xread(
-                        {key: cursor}, count=_BATCH, block=int(block * 1000) or None
-                    )
-                entries = _entries(found)
-                if not entries:
-                    with anyio.fail_after(self.timeout):
-                        exists = await self._redis.exists(meta)
-            except TimeoutError:
-                raise RedisError("Redis did not answer in time") from None
-            if not entries:
-                if not exists:
-                    raise LookupError("the stream expired")
-                checked = True
-                continue
-            checked = False
-            heard = time.monotonic()
-            for entry_id, fields in entries:
-                if b"end" in fields:
-                    return
-                yield int(entry_id.partition(b"-")[2]), fields[b"d"]
-                cursor = entry_id
+            # A wait that ends without news (after at most _BLOCK) looks again, and checks
+            # that the stream still exists, on this reader's own short commands.
+            check = not await self._tailer.wait(watched, cursor, min(_BLOCK, left))
+
+
+class _Watch:
+    """The readers of one stream waiting in this process, and the last entry seen of it."""
+
+    __slots__ = ("cursor", "moved", "readers")
+
+    def __init__(self, cursor: bytes) -> None:
+        self.cursor = cursor
+        self.moved = anyio.Event()
+        self.readers = 0
+
+
+class _Tailer:
+    """One `XREAD BLOCK` for every stream this process's resumes wait on (see the module
+    docstring): readers register a stream and the last entry id they hold; one task blocks
+    on all of those streams at once and wakes a stream's readers when it moves.
+
+    A reader that starts watching a stream the blocked read does not cover writes to a
+    wake-up stream of this object's own, which is part of every read: the read returns at
+    once and starts again with the new stream.
+    """
+
+    def __init__(self, redis: aioredis.Redis, wake_key: bytes, timeout: float) -> None:
+        self._redis = redis
+        self._wake_key = wake_key
+        self._wake_cursor = b"0-0"
+        self._timeout = timeout
+        self._watches: dict[bytes, _Watch] = {}
+        # The streams of the XREAD BLOCK in flight (None: none in flight).
+        self._blocked_on: frozenset[bytes] | None = None
+        self._woken = False
+        # redis.asyncio runs on asyncio only, and this task outlives the reader that
+        # started it (it serves every reader of the process): a plain asyncio task.
+        self._task: asyncio.Task[None] | None = None
+        self._failures = 0
+
+    async def wait(self, key: bytes, cursor: bytes, timeout: float) -> bool:
+        """Wait up to `timeout` for an entry after `cursor` in `key`; `True` if one came."""
+        watch = self._watches.get(key)
+        if watch is None:
+            watch = self._watches[key] = _Watch(cursor)
+        elif _after(watch.cursor, cursor):
+            return True  # the shared read saw a newer entry already
+        elif _after(cursor, watch.cursor):
+            # This reader holds entries the watch has not seen: news to those waiting on it.
+            watch.cursor = cursor
+            moved, watch.moved = watch.moved, anyio.Event()
+            moved.set()
+        moved = watch.moved
+        watch.readers += 1
+        try:
+            await self._cover(key)
+            with anyio.move_on_after(timeout):
+                await moved.wait()
+            return moved.is_set()
+        finally:
+            watch.readers -= 1
+            if not watch.readers and self._watches.get(key) is watch:
+                del self._watches[key]
+
+    async def _cover(self, key: bytes) -> None:
+        # Make sure the shared read covers `key`: start it, or wake the one in flight.
+        task = self._task
+        if task is None or task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+            return
+        blocked = self._blocked_on
+        if blocked is None or key in blocked or self._woken:
+            return  # the next read includes it
+        self._woken = True
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
+        pipe.pexpire(self._wake_key, _WAKE_TTL_MS)
+        try:
+            with anyio.fail_after(self._timeout):
+                await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            # The reader still looks again after its wait (at most _BLOCK): late, not lost.
+            logger.warning("could not wake the shared stream read: %s", type(exc).__name__)
+
+    async def _run(self) -> None:
+        try:
+            while self._watches:
+                streams = {self._wake_key: self._wake_cursor}
+                streams.update((key, watch.cursor) for key, watch in self._watches.items())
+                self._blocked_on = frozenset(self._watches)
+                self._woken = False
+                try:
+                    with anyio.fail_after(_BLOCK + self._timeout):
+                        found = await self._redis.xread(
+                            streams,  # type: ignore[arg-type]
+                            count=1,
+                            block=int(_BLOCK * 1000),
+                        )
+                except (RedisError, OSError, TimeoutError) as exc:
+                    # The readers look again on their own after each wait meanwhile.
+                    self._failures += 1
+                    if self._failures == 1:
+                        logger.warning("the shared stream read failed: %s", type(exc).__name__)
+                    await anyio.sleep(min(_BLOCK, 0.1 * 2**self._failures))
+                    continue
+                finally:
+                    self._blocked_on = None
+                self._failures = 0
+                for key, entries in _entries_by_key(found).items():
+                    last = entries[-1][0]
+                    if key == self._wake_key:
+                        self._wake_cursor = last
+                        continue
+                    watch = self._watches.get(key)
+                    if watch is not None and _after(last, watch.cursor):
+                        watch.cursor = last
+                        moved, watch.moved = watch.moved, anyio.Event()
+                        moved.set()
+        finally:
+            if self._task is asyncio.current_task():
+                self._task = None
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def _after(entry: bytes, cursor: bytes) -> bool:
+    """Whether stream entry id `entry` comes after `cursor` (both `ms-seq`)."""
+    ems, _, eseq = entry.partition(b"-")
+    cms, _, cseq = cursor.partition(b"-")
+    return (int(ems), int(eseq or 0)) > (int(cms), int(cseq or 0))
+
+
+def _entries_by_key(found: object) -> dict[bytes, list[tuple[bytes, dict[bytes, bytes]]]]:
+    # RESP2: [[key, [(id, fields), ...]], ...]; RESP3: {key: [[(id, fields), ...]], ...}.
+    if not found:
+        return {}
+    if isinstance(found, dict):
+        out = {}
+        for key, value in found.items():
+            out[key] = list(value[0] if value and isinstance(value[0], list) else value)
+        return out
+    assert isinstance(found, list)
+    return {key: list(entries) for key, entries in found}
+
+
+def _decodes(client: aioredis.Redis) -> bool:
+    return bool(client.connection_pool.connection_kwargs.get("decode_responses"))
 
 
 def _ms(seconds: float) -> int:

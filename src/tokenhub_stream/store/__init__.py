@@ -41,11 +41,8 @@ __all__ = [
     "Turn",
 ]
 
-# Public names report the public module, like the package root does.
-__locals = locals()
-for __name in __all__:
-    if not __name.isupper() and hasattr(__locals[__name], "__module__"):
-        try:
-            __locals[__name].__module__ = "tokenhub_stream.store"
-        except (AttributeError, TypeError):
-            pass
+for _name in __all__:  # shown as tokenhub_stream.store.X (reprs, docs), as httpx does
+    _value = globals()[_name]
+    if isinstance(_value, type):
+        _value.__module__ = __name__
+del _name, _value

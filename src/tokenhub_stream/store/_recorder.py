@@ -3,6 +3,9 @@
 `on_complete` sees only the `CompletionRecord`, not the request, so `on_request` reads the
 conversation id and leaves it in a context variable: both hooks run in the request's own
 task (`ChatProxy._chat`), one after the other.
+
+The recorder knows its store only as `TurnStore`, the one method it calls: the store
+(`store.recorder()`) imports the recorder, never the other way round.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, Protocol, TypedDict
 
 import anyio
 
@@ -20,9 +23,8 @@ if TYPE_CHECKING:
     from starlette.requests import Request
 
     from ..asgi import CompletionRecord
-    from ._store import ConversationStore
 
-__all__ = ["ConversationRecorder", "ProxyHooks"]
+__all__ = ["ConversationRecorder", "ProxyHooks", "TurnStore"]
 
 logger = logging.getLogger("tokenhub_stream.store")
 
@@ -36,6 +38,12 @@ _OUTCOMES: dict[str, MessageOutcome] = {
     "upstream_error": "error",
     "timeout": "error",
 }
+
+
+class TurnStore(Protocol):
+    """What the recorder calls on its store (a `ConversationStore`)."""
+
+    async def record_turn(self, turn: Turn) -> str: ...
 
 
 class ProxyHooks(TypedDict):
@@ -64,7 +72,7 @@ class ConversationRecorder:
     never raise into the proxy.
 
     Args:
-        store: where to write.
+        store: where to write (a `ConversationStore`).
         header: the request header carrying the conversation id.
         body_field: the request body field carrying it (stripped before forwarding).
         principal: maps `authorize`'s principal to the stored text (default: `str()`;
@@ -77,7 +85,7 @@ class ConversationRecorder:
 
     def __init__(
         self,
-        store: ConversationStore,
+        store: TurnStore,
         *,
         header: str = "X-Conversation-Id",
         body_field: str = "conversation_id",

@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import anyio
 from sqlalchemy import delete, event, insert, select, update
@@ -32,10 +32,8 @@ from ._models import (
     usage_to_json,
     valid_conversation_id,
 )
+from ._recorder import ConversationRecorder
 from ._schema import conversations, messages, migrate_sync, utcnow
-
-if TYPE_CHECKING:
-    from ._recorder import ConversationRecorder
 
 __all__ = ["DEFAULT_STORE_URL", "ConversationStore"]
 
@@ -367,8 +365,6 @@ class ConversationStore:
 
         See `ConversationRecorder` for the arguments.
         """
-        from ._recorder import ConversationRecorder
-
         return ConversationRecorder(
             self, header=header, body_field=body_field, principal=principal, timeout=timeout
         )

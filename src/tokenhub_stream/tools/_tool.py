@@ -7,11 +7,11 @@ import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, ParamSpec, TypeAlias, TypeVar, overload
+from typing import Generic, ParamSpec, TypeAlias, TypedDict, TypeVar, Unpack, overload
 
 from ._schema import convert, function_schema, is_coroutine_function, parse_docstring
 
-__all__ = ["Tool", "ToolSet", "ToolsTypes", "tool"]
+__all__ = ["Tool", "ToolOptions", "ToolSet", "ToolsTypes", "tool"]
 
 P = ParamSpec("P")
 R_co = TypeVar("R_co", covariant=True)
@@ -105,35 +105,26 @@ class Tool(Generic[P, R_co]):
         }
 
 
+class ToolOptions(TypedDict, total=False):
+    """The keyword arguments of `tool()` and `ToolSet.register()` (see `tool()`)."""
+
+    name: str | None
+    description: str | None
+    schema: Mapping[str, object] | None
+
+
 @overload
-def tool(
-    fn: Callable[_P, _R],
-    /,
-    *,
-    name: str | None = None,
-    description: str | None = None,
-    schema: Mapping[str, object] | None = None,
-) -> Tool[_P, _R]: ...
+def tool(fn: Callable[_P, _R], /, **options: Unpack[ToolOptions]) -> Tool[_P, _R]: ...
 
 
 @overload
 def tool(
-    fn: None = None,
-    /,
-    *,
-    name: str | None = None,
-    description: str | None = None,
-    schema: Mapping[str, object] | None = None,
+    fn: None = None, /, **options: Unpack[ToolOptions]
 ) -> Callable[[Callable[_P, _R]], Tool[_P, _R]]: ...
 
 
 def tool(
-    fn: Callable[_P, _R] | None = None,
-    /,
-    *,
-    name: str | None = None,
-    description: str | None = None,
-    schema: Mapping[str, object] | None = None,
+    fn: Callable[_P, _R] | None = None, /, **options: Unpack[ToolOptions]
 ) -> Tool[_P, _R] | Callable[[Callable[_P, _R]], Tool[_P, _R]]:
     """Make a `Tool` of a plain function, sync or async; usable as a decorator.
 
@@ -163,17 +154,18 @@ def tool(
     if fn is None:
 
         def decorate(function: Callable[_P, _R]) -> Tool[_P, _R]:
-            return _make_tool(function, name, description, schema)
+            return _make_tool(function, **options)
 
         return decorate
-    return _make_tool(fn, name, description, schema)
+    return _make_tool(fn, **options)
 
 
 def _make_tool(
     fn: Callable[_P, _R],
-    name: str | None,
-    description: str | None,
-    schema: Mapping[str, object] | None,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    schema: Mapping[str, object] | None = None,
 ) -> Tool[_P, _R]:
     if isinstance(fn, Tool):
         return Tool(
@@ -249,35 +241,15 @@ class ToolSet(Mapping[str, Tool[..., object]]):
         return made
 
     @overload
-    def register(
-        self,
-        fn: Callable[_P, _R],
-        /,
-        *,
-        name: str | None = None,
-        description: str | None = None,
-        schema: Mapping[str, object] | None = None,
-    ) -> Tool[_P, _R]: ...
+    def register(self, fn: Callable[_P, _R], /, **options: Unpack[ToolOptions]) -> Tool[_P, _R]: ...
 
     @overload
     def register(
-        self,
-        fn: None = None,
-        /,
-        *,
-        name: str | None = None,
-        description: str | None = None,
-        schema: Mapping[str, object] | None = None,
+        self, fn: None = None, /, **options: Unpack[ToolOptions]
     ) -> Callable[[Callable[_P, _R]], Tool[_P, _R]]: ...
 
     def register(
-        self,
-        fn: Callable[_P, _R] | None = None,
-        /,
-        *,
-        name: str | None = None,
-        description: str | None = None,
-        schema: Mapping[str, object] | None = None,
+        self, fn: Callable[_P, _R] | None = None, /, **options: Unpack[ToolOptions]
     ) -> Tool[_P, _R] | Callable[[Callable[_P, _R]], Tool[_P, _R]]:
         """`tool()` that also adds the tool to this set; usable as a decorator.
 
@@ -286,7 +258,7 @@ class ToolSet(Mapping[str, Tool[..., object]]):
         """
 
         def decorate(function: Callable[_P, _R]) -> Tool[_P, _R]:
-            made = tool(function, name=name, description=description, schema=schema)
+            made = _make_tool(function, **options)
             self.add(made)
             return made
 

@@ -30,22 +30,32 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from typing import Literal
 
-import anyio.abc
 import httpx
 
-from ._async_client import AsyncClient
-from ._base import Call, is_event_stream
-from ._config import Timeout
-from ._exceptions import APIError, ProtocolError, StreamTimeout, TokenHubError, TransportError
-from ._models import ContentDelta, Usage
-from ._proxy_core import ProxyRejection, upstream_error_object
-from ._tool_loop import arun_tools
-from .tools import MaxTurnsExceeded, ToolCallStarted, ToolResult, ToolSet, TurnFinished
-
-if TYPE_CHECKING:
-    from .asgi import ChatProxy, Send, _Turn
+from .._async_client import AsyncClient
+from .._base import is_event_stream
+from .._config import Timeout
+from .._engine import ResponseHeadTooLarge
+from .._exceptions import (
+    APIError,
+    ProtocolError,
+    StreamTimeout,
+    TokenHubError,
+    TransportError,
+    TruncatedStreamError,
+)
+from .._models import ContentDelta, ReasoningDelta, Usage
+from ..tools import MaxTurnsExceeded, ToolCallStarted, ToolResult, ToolSet, TurnFinished
+from ..tools._loop import arun_tools
+from ._record import add_usage, estimate_usage
+from ._redact import KeyRedactor
+from ._relay import Relay
+from ._turn import Send, Turn, send_simple
+from ._upstream import check_head, is_h11_head_overflow
+from ._wire import ProxyRejection, upstream_error_object
 
 __all__ = ["ToolExchange", "reject_tool_fields"]
 
@@ -91,37 +101,69 @@ def reject_tool_fields(body: Mapping[str, object]) -> None:
             )
 
 
-class _UpstreamClient(AsyncClient):
-    """An `AsyncClient` that reports the first 2xx event-stream headers (the status moment)."""
+@dataclass(frozen=True, slots=True)
+class ToolSettings:
+    """What every server-side tool loop of one proxy shares (built once by `ChatProxy`)."""
 
-    def __init__(self, proxy: ChatProxy, on_headers: Callable[[], Awaitable[None]]) -> None:
-        read = proxy._timeout.read
-        super().__init__(
-            # "" rather than None: no Authorization, and no fallback to TOKENHUB_KEY.
-            api_key=proxy._api_key or "",
-            base_url=proxy.base_url,
-            model=proxy.default_model,
-            timeout=Timeout(connect=proxy._timeout.connect, first_token=read, idle=read),
-            max_retries=0,  # as the passthrough: the browser decides about retrying
-            headers={"user-agent": proxy._headers["user-agent"]},
-            http_client=proxy._get_client(),  # the proxy's pool; not closed by us
-        )
+    tools: ToolSet
+    max_turns: int
+    api_key: str | None
+    base_url: str
+    default_model: str
+    timeout: Timeout
+    user_agent: str
+    max_head_bytes: int
+    redactor: KeyRedactor | None
+
+
+class _Watched(httpx.AsyncBaseTransport):
+    """The proxy's pool for one tool loop: heads bounded as the passthrough's (issue #14),
+    and the first 2xx event-stream headers reported (the moment the status is sent)."""
+
+    def __init__(
+        self,
+        inner: httpx.AsyncBaseTransport,
+        limit: int,
+        on_headers: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._inner = inner
+        self._limit = limit
         self._on_headers = on_headers
 
-    async def _send(self, call: Call) -> httpx.Response:
-        response = await super()._send(call)
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            response = await self._inner.handle_async_request(request)
+        except httpx.RemoteProtocolError as exc:
+            if is_h11_head_overflow(exc):
+                raise ResponseHeadTooLarge(self._limit) from exc
+            raise
+        await check_head(response, self._limit)
         if 200 <= response.status_code < 300 and is_event_stream(response):
             await self._on_headers()
         return response
 
+    async def aclose(self) -> None:
+        return None  # the pool is the proxy's
+
 
 class ToolExchange:
-    """One request through the server-side loop; `run` is ChatProxy's exchange step."""
+    """One request through the server-side loop; `run` is raced by the relay."""
 
-    def __init__(self, proxy: ChatProxy, content: bytes, stream: bool) -> None:
-        assert proxy.tools is not None
-        self._proxy = proxy
-        self._tools: ToolSet = proxy.tools
+    def __init__(
+        self,
+        settings: ToolSettings,
+        relay: Relay,
+        transport: httpx.AsyncBaseTransport,
+        content: bytes,
+        stream: bool,
+        *,
+        want_usage: bool,
+    ) -> None:
+        self._settings = settings
+        self._relay = relay
+        self._transport = transport
+        self._want_usage = want_usage
+        self._tools: ToolSet = settings.tools
         self._stream = stream
         body = json.loads(content)  # the passthrough's outgoing body: allow-listed, clamped
         self._messages: list[dict[str, object]] = list(body["messages"])
@@ -137,12 +179,20 @@ class ToolExchange:
         self._started = False
         self._created = int(time.time())
         self._send: Send | None = None
-        self._turn: _Turn | None = None
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._turn: Turn | None = None
         self._prefix = b""
+        # The frames are the model's text: one stream redactor, so a key cut across two
+        # deltas is caught as in the passthrough.
+        redactor = settings.redactor
+        self._redact = None if redactor is None else redactor.stream().feed
+        # For the estimate of a turn cut before its usage arrived: whether a turn's 2xx
+        # headers came and its TurnFinished did not yet, and the text it streamed so far.
+        self._in_turn = False
+        self._turn_chars = 0
+        self._loop: object = None
 
-    async def run(self, send: Send, turn: _Turn, tg: anyio.abc.TaskGroup) -> None:
-        self._send, self._turn, self._tg = send, turn, tg
+    async def run(self, send: Send, turn: Turn) -> None:
+        self._send, self._turn = send, turn
         self._prefix = (
             b'{"id":"chatcmpl-'
             + turn.request_id.encode()
@@ -152,34 +202,46 @@ class ToolExchange:
             + json.dumps(self._model).encode()
             + b',"choices":'
         )
-        proxy = self._proxy
-        client = _UpstreamClient(proxy, self._start if self._stream else _nothing)
+        settings = self._settings
+        watched = _Watched(self._transport, settings.max_head_bytes, self._headers_arrived)
+        http = httpx.AsyncClient(transport=watched, follow_redirects=False, trust_env=False)
+        client = AsyncClient(
+            # "" rather than None: no Authorization, and no fallback to TOKENHUB_KEY.
+            api_key=settings.api_key or "",
+            base_url=settings.base_url,
+            model=settings.default_model,
+            timeout=settings.timeout,
+            max_retries=0,  # as the passthrough: the browser decides about retrying
+            headers={"user-agent": settings.user_agent},
+            http_client=http,  # the proxy's pool; not closed by the client
+        )
         loop = arun_tools(
             client,
             self._messages,
             tools=self._tools,
             model=self._model,
-            max_turns=proxy.max_tool_turns,
+            max_turns=settings.max_turns,
             # Usage for on_complete, a UsageLimiter's budget and the JSON answer; the stream
             # shows it only when asked.
-            include_usage=(
-                self._send_usage
-                or not self._stream
-                or proxy.on_complete is not None
-                or proxy._usage_limiter() is not None
-            ),
+            include_usage=self._send_usage or not self._stream or self._want_usage,
             **self._params,
         )
+        self._loop = loop
         completed = False
         try:
-            async with loop:
+            async with http, loop:
                 async for event in loop:
                     if isinstance(event, ContentDelta):
                         self._parts.append(event.text)
+                        self._turn_chars += len(event.text)
                         if self._stream:
                             await self._frame([{"index": 0, "delta": {"content": event.text}}])
+                    elif isinstance(event, ReasoningDelta):
+                        self._turn_chars += len(event.text)
                     elif isinstance(event, TurnFinished):
-                        self._usage = _add(self._usage, event.usage)
+                        self._in_turn = False
+                        self._turn_chars = 0
+                        self._usage = add_usage(self._usage, event.usage)
                         self._finish_reason = event.message.finish_reason
                     elif isinstance(event, ToolCallStarted):
                         await self._comment(event.call.name, "running")
@@ -206,30 +268,19 @@ class ToolExchange:
 
     # --- streaming ----------------------------------------------------------------------
 
+    async def _headers_arrived(self) -> None:
+        self._in_turn = True
+        if self._stream:
+            await self._start()
+
     async def _start(self) -> None:
         # The first turn's 2xx headers arrived: the status is fixed from here on.
         turn, send = self._turn, self._send
-        assert turn is not None and send is not None and self._tg is not None
+        assert turn is not None and send is not None
         if self._started or turn.client_gone:
             return
         self._started = True
-        turn.status = 200
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream"),
-                    (b"cache-control", b"no-cache, no-transform"),
-                    (b"x-accel-buffering", b"no"),
-                    (b"x-request-id", turn.request_id.encode()),
-                ],
-            }
-        )
-        turn.last_write = time.monotonic()
-        interval = self._proxy.keepalive_interval
-        if interval is not None:
-            self._tg.start_soon(self._proxy._keepalive, send, turn, interval)
+        await self._relay.start(send, turn)
         await self._frame([{"index": 0, "delta": {"role": "assistant", "content": ""}}])
 
     async def _frame(self, choices: list[dict[str, object]], extra: bytes = b"") -> None:
@@ -251,7 +302,8 @@ class ToolExchange:
         turn, send = self._turn, self._send
         assert turn is not None and send is not None
         if not turn.client_gone:
-            await self._proxy._write(send, turn, self._proxy._redact(data))
+            redact = self._redact
+            await self._relay.write(send, turn, data if redact is None else redact(data))
 
     async def _finish_stream(self) -> None:
         turn, send = self._turn, self._send
@@ -266,13 +318,7 @@ class ToolExchange:
     async def _end_body(self) -> None:
         turn, send = self._turn, self._send
         assert turn is not None and send is not None
-        if turn.client_gone:
-            return
-        ticker = turn.ticker_writing
-        if ticker is not None:
-            await ticker.wait()
-        turn.response_done = True  # the server's http.disconnect after this is no leaving
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self._relay.end(send, turn)
 
     # --- stream: false --------------------------------------------------------------------
 
@@ -282,15 +328,13 @@ class ToolExchange:
         turn.status = 200
         if turn.client_gone:
             return
-        body = self._proxy._redact(_dumps(self._completion(turn.request_id, True)))
+        body = self._relay.redact(_dumps(self._completion(turn.request_id, True)))
         headers = [
             (b"content-type", b"application/json"),
             (b"x-request-id", turn.request_id.encode()),
         ]
-        headers.append((b"content-length", str(len(body)).encode()))
         turn.response_done = True
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        await send_simple(send, 200, body, headers)
         turn.ttfb = time.perf_counter() - turn.started
         turn.bytes_sent += len(body)
 
@@ -319,12 +363,12 @@ class ToolExchange:
     async def _fail(self, exc: Exception) -> None:
         turn, send = self._turn, self._send
         assert turn is not None and send is not None
-        status, message, code, headers = _failure(exc, self._proxy._redact)
+        status, message, code, headers = _failure(exc, self._relay.redact)
         # The upstream's own error object, where the passthrough would pass it on: a
         # passed-on status, or an error frame inside the stream.
         upstream, param = None, None
         if isinstance(exc, APIError) and (exc.status_code in _PASSED_ON or exc.status_code is None):
-            upstream = upstream_error_object(exc.body, self._proxy._api_key)
+            upstream = upstream_error_object(exc.body, self._settings.api_key)
             param = exc.param
         timeout = status == 504
         if not self._started:
@@ -341,11 +385,11 @@ class ToolExchange:
                 headers=headers,
                 upstream=upstream,
             )
-            await self._proxy._send_start_error(send, turn, rejection)
+            await self._relay.send_start_error(send, turn, rejection)
             return
         # After the start the status is fixed: an error frame, and no [DONE].
         outcome: Literal["timeout", "upstream_error"] = "timeout" if timeout else "upstream_error"
-        await self._proxy._fail_after(
+        await self._relay.fail_after(
             send, turn, outcome, message, code or "upstream_error", upstream
         )
         await self._end_body()
@@ -356,11 +400,15 @@ class ToolExchange:
             return
         completion = self._completion(turn.request_id, completed)
         # Redacted like the passthrough's copy: an echoed key stays out of on_complete.
-        turn.collector.feed_json(self._proxy._redact(_dumps(completion)))
-
-
-async def _nothing() -> None:
-    return None
+        turn.collector.feed_json(self._relay.redact(_dumps(completion)))
+        if not completed and self._in_turn:
+            # Cut mid-turn: that turn's usage never came. Its prompt was the conversation
+            # so far plus the tool schemas; its output, the text it streamed.
+            messages = getattr(self._loop, "messages", self._messages)
+            prompt = len(_dumps(messages)) + len(_dumps(self._tools.to_openai()))
+            turn.collector.unfinished = estimate_usage(
+                request_bytes=prompt, text_chars=self._turn_chars, event_bytes=0
+            )
 
 
 def _failure(
@@ -385,7 +433,7 @@ def _failure(
             return 502, text or "The upstream sent an error.", exc.code or "upstream_error", {}
         return 502, f"The upstream answered {status}.", "upstream_error", {}
     if isinstance(exc, StreamTimeout):
-        # httpx-aiohttp maps a refused connection to ConnectTimeout: look one level down.
+        # A refused connection is no timeout, whatever a client library maps it to.
         inner = cause.__cause__ if cause is not None else None
         if (
             exc.kind == "connect"
@@ -396,9 +444,16 @@ def _failure(
         if exc.kind in ("connect", "first_token"):
             return 504, "The upstream timed out.", "upstream_timeout", {}
         return 504, "The upstream went silent.", "upstream_timeout", {}
+    if isinstance(cause, ResponseHeadTooLarge):
+        message = f"The upstream's response head is larger than {cause.limit} bytes."
+        return 502, message, "upstream_protocol_error", {}
     if isinstance(exc, TransportError):
         if exc.retryable:
             return 502, "Could not reach the upstream.", "upstream_unreachable", {}
+        return 502, "The upstream stream broke off.", "upstream_error", {}
+    if isinstance(exc, TruncatedStreamError):
+        # A cut (the connection closed mid-body, or no end): as the passthrough says it,
+        # whichever client library noticed it.
         return 502, "The upstream stream broke off.", "upstream_error", {}
     if isinstance(exc, ProtocolError):
         return 502, "The upstream sent an invalid stream.", "upstream_protocol_error", {}
@@ -406,24 +461,6 @@ def _failure(
         return 502, "The upstream request failed.", "upstream_error", {}
     logger.error("tool loop failed: %s", type(exc).__name__, exc_info=exc)
     return 500, "The proxy failed.", "internal_error", {}
-
-
-def _add(total: Usage | None, usage: Usage | None) -> Usage | None:
-    if usage is None:
-        return total
-    if total is None:
-        return usage
-
-    def plus(a: int | None, b: int | None) -> int | None:
-        return None if a is None and b is None else (a or 0) + (b or 0)
-
-    return Usage(
-        plus(total.prompt_tokens, usage.prompt_tokens),
-        plus(total.completion_tokens, usage.completion_tokens),
-        plus(total.total_tokens, usage.total_tokens),
-        plus(total.reasoning_tokens, usage.reasoning_tokens),
-        plus(total.cached_tokens, usage.cached_tokens),
-    )
 
 
 def _usage_dict(usage: Usage) -> dict[str, object]:

@@ -1,4 +1,5 @@
-"""The proxy's default upstream on asyncio: a small HTTP/1.1 client on httptools' C parser.
+"""The HTTP/1.1 engine on asyncio: a small client on httptools' C parser, the proxy's
+default upstream.
 
 Measured under `benchmarks/proxy_bench.py` (docs/performance.md, "Proxy benchmark"), the
 relay's per-stream cost was mostly in the client layers: aiohttp's response, stream
@@ -15,6 +16,11 @@ What it does, and nothing more (the proxy sends one POST to one fixed URL):
   with httpx's default context (certifi's bundle);
 - Content-Length, chunked and close-delimited bodies, passed through undecoded (the proxy
   sends `Accept-Encoding: identity`);
+- the response head (status line and headers, interim 1xx heads included) bounded by
+  `max_head_bytes` as it arrives, before the parser sees bytes past the limit: a larger
+  head fails with `ResponseHeadTooLarge` and closes the socket at once, and repeated header
+  names are joined once at the end of the head, so reading a head is linear in its size
+  (issue #14: a flood of headers froze the worker and grew its memory without bound);
 - `timeout.connect`, and `timeout.read` as an idle limit that only counts time the reader
   spends waiting, so time spent writing to a slow client is not upstream silence: one
   timer per client looks at every open response a few times per limit (`Sweep`; a timer
@@ -47,9 +53,10 @@ from urllib.parse import urlsplit
 import httptools
 import httpx
 
-from ._proxy_sweep import Sweep
+from .._sweep import Sweep
+from ._errors import DEFAULT_MAX_RESPONSE_HEAD_BYTES, ResponseHeadTooLarge
 
-__all__ = ["HttpResponse", "HttpUpstream"]
+__all__ = ["HttpResponse", "HttpEngine"]
 
 _KEEPALIVE_EXPIRY = httpx.Limits(max_connections=None).keepalive_expiry or 5.0  # httpx's 5 s
 # Unread body bytes above which the socket stops being read until the reader catches up.
@@ -58,13 +65,21 @@ _DNS_TTL = 10.0  # aiohttp's default ttl_dns_cache
 _Origin = tuple[str, str, int]
 
 
-class HttpUpstream:
+class HttpEngine:
     """Keep-alive HTTP/1.1 pools, one per origin, for the proxy's upstream POSTs."""
 
-    def __init__(self, max_connections: int, timeout: httpx.Timeout) -> None:
+    def __init__(
+        self,
+        max_connections: int,
+        timeout: httpx.Timeout,
+        max_head_bytes: int = DEFAULT_MAX_RESPONSE_HEAD_BYTES,
+    ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be positive")
+        if max_head_bytes < 1:
+            raise ValueError("max_head_bytes must be positive")
         self._limit = max_connections
+        self._max_head = max_head_bytes
         self._timeout = timeout
         self._pools: dict[_Origin, _Pool] = {}
         # url -> (its pool, the request line and Host header); the proxy uses one url.
@@ -76,7 +91,7 @@ class HttpUpstream:
         )
 
     def __repr__(self) -> str:
-        return f"HttpUpstream(origins={sorted(self._pools)!r}, limit={self._limit})"
+        return f"HttpEngine(origins={sorted(self._pools)!r}, limit={self._limit})"
 
     async def send(self, url: str, headers: Mapping[str, str], content: bytes) -> HttpResponse:
         """POST `content` to `url`; return once the response's headers have arrived.
@@ -85,7 +100,8 @@ class HttpUpstream:
             httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout: no connection.
             httpx.ReadTimeout: no response headers within `timeout.read`.
             httpx.ReadError, httpx.RemoteProtocolError: the connection broke, or the
-                response is not HTTP/1.1.
+                response is not HTTP/1.1 (`ResponseHeadTooLarge`: its head is over
+                `max_head_bytes`).
         """
         route = self._routes.get(url)
         if route is None:
@@ -98,7 +114,7 @@ class HttpUpstream:
             parts.append(f"{name}: {value}\r\n".encode("latin-1"))
         parts.append(b"content-length: %d\r\n\r\n" % len(content))
         connection = await pool.acquire()
-        response = HttpResponse(connection, self._watch)
+        response = HttpResponse(connection, self._watch, self._max_head)
         try:
             await response.start(b"".join(parts), content)
         except BaseException:
@@ -419,13 +435,17 @@ class HttpResponse:
         "_connection",
         "_error",
         "_framed",
+        "_head_limit",
+        "_head_room",
         "_informational",
+        "_join",
         "_keep_alive",
         "_loop",
         "_parser",
         "_paused",
         "_pending",
         "_pending_size",
+        "_repeated",
         "_state",
         "_waiter",
         "_watch",
@@ -435,7 +455,12 @@ class HttpResponse:
         "status_code",
     )
 
-    def __init__(self, connection: _Connection, watch: Sweep[HttpResponse, None] | None) -> None:
+    def __init__(
+        self,
+        connection: _Connection,
+        watch: Sweep[HttpResponse, None] | None,
+        max_head_bytes: int = DEFAULT_MAX_RESPONSE_HEAD_BYTES,
+    ) -> None:
         self._connection: _Connection | None = connection
         self._loop = asyncio.get_running_loop()
         # Dropped once the response is settled: it holds this object (a reference cycle).
@@ -450,9 +475,14 @@ class HttpResponse:
         self._paused = False
         self._framed = False
         self._informational = False
+        self._join = True  # hand out everything one read delivered (aiter_raw)
         self._keep_alive = False
         self.status_code = 0
         self.headers: dict[str, str] = {}
+        # Head bytes the parser may still be fed; a head that needs more is refused.
+        self._head_limit = self._head_room = max_head_bytes
+        # Values of header names seen more than once, joined at the end of the head.
+        self._repeated: dict[str, list[str]] | None = None
         self.is_stream_consumed = False
         connection.response = self
 
@@ -480,6 +510,13 @@ class HttpResponse:
             raise httpx.StreamConsumed()
         self.is_stream_consumed = True
         return self
+
+    def aiter_chunks(self) -> HttpResponse:
+        """The body one chunk body at a time (an HTTP chunk, or one read of a body that is
+        not chunked), where `aiter_raw` hands out all that one read delivered, joined: a
+        parser that takes whole events per chunk then takes its fast path."""
+        self._join = False
+        return self.aiter_raw()
 
     def __aiter__(self) -> HttpResponse:
         return self
@@ -520,10 +557,14 @@ class HttpResponse:
 
     def _take(self) -> bytes:
         pending = self._pending
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        pending.clear()
-        self._pending_size = 0
-        if self._paused:
+        if len(pending) == 1 or self._join:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            self._pending_size = 0
+        else:
+            data = pending.pop(0)
+            self._pending_size -= len(data)
+        if self._paused and not pending:
             self._paused = False
             connection = self._connection
             if connection is not None and connection.transport is not None:
@@ -543,6 +584,20 @@ class HttpResponse:
         if parser is None:
             return
         try:
+            if self._state == _HEADERS:
+                # The head is counted before the parser sees it (llhttp buffers nothing,
+                # but httptools grows a header value split across reads by concatenation):
+                # only the bytes the limit allows are parsed while the head is unfinished.
+                room = self._head_room
+                if len(data) > room:
+                    self._head_room = 0
+                    parser.feed_data(data[:room])
+                    if self._state == _HEADERS:
+                        self._fail(ResponseHeadTooLarge(self._head_limit))
+                        return
+                    data = data[room:]
+                else:
+                    self._head_room = room - len(data)
             parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(httpx.RemoteProtocolError("the upstream switched protocols"))
@@ -630,18 +685,34 @@ class HttpResponse:
     def on_header(self, name: bytes, value: bytes) -> None:
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
-        previous = self.headers.get(key)
-        self.headers[key] = text if previous is None else f"{previous}, {text}"
+        headers = self.headers
+        previous = headers.get(key)
+        if previous is None:
+            headers[key] = text
+            return
+        # Joined once at the end of the head: joining on every repeat is quadratic.
+        repeated = self._repeated
+        if repeated is None:
+            repeated = self._repeated = {}
+        values = repeated.get(key)
+        if values is None:
+            repeated[key] = [previous, text]
+        else:
+            values.append(text)
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None
         status = self._parser.get_status_code()
+        repeated, self._repeated = self._repeated, None
         if 100 <= status < 200:  # an interim answer (103 Early Hints): the real one follows
             self._informational = True
             self.headers = {}
             return
         self.status_code = status
         headers = self.headers
+        if repeated is not None:
+            for key, values in repeated.items():
+                headers[key] = ", ".join(values)
         self._framed = (
             "content-length" in headers or "chunked" in headers.get("transfer-encoding", "").lower()
         )
