@@ -408,6 +408,7 @@ async def test_issue_15_tool_loop_takes_content_parts() -> None:
         second = up.app.requests[1].json
     assert [type(e).__name__ for e in events] == [
         "ReasoningDelta",
+        "ToolCallDelta",  # the loop's own since #19, with the arguments decoded so far
         "TurnFinished",
         "ToolCallStarted",
         "ToolResult",

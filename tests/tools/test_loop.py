@@ -63,6 +63,7 @@ async def test_loop_one_tool_call_then_the_answer(upstream: RunningUpstream) -> 
     kinds = [type(event).__name__ for event in events]
     assert kinds == [
         *["ContentDelta"] * 3,
+        *["ToolCallDelta"] * 4,  # the call's first fragment, then 3 of its arguments (#19)
         "TurnFinished",
         "ToolCallStarted",
         "ToolResult",
@@ -316,7 +317,11 @@ async def test_loop_tool_errors_go_back_to_the_model(upstream: RunningUpstream) 
         "Error: unknown tool 'no_such_tool'; the available tools are: "
         "explode, get_weather, silent_failure, forecast"
     )
-    assert outputs[3].startswith("Error: TypeError: ") and "'town'" in outputs[3]
+    # Validated before the call (#19): a missing and an unknown argument, both named.
+    assert outputs[3] == (
+        "Error: invalid arguments for 'get_weather': 2 validation errors: city: Field "
+        'required; town: Extra inputs are not permitted. Arguments: {"town": "Paris"}'
+    )
     assert outputs[4] == "Error: KeyError"
     assert json.loads(outputs[5]) == {"city": "Oslo", "days": 3}
     tool_messages = [m["content"] for m in sent_messages(upstream, 1) if m["role"] == "tool"]

@@ -13,7 +13,8 @@ with run_upstream(upstream) as running:
 (streaming SSE and plain JSON) and `GET /v1/models`. Each chat request pops the next
 `Script` from a FIFO queue; with no script left it answers deterministically: a reply that
 quotes the last user message, or, when the request carries `tools`, a call to one of them
-and then a reply that quotes the tool's result (see `FakeChatUpstream`). Scripts reproduce
+and then a reply that quotes the tool's result, or, with `response_format`, JSON made from
+the schema and the user's words (see `FakeChatUpstream`). Scripts reproduce
 the upstream quirks listed in
 `PROVIDER_QUIRKS.md`: keep-alive comments, stalls, cut bodies, in-band error frames,
 tool-call fragments without `index`, `reasoning` vs `reasoning_content`, Azure's empty

@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Iterator, Mapping
 
+from ._json_answer import json_deltas, resolved
 from ._script import Script, ScriptedToolCall
 
 _WORDISH = re.compile(r"\s*\S+|\s+")
@@ -62,7 +63,13 @@ def unscripted(body: Mapping[str, object]) -> Script:
     last = messages[-1] if messages else {}
     if last.get("role") == "user":
         call = _tool_call_for(body, _content_text(last.get("content")))
-        return Script(tool_calls=[call]) if call is not None else Script()
+        if call is not None:
+            return Script(tool_calls=[call])
+    users = [m for m in messages if m.get("role") == "user"]
+    said = _content_text(users[-1].get("content")) if users else ""
+    json_answer = json_deltas(body, said, default_reply(body))
+    if json_answer is not None:
+        return Script(deltas=json_answer)
     if last.get("role") == "tool":
         return Script(text=_tool_results_reply(messages))
     return Script()
@@ -103,11 +110,15 @@ def _tool_call_for(body: Mapping[str, object], said: str) -> ScriptedToolCall | 
     numbers = iter(_NUMBERS.findall(said))
     words = _TEXT_WORDS.findall(said)
     last_word = words[-1] if words else ""
-    arguments = _schema_value(chosen.get("parameters") or {"type": "object"}, last_word, numbers, 0)
+    parameters = chosen.get("parameters") or {"type": "object"}
+    arguments = _schema_value(parameters, last_word, numbers, 0, parameters)
     return ScriptedToolCall(name=str(chosen["name"]), arguments=json.dumps(arguments))
 
 
-def _schema_value(schema: object, word: str, numbers: Iterator[str], depth: int) -> object:
+def _schema_value(
+    schema: object, word: str, numbers: Iterator[str], depth: int, root: object
+) -> object:
+    schema = resolved(schema, root)
     if not isinstance(schema, dict) or depth > 16:
         return None
     enum = schema.get("enum")
@@ -120,7 +131,7 @@ def _schema_value(schema: object, word: str, numbers: Iterator[str], depth: int)
         if isinstance(branches, list):
             for branch in branches:
                 if isinstance(branch, dict) and branch.get("type") != "null":
-                    return _schema_value(branch, word, numbers, depth + 1)
+                    return _schema_value(branch, word, numbers, depth + 1, root)
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), None)
@@ -139,7 +150,7 @@ def _schema_value(schema: object, word: str, numbers: Iterator[str], depth: int)
         properties = properties if isinstance(properties, dict) else {}
         required = schema.get("required")
         names = [n for n in required if isinstance(n, str)] if isinstance(required, list) else []
-        return {n: _schema_value(properties.get(n), word, numbers, depth + 1) for n in names}
+        return {n: _schema_value(properties.get(n), word, numbers, depth + 1, root) for n in names}
     return None
 
 

@@ -46,10 +46,23 @@ class FakeChatUpstream:
       not `"none"`): one call to the tool `tool_choice` names, else to the first tool with
       a word of its name (split at `_`, `-`, `.` and case changes) among the words of the
       user's message, else to the first tool. Its arguments are the schema's required
-      properties: an `enum` or `const` gives its first value, a string the last word of
-      the user's message, an integer or number the next number in the message (1 when
-      none is left), a boolean `true`, an array `[]`, an object its own required
-      properties, anything else `null`;
+      properties (`$ref`s followed, the first non-null `anyOf` branch): an `enum` or
+      `const` gives its first value, a string the last word of the user's message, an
+      integer or number the next number in the message (1 when none is left), a boolean
+      `true`, an array `[]`, an object its own required properties, anything else `null`;
+    - otherwise, when the request has `response_format`, a JSON answer streamed in deltas
+      of 3 to 8 characters. For `json_object`, `{"answer": <the reply below>}`. For
+      `json_schema`, a value of the schema (`$ref`s followed, the first non-null `anyOf`
+      branch), where n is the element's index in the innermost list around it (else 0)
+      and the words are those of four letters or more of the last user message: an
+      `enum` gives its n-th value, a `const` its value, a string the n-th word (with a
+      `format`, a fixed valid value; for a property named `description`, `summary`,
+      `text`, `body`, `content`, `details` or `notes`, a sentence starting with the
+      word), an integer n + 1 and a number n + 1.5 (within `minimum`/`maximum`), a
+      boolean `true` for even n, an array as many elements as the first number in the
+      user's message (1 to 10; 3 when none; 2 deeper than a field of the top object;
+      within `minItems`/`maxItems`), an object all its properties; `pattern` is not
+      honoured. `examples/structured.py` shows it;
     - the last messages are tool results: a reply quoting each, as
       `get_weather returned "18 degrees in Paris".`;
     - otherwise a reply quoting the last user message (`You said: "..."`).
