@@ -22,6 +22,18 @@ characters (random, seeded). Each consumer is fed every delta:
   parser in C (yajl2_c) that reports whole elements only, no partial values, for scale;
 * `json.loads once`: decoding the final text once, for scale.
 
+The same output as a chat stream, each delta one SSE event (`data: {chunk JSON}`, about 150
+bytes of wire per delta), in 64 KiB writes:
+
+* `stream: chunks+partials (sans-IO)`: the stream parser (`ChunkParser.feed_text`) and the
+  structured output's partial feed, on the wire bytes: the CPU work `stream.partials()`
+  does per chunk, without the socket;
+* `stream: text (loopback)`: `for text in stream` over a real loopback stream from the local
+  upstream (`tokenhub_stream.testing`, in this process), the baseline without structure;
+* `stream.partials() (loopback)`: `for value in stream.partials()` on the same stream, with
+  `response_format={"type": "json_object"}` (decoded, not validated: the parsing path),
+  then `stream.parsed`. These two include the upstream thread's own (small) CPU.
+
 The re-parsing consumers are quadratic: each stops once it has spent `--budget` seconds
 (default 20) of CPU on one size; the table then shows the CPU time per byte extrapolated
 from the fraction it reached (time ~ fraction squared) and marks it `est.`.
@@ -54,7 +66,10 @@ if str(SRC) not in sys.path:
 
 import jiter  # noqa: E402
 
+from tokenhub_stream import Client  # noqa: E402
+from tokenhub_stream._chunks import ChunkParser  # noqa: E402
 from tokenhub_stream._partial_json import PartialJSON  # noqa: E402
+from tokenhub_stream._structured import StructuredOutput, output_spec  # noqa: E402
 
 SIZES = {"10 KB": 10_000, "100 KB": 100_000, "1 MB": 1_000_000}
 QUICK_SIZES = {"10 KB": 10_000, "100 KB": 100_000}
@@ -203,6 +218,66 @@ def _ijson() -> Run | None:
     return run
 
 
+_FRAME_HEAD = (
+    b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":0,'
+    b'"model":"bench","choices":[{"index":0,"delta":{"content":'
+)
+_FRAME_TAIL = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+_FRAME_END = (
+    b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":0,'
+    b'"model":"bench","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+    b"data: [DONE]\n\n"
+)
+_WRITE = 65536
+_JSON_OBJECT = {"type": "json_object"}
+
+
+def stream_body(deltas: list[str]) -> list[bytes]:
+    """The deltas as a chat stream's body, one event each, cut in 64 KiB writes."""
+    body = b"".join(
+        _FRAME_HEAD + json.dumps(d, ensure_ascii=False).encode() + _FRAME_TAIL for d in deltas
+    )
+    body += _FRAME_END
+    return [body[i : i + _WRITE] for i in range(0, len(body), _WRITE)]
+
+
+def stream_sans_io(deltas: list[str], budget: float) -> tuple[float, float]:
+    chunks = stream_body(deltas)  # not timed: the bytes as they come off the socket
+    start = time.process_time()
+    output = StructuredOutput(output_spec(_JSON_OBJECT))
+    feed = output.partials_feed(ChunkParser().feed_text)
+    for chunk in chunks:
+        feed(chunk)
+    output.finish("stop")
+    return time.process_time() - start, 1.0
+
+
+def _loopback(partials: bool) -> Run | None:
+    try:
+        from tokenhub_stream.testing import FakeChatUpstream, Script, run_upstream
+    except ImportError:  # pragma: no cover - the `cli` extra
+        return None
+
+    def run(deltas: list[str], budget: float) -> tuple[float, float]:
+        upstream = FakeChatUpstream(delay=0)
+        upstream.enqueue(Script(raw=stream_body(deltas), delay=0))
+        messages = [{"role": "user", "content": "cards"}]
+        with run_upstream(upstream) as running, Client(base_url=running.base_url) as client:
+            start = time.process_time()
+            if partials:
+                with client.stream_chat(messages, response_format=_JSON_OBJECT) as stream:
+                    for _ in stream.partials():
+                        pass
+                    stream.parsed  # noqa: B018 -- the final value, as a consumer reads it
+            else:
+                with client.stream_chat(messages) as stream:
+                    for _ in stream:
+                        pass
+            return time.process_time() - start, 1.0
+
+    return run
+
+
 def json_loads_once(deltas: list[str], budget: float) -> tuple[float, float]:
     text = "".join(deltas)  # not timed: the accumulated text, as a client would have it
     start = time.process_time()
@@ -265,6 +340,13 @@ def main() -> None:
     if ijson_run is not None:
         consumers["ijson items_coro"] = ijson_run
     consumers["json.loads once"] = json_loads_once
+    consumers["stream: chunks+partials (sans-IO)"] = stream_sans_io
+    for name, loopback in (
+        ("stream: text (loopback)", _loopback(partials=False)),
+        ("stream.partials() (loopback)", _loopback(partials=True)),
+    ):
+        if loopback is not None:
+            consumers[name] = loopback
 
     warm_up = make_deltas(make_output(5_000, seed=1))
     scenarios = [
@@ -322,7 +404,8 @@ def report(
         print(f"| {name} | " + " | ".join(cell(lb, name) for lb in labels) + " |")
     print()
     first, last = labels[0], labels[-1]
-    for name in ("ours: feed", "ours: feed+value") if first != last else ():
+    linear = ("ours: feed", "ours: feed+value", "stream.partials() (loopback)")
+    for name in (n for n in linear if n in names) if first != last else ():
         ratio = (results[last][name][0] / nbytes[last]) / (results[first][name][0] / nbytes[first])
         print(f"- {name}: per byte at {last} / at {first} = {ratio:.2f} (goal <= 1.5)")
     if "100 KB" in results:

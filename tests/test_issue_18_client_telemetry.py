@@ -34,7 +34,7 @@ from tokenhub_stream.testing import (
     FakeChatUpstream,
     RunningUpstream,
     Script,
-    ToolCall,
+    ScriptedToolCall,
     run_upstream,
 )
 
@@ -145,6 +145,20 @@ async def test_issue_18_async_client_and_stream_chat_are_traced_alike(
     assert names == [f"chat {MODEL}", "chat gpt-4o"]
     outcomes = [telemetry.attrs(span)["tokenhub.outcome"] for span in telemetry.spans()]
     assert outcomes == ["completed", "completed"]
+
+
+def test_issue_18_structured_output_is_gen_ai_output_type_json(
+    telemetry: Telemetry, upstream: RunningUpstream
+) -> None:
+    with Client(api_key=KEY, base_url=upstream.base_url) as client:
+        with client.stream_chat(
+            _messages(), model=MODEL, response_format={"type": "json_object"}
+        ) as stream:
+            "".join(stream)
+        client.chat(_messages(), model=MODEL)
+    structured, plain = (telemetry.attrs(span) for span in telemetry.spans())
+    assert structured["gen_ai.output.type"] == "json"
+    assert "gen_ai.output.type" not in plain
 
 
 def test_issue_18_chat_is_a_span_without_chunk_metrics(
@@ -281,8 +295,8 @@ def test_issue_18_tool_calls_are_execute_tool_spans_under_their_turn(
     telemetry: Telemetry, upstream: RunningUpstream
 ) -> None:
     calls = [
-        ToolCall(name="get_weather", arguments='{"city": "Paris"}', id="call_a"),
-        ToolCall(name="broken", arguments='{"city": "Rome"}', id="call_b"),
+        ScriptedToolCall(name="get_weather", arguments='{"city": "Paris"}', id="call_a"),
+        ScriptedToolCall(name="broken", arguments='{"city": "Rome"}', id="call_b"),
     ]
     upstream.app.enqueue(Script(tool_calls=calls), Script(text="Paris is sunny."))
     with Client(api_key=KEY, base_url=upstream.base_url) as client:
@@ -318,7 +332,7 @@ async def test_issue_18_async_tool_loop_spans(
     telemetry: Telemetry, upstream: RunningUpstream, anyio_backend: str
 ) -> None:
     upstream.app.enqueue(
-        Script(tool_calls=[ToolCall(name="get_weather", arguments='{"city": "Oslo"}')]),
+        Script(tool_calls=[ScriptedToolCall(name="get_weather", arguments='{"city": "Oslo"}')]),
         Script(text="Cold."),
     )
     async with AsyncClient(api_key=KEY, base_url=upstream.base_url) as client:
@@ -352,7 +366,7 @@ def test_issue_18_the_key_and_message_content_are_in_no_span_or_metric(
     answer = "an answer only the model knows"
     upstream.app.enqueue(
         Script(text=answer),
-        Script(tool_calls=[ToolCall(name="get_weather", arguments='{"city": "Atlantis"}')]),
+        Script(tool_calls=[ScriptedToolCall(name="get_weather", arguments='{"city": "Atlantis"}')]),
         Script(text=answer),
     )
     with Client(api_key=KEY, base_url=upstream.base_url, include_usage=True) as client:
@@ -379,7 +393,7 @@ def test_issue_18_content_is_recorded_when_the_application_opts_in(
     )
     try:
         upstream.app.enqueue(
-            Script(tool_calls=[ToolCall(name="get_weather", arguments='{"city": "Lima"}')]),
+            Script(tool_calls=[ScriptedToolCall(name="get_weather", arguments='{"city": "Lima"}')]),
             Script(text="It is sunny in Lima."),
         )
         with Client(api_key=KEY, base_url=upstream.base_url) as client:

@@ -23,6 +23,8 @@ def stream_chat(
     include_usage: bool = False,
     extra_headers: HeaderTypes | None = None,
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    response_format: object = None,
+    strict_schemas: bool = True,
     **params: object,
 ) -> AsyncChatStream:
     """Stream a chat completion's text deltas (async).
@@ -47,6 +49,11 @@ def stream_chat(
         include_usage: request a usage chunk (`stream_options.include_usage`).
         extra_headers: extra request headers.
         max_event_bytes: the largest SSE event accepted (`ProtocolError` beyond).
+        response_format: a structured output: a pydantic model, any type pydantic's
+            `TypeAdapter` takes, or a JSON schema (docs/structured.md); then
+            `partials()`, `elements()` and `parsed`.
+        strict_schemas: send `strict: true` with the `response_format` schema; False
+            leaves it out, for servers that reject it (vLLM, SGLang).
         **params: other body fields (`temperature`, `max_tokens`, ...); not `stream`.
 
     Returns:
@@ -54,10 +61,17 @@ def stream_chat(
 
     Raises:
         MissingAPIKeyError: the default URL and no key (before any request).
-        TypeError: `stream` in params.
+        TypeError: `stream` in params, or a `response_format` a strict schema cannot
+            express.
+        ImportError: a type as `response_format` without pydantic (`structured` extra).
     """
     call = _prepare(locals(), params)
-    client = AsyncClient(api_key=api_key, base_url=base_url, max_event_bytes=max_event_bytes)
+    client = AsyncClient(
+        api_key=api_key,
+        base_url=base_url,
+        max_event_bytes=max_event_bytes,
+        strict_schemas=strict_schemas,
+    )
     return AsyncChatStream(client, call, owns_client=True)
 
 
@@ -72,6 +86,8 @@ def stream_chat_sync(
     include_usage: bool = False,
     extra_headers: HeaderTypes | None = None,
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+    response_format: object = None,
+    strict_schemas: bool = True,
     **params: object,
 ) -> ChatStream:
     """Stream a chat completion's text deltas (sync); the same arguments as `stream_chat`.
@@ -87,17 +103,28 @@ def stream_chat_sync(
 
     Raises:
         MissingAPIKeyError: the default URL and no key (before any request).
-        TypeError: `stream` in params.
+        TypeError: `stream` in params, or a `response_format` a strict schema cannot
+            express.
+        ImportError: a type as `response_format` without pydantic (`structured` extra).
     """
     call = _prepare(locals(), params)
-    client = Client(api_key=api_key, base_url=base_url, max_event_bytes=max_event_bytes)
+    client = Client(
+        api_key=api_key,
+        base_url=base_url,
+        max_event_bytes=max_event_bytes,
+        strict_schemas=strict_schemas,
+    )
     return ChatStream(client, call, owns_client=True)
 
 
 def _prepare(args: dict[str, Any], params: dict[str, object]) -> Call:
     # Validate (missing key, `stream` in params) before any connection pool exists.
     return build_call(
-        BaseClient(api_key=args["api_key"], base_url=args["base_url"]),
+        BaseClient(
+            api_key=args["api_key"],
+            base_url=args["base_url"],
+            strict_schemas=args["strict_schemas"],
+        ),
         args["messages"],
         args["model"],
         params,
@@ -106,4 +133,5 @@ def _prepare(args: dict[str, Any], params: dict[str, object]) -> Call:
         max_retries=args["max_retries"],
         include_usage=args["include_usage"],
         extra_headers=args["extra_headers"],
+        response_format=args["response_format"],
     )

@@ -23,6 +23,7 @@ from ._base import (
     direct_request,
     direct_transport_ok,
     generator_done,
+    parsed_result,
     raw_chunks,
     send_error,
     status_error,
@@ -42,7 +43,7 @@ from ._config import (
 from ._exceptions import TokenHubError
 from ._models import ChatResult, StreamEvent
 from ._retry import Retries
-from ._stream import StreamState, StreamView
+from ._stream import ConsumeMode, StreamState, StreamView
 from .tools import ToolsTypes
 from .tools._loop import DEFAULT_MAX_TURNS, AsyncToolLoop, arun_tools
 
@@ -102,17 +103,47 @@ class AsyncChatStream(StreamView):
     def __aiter__(self) -> AsyncIterator[str]:
         if self._next_consumer is not None:  # reading already began with anext()
             return self._next_consumer
-        self._consumer = self._state._consumer(text=True)
+        self._consumer = self._state._consumer("text")
         return self._consumer
 
     async def __anext__(self) -> str:
         if self._next_consumer is None:
-            self._next_consumer = self._consumer = self._state._consumer(text=True)
+            self._next_consumer = self._consumer = self._state._consumer("text")
         return await self._next_consumer.__anext__()
 
     def events(self) -> AsyncIterator[StreamEvent]:
         """Iterate typed events: content, reasoning and tool-call deltas, finish, usage."""
-        self._consumer = self._state._consumer(text=False)
+        self._consumer = self._state._consumer("events")
+        return self._consumer
+
+    def partials(self) -> AsyncIterator[object]:
+        """Iterate the partial value of a structured output (`response_format=`) each time
+        it changes: plain dicts and lists grown in place (the same object each time: copy
+        it to keep a snapshot), strings as they grow, numbers once complete; for a
+        `list[...]` output, the list (see docs/structured.md).
+
+        At the end `parsed` holds the validated value; a bad output raises here.
+
+        Raises:
+            TypeError: no `response_format` (at the call).
+            OutputValidationError: not valid JSON (at once), or not the type (at the end).
+            IncompleteOutputError: finish_reason `length` or `content_filter`.
+        """
+        self._state._structured("partials")
+        self._consumer = self._state._consumer("partials")
+        return self._consumer
+
+    def elements(self) -> AsyncIterator[object]:
+        """Iterate the elements of a `list[...]` output, each once complete and validated
+        (a model instance for `list[Model]`).
+
+        Raises:
+            TypeError: no `response_format`, or its output is not a list (at the call).
+            OutputValidationError: not valid JSON, or an element not the type.
+            IncompleteOutputError: finish_reason `length` or `content_filter`.
+        """
+        self._state._structured("elements")
+        self._consumer = self._state._consumer("elements")
         return self._consumer
 
     async def aclose(self) -> None:
@@ -138,8 +169,8 @@ class _AsyncStreamCore(StreamState):
         self._owns_client = owns_client
         self._chunks: AsyncIterator[bytes] | None = None
 
-    def _consumer(self, text: bool) -> AsyncIterator[Any]:
-        consumer = self._consume(text)
+    def _consumer(self, mode: ConsumeMode) -> AsyncIterator[Any]:
+        consumer = self._consume(mode)
         self._adopt(consumer)
         return consumer
 
@@ -154,14 +185,14 @@ class _AsyncStreamCore(StreamState):
         self._start(response)
         self._chunks = _body(response)
 
-    async def _consume(self, text: bool) -> AsyncIterator[Any]:
+    async def _consume(self, mode: ConsumeMode) -> AsyncIterator[Any]:
         self._claim()
         try:
             while True:
                 if self._response is None:
                     await self._open()
                 parser = self._parser
-                feed = parser.feed_text if text else parser.feed_events
+                feed = self._feed(mode)
                 assert self._chunks is not None
                 try:
                     async for chunk in self._chunks:
@@ -177,6 +208,7 @@ class _AsyncStreamCore(StreamState):
                     await self._drain()
                 error = self._settle()
                 if error is None:
+                    self._end(mode)
                     return
                 delay = self._retry_after_failure(error)
                 if delay is None:
@@ -268,6 +300,9 @@ class AsyncClient(BaseClient):
         drain_timeout: how long to read on after `[DONE]` to keep the connection.
         headers: extra headers sent with every request.
         http_client: an `httpx.AsyncClient` to use instead of our own (not closed by us).
+        strict_schemas: send `strict: true` with `response_format=` schemas and tool
+            schemas (both are always strict-ready); False leaves the field out, for
+            servers that reject it (vLLM, SGLang).
     """
 
     def __init__(
@@ -285,6 +320,7 @@ class AsyncClient(BaseClient):
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         headers: HeaderTypes | None = None,
         http_client: httpx.AsyncClient | None = None,
+        strict_schemas: bool = True,
     ) -> None:
         super().__init__(
             api_key=api_key,
@@ -298,6 +334,7 @@ class AsyncClient(BaseClient):
             strict_utf8=strict_utf8,
             drain_timeout=drain_timeout,
             headers=headers,
+            strict_schemas=strict_schemas,
         )
         self._owns_http = http_client is None
         # Our own pool: requests go straight to its transport when nothing that
@@ -334,6 +371,7 @@ class AsyncClient(BaseClient):
         max_retries: int | UnsetType = UNSET,
         include_usage: bool | UnsetType = UNSET,
         extra_headers: HeaderTypes | None = None,
+        response_format: object = None,
         **params: object,
     ) -> AsyncChatStream:
         """Start a streamed chat completion (sent on enter or first iteration).
@@ -345,13 +383,19 @@ class AsyncClient(BaseClient):
             include_usage: ask for a final usage chunk (`stream_options.include_usage`);
                 default the client's.
             extra_headers: headers for this request only.
+            response_format: a structured output: a pydantic model, any type pydantic's
+                `TypeAdapter` takes (`list[Model]`, a dataclass, a TypedDict), or a JSON
+                schema; then `partials()`, `elements()` and `parsed` (docs/structured.md).
             **params: other body fields (`temperature`, `max_tokens`, `tools`, ...).
 
         Returns:
             An `AsyncChatStream`.
 
         Raises:
-            TypeError: `stream` given in `params`, or messages not a list.
+            TypeError: `stream` given in `params`, messages not a list, or a
+                `response_format` a strict schema cannot express.
+            ImportError: a type as `response_format` without pydantic (the
+                `structured` extra).
             MissingAPIKeyError: no key for the default token-hub URL.
         """
         call = build_call(
@@ -364,6 +408,7 @@ class AsyncClient(BaseClient):
             max_retries=max_retries,
             include_usage=include_usage,
             extra_headers=extra_headers,
+            response_format=response_format,
         )
         return AsyncChatStream(self, call)
 
@@ -423,14 +468,17 @@ class AsyncClient(BaseClient):
         timeout: TimeoutTypes | UnsetType = UNSET,
         max_retries: int | UnsetType = UNSET,
         extra_headers: HeaderTypes | None = None,
+        response_format: object = None,
         **params: object,
     ) -> ChatResult:
-        """A non-streaming completion (`stream: false`): the assembled message and usage.
+        """A non-streaming completion (`stream: false`): the assembled message and usage;
+        with `response_format=` (as `stream_chat`), the validated value in `.parsed`.
 
         Raises:
             APIError: the upstream refused (subclass by status).
             TransportError: the upstream could not be reached.
             ProtocolError: the response was not a chat completion.
+            OutputValidationError, IncompleteOutputError: a bad structured output.
         """
         call = build_call(
             self,
@@ -442,6 +490,7 @@ class AsyncClient(BaseClient):
             max_retries=max_retries,
             include_usage=False,  # no usage chunk without a stream
             extra_headers=extra_headers,
+            response_format=response_format,
         )
         observer = call.observer
         if observer is None:
@@ -467,7 +516,7 @@ class AsyncClient(BaseClient):
             deadline.stop()
             with AsyncShield():
                 await response.aclose()
-        return parse_completion(body, call.redact)
+        return parsed_result(call, parse_completion(body, call.redact))
 
     async def _send_retrying(
         self, call: Call, retries: Retries, on_send: Callable[[], None]

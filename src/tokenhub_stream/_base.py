@@ -10,6 +10,7 @@ sockets and the deadline thread (this module holds a `StreamTimer`, its interfac
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
@@ -45,6 +46,8 @@ from ._exceptions import (
     TruncatedStreamError,
 )
 from ._json import Redact, loads
+from ._models import ChatResult
+from ._structured import OutputSpec, StructuredOutput, output_spec
 from ._telemetry import ChatRecorder, current
 from ._watchdog import StreamTimer
 
@@ -86,6 +89,7 @@ class Call:
     stream: bool
     redact: Redact = field(repr=False)  # hides the client's key in what the upstream says
     messages: list[Mapping[str, object]] = field(default_factory=list)
+    output: OutputSpec | None = None  # what `response_format=` asked for, if structured
     #: Its spans and metrics (`_telemetry.py`); None when telemetry is off.
     observer: ChatRecorder | None = field(default=None, repr=False)
 
@@ -150,6 +154,7 @@ class BaseClient:
         strict_utf8: bool = False,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         headers: HeaderTypes | None = None,
+        strict_schemas: bool = True,
     ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
@@ -166,6 +171,7 @@ class BaseClient:
         self.strict_utf8 = strict_utf8
         self.drain_timeout = drain_timeout
         self.headers = dict(headers or {})
+        self.strict_schemas = strict_schemas
         self._redact = redactor(self._api_key)
         self._last_url: tuple[str, httpx.URL] | None = None
 
@@ -191,7 +197,16 @@ def build_call(
     max_retries: int | UnsetType,
     include_usage: bool | UnsetType,
     extra_headers: HeaderTypes | None,
+    response_format: object = None,
 ) -> Call:
+    """Prepare one request (`response_format`: see `_structured.py`).
+
+    Raises:
+        TypeError: `stream` in `params`, messages not a list, a `response_format` that
+            cannot be sent (see `output_spec`).
+        ImportError: a type as `response_format` and no pydantic.
+        MissingAPIKeyError: the default URL and no key.
+    """
     if "stream" in params:
         raise TypeError("'stream' is set by the client: use stream_chat() to stream, chat() not to")
     if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
@@ -205,6 +220,10 @@ def build_call(
     body: dict[str, object] = {"model": model_name, "messages": list(messages)}
     body["stream"] = stream
     body.update(params)
+    output = None
+    if response_format is not None:
+        output = output_spec(response_format)
+        body["response_format"] = output.request(client.strict_schemas)
     if include_usage is UNSET:
         include_usage = client.include_usage
     if stream and include_usage:
@@ -228,7 +247,7 @@ def build_call(
     observer = None
     if telemetry is not None:
         observer = telemetry.chat(
-            model=model_name, params=params, url=url, messages=messages, stream=stream
+            model=model_name, params=body, url=url, messages=messages, stream=stream
         )
     return Call(
         url=url,
@@ -241,8 +260,23 @@ def build_call(
         stream=stream,
         redact=client._redact,
         messages=list(messages),
+        output=output if output is not None and output.structured else None,
         observer=observer,
     )
+
+
+def parsed_result(call: Call, result: ChatResult) -> ChatResult:
+    """`chat()`'s result, with the validated structured output in `parsed` when the call
+    has a `response_format`.
+
+    Raises:
+        OutputValidationError, IncompleteOutputError: a bad structured output.
+    """
+    if call.output is None:
+        return result
+    message = result.message
+    value = StructuredOutput(call.output).finish_text(message.content, message.finish_reason)
+    return dataclasses.replace(result, parsed=value)
 
 
 def answered(call: Call, response: httpx.Response) -> bool:

@@ -15,6 +15,11 @@ TokenHubError            base for everything we raise on purpose
 │   └── RateLimitError (429, .retry_after)  ServerError (5xx)
 ├── ProtocolError        not text/event-stream, bad frame JSON, event over max_event_bytes
 │   └── TruncatedStreamError   EOF with neither [DONE] nor a finish_reason
+├── OutputValidationError  a structured output (response_format) is not valid JSON or does
+│   │                    not fit its type (also a ValueError); .text .errors
+│   └── PartialJSONError   the JSON went wrong mid-stream; .msg .pos
+├── IncompleteOutputError  finish_reason length or content_filter cut a structured output
+│                        short; .finish_reason .partial .text
 └── StoreError           the conversation store (defined in tokenhub_stream.store)
     ├── ConversationNotFound (also a LookupError)  ConversationExists (also a ValueError)
     └── SchemaError      the database's schema is newer than this library
@@ -29,15 +34,17 @@ class, so retry logic reads the same before and after the first byte.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 __all__ = [
     "APIError",
     "AuthenticationError",
     "BadRequestError",
+    "IncompleteOutputError",
     "MissingAPIKeyError",
     "NotFoundError",
+    "OutputValidationError",
     "ProtocolError",
     "RateLimitError",
     "ServerError",
@@ -156,6 +163,47 @@ class ProtocolError(TokenHubError):
 
 class TruncatedStreamError(ProtocolError):
     """Raised when the stream ended with neither `[DONE]` nor a finish_reason."""
+
+
+class OutputValidationError(TokenHubError, ValueError):
+    """Raised when a structured output (`response_format=`) is not valid JSON, or does not
+    fit the type it was asked for.
+
+    Attributes:
+        text: the model's whole output text (as far as it was read).
+        errors: pydantic's errors (`ValidationError.errors()`, without URLs), one dict per
+            problem with `type`, `loc`, `msg` and `input`; empty when the JSON itself was
+            invalid.
+    """
+
+    def __init__(
+        self, message: str, *, text: str = "", errors: Sequence[Mapping[str, object]] = ()
+    ) -> None:
+        super().__init__(message)
+        self.text = text
+        self.errors: list[Mapping[str, object]] = list(errors)
+
+
+class IncompleteOutputError(TokenHubError):
+    """Raised when a structured output ended with finish_reason `length` (the token limit)
+    or `content_filter`: its JSON is cut short.
+
+    Attributes:
+        finish_reason: `"length"` or `"content_filter"`.
+        partial: the last partial value (plain dicts and lists; for a `list[...]` output
+            the list), or None if nothing of it showed.
+        text: the model's output text.
+    """
+
+    def __init__(self, finish_reason: str, partial: object, text: str) -> None:
+        why = "the token limit" if finish_reason == "length" else "the content filter"
+        super().__init__(
+            f"the structured output was cut short by {why} (finish_reason={finish_reason!r}) "
+            f"after {len(text)} characters"
+        )
+        self.finish_reason = finish_reason
+        self.partial = partial
+        self.text = text
 
 
 def _is_retryable(status_code: int | None) -> bool:

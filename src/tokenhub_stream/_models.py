@@ -177,12 +177,19 @@ class ReasoningDelta:
 
 @dataclass(frozen=True, slots=True)
 class ToolCallDelta:
-    """A fragment of a tool call; `index` is the call's position in `message.tool_calls`."""
+    """A fragment of a tool call; `index` is the call's position in `message.tool_calls`.
+
+    In the tool loop's events, `partial_arguments` is the call's arguments decoded so far
+    (a dict grown in place as fragments arrive, as `partials()` shows a structured output;
+    None before any shows, or once the arguments stopped being valid JSON); a stream's own
+    `events()` leave it None.
+    """
 
     index: int
     id: str | None
     name: str | None
     arguments: str
+    partial_arguments: object = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,9 +211,11 @@ StreamEvent: TypeAlias = ContentDelta | ReasoningDelta | ToolCallDelta | FinishE
 
 @dataclass(frozen=True, slots=True)
 class ChatResult:
-    """The answer of a non-streaming `chat()` call."""
+    """The answer of a non-streaming `chat()` call; `parsed` is the validated structured
+    output when the call had a `response_format` (else None)."""
 
     message: ChatMessage
     usage: Usage | None
     model: str | None = None
     id: str | None = None
+    parsed: object = None

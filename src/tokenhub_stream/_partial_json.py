@@ -26,8 +26,9 @@ completed elements of a chosen list (`elements_at`) are reported once, whole. Th
 string is appended to in place when nothing else holds it (CPython), so even one long
 string read after every delta stays linear.
 
-Errors: invalid JSON raises `PartialJSONError` (a `ValueError`) as soon as the offending
-character is fed, with its position in the streamed text; the parser then stays failed.
+Errors: invalid JSON raises `PartialJSONError` (an `OutputValidationError`, so a
+`ValueError` too) as soon as the offending character is fed, with its position in the
+streamed text; the parser then stays failed.
 Strict JSON only: no `NaN`/`Infinity`, no raw control characters in strings, nesting
 bounded by `max_depth`. Otherwise the result of `finish()` equals `json.loads(text)`,
 duplicate keys included (the last one wins, in the first one's place).
@@ -38,6 +39,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from typing import cast
+
+from ._exceptions import OutputValidationError
 
 __all__ = ["DEFAULT_MAX_DEPTH", "PartialJSON", "PartialJSONError"]
 
@@ -112,8 +115,12 @@ _LITERALS: dict[str, tuple[str, object]] = {
 Container = dict[str, object] | list[object]
 
 
-class PartialJSONError(ValueError):
+class PartialJSONError(OutputValidationError):
     """Raised when the streamed text is not valid JSON, as soon as that can be seen.
+
+    An `OutputValidationError` (and a `ValueError`): a stream's `partials()`, `elements()`
+    and `parsed` raise it for a structured output that is not JSON, with `text` set to the
+    output so far.
 
     Attributes:
         msg: what was wrong, without the position.

@@ -9,8 +9,9 @@ import sys
 import time
 import warnings
 import weakref
+from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Self
+from typing import Literal, Self, TypeAlias
 
 import httpx
 
@@ -26,10 +27,15 @@ from ._exceptions import (
 )
 from ._models import ChatMessage, Outcome, Timings, ToolCall, Usage
 from ._retry import Retries
+from ._structured import StructuredOutput
 from ._telemetry import ChatRecorder
 from ._watchdog import StreamTimer
 
-__all__ = ["StreamState", "StreamView", "observer_of", "outcome_for"]
+__all__ = ["ConsumeMode", "StreamState", "StreamView", "observer_of", "outcome_for"]
+
+#: What a stream's consumer yields: text deltas, typed events, the partial value of a
+#: structured output each time it changes, or the completed elements of a list output.
+ConsumeMode: TypeAlias = Literal["text", "events", "partials", "elements"]
 
 
 class StreamState:
@@ -62,6 +68,7 @@ class StreamState:
         self._closed = False
         self._outcome: Outcome | None = None
         self._had_response = False
+        self._output: StructuredOutput | None = None
         #: The `httpx.Response` of the stream once its headers arrived (closed after).
         self.response: httpx.Response | None = None
 
@@ -73,6 +80,56 @@ class StreamState:
             request_id=request_id,
             redact=self._call.redact,
         )
+
+    def _structured(self, mode: ConsumeMode) -> StructuredOutput:
+        """The stream's structured output, for `partials()` / `elements()` / `parsed`.
+
+        Raises:
+            TypeError: the stream has no `response_format`, or (`elements`) its output is
+                not a list.
+        """
+        spec = self._call.output
+        if spec is None:
+            what = "parsed" if mode == "text" else f"{mode}()"
+            raise TypeError(f"{what} needs a stream started with response_format=...")
+        if mode == "elements" and not spec.is_list:
+            raise TypeError(f"elements() needs a list output, such as list[Model], not {spec.name}")
+        if self._output is None:
+            self._output = StructuredOutput(spec)
+        return self._output
+
+    def _feed(self, mode: ConsumeMode) -> Callable[[bytes], Sequence[object]]:
+        """What turns the current parser's chunks into the items `mode` yields."""
+        parser = self._parser
+        if mode == "text":
+            return parser.feed_text
+        if mode == "events":
+            return parser.feed_events
+        output = self._structured(mode)
+        if mode == "partials":
+            return output.partials_feed(parser.feed_text)
+        return output.elements_feed(parser.feed_text)
+
+    def _end(self, mode: ConsumeMode) -> None:
+        """The stream completed: check a structured output read delta by delta.
+
+        Raises:
+            OutputValidationError, IncompleteOutputError: the output is bad.
+        """
+        if mode == "partials" or mode == "elements":
+            self._structured(mode).finish(self._parser.finish_reason)
+
+    def _parsed(self) -> object:
+        output = self._structured("text")
+        outcome = self._outcome
+        if outcome is None:
+            raise RuntimeError("parsed is set once the stream has been read to its end")
+        if not outcome.ok:
+            if outcome.error is not None:
+                raise outcome.error
+            raise RuntimeError(f"the stream did not complete ({outcome.kind}): nothing parsed")
+        parser = self._parser
+        return output.finish_text(parser.message().content, parser.finish_reason)
 
     def _claim(self) -> None:
         if self._claimed:
@@ -290,6 +347,21 @@ class StreamView:
     @property
     def tool_calls(self) -> tuple[ToolCall, ...]:
         return self._state._parser.message().tool_calls
+
+    @property
+    def parsed(self) -> object:
+        """The validated value of a structured output (`response_format=`), once the stream
+        has been read to its end: an instance of the type asked for (a model, a dataclass,
+        a list of models, ...), or the decoded JSON for a JSON schema.
+
+        Raises:
+            TypeError: the stream has no `response_format`.
+            RuntimeError: the stream has not been read to its end yet, or was left early.
+            OutputValidationError: the output is not valid JSON or does not fit the type.
+            IncompleteOutputError: finish_reason `length` or `content_filter` cut it short.
+            TokenHubError: the error the stream ended with (`TruncatedStreamError`, ...).
+        """
+        return self._state._parsed()
 
     @property
     def outcome(self) -> Outcome | None:

@@ -22,6 +22,7 @@ from ._base import (
     direct_request,
     direct_transport_ok,
     generator_done,
+    parsed_result,
     raw_chunks,
     send_error,
     status_error,
@@ -42,7 +43,7 @@ from ._config import (
 from ._exceptions import TokenHubError
 from ._models import ChatResult, StreamEvent
 from ._retry import Retries
-from ._stream import StreamState, StreamView
+from ._stream import ConsumeMode, StreamState, StreamView
 from .tools import ToolsTypes
 from .tools._loop_sync import DEFAULT_MAX_TURNS, ToolLoop, run_tools_sync
 
@@ -102,17 +103,47 @@ class ChatStream(StreamView):
     def __iter__(self) -> Iterator[str]:
         if self._next_consumer is not None:  # reading already began with next()
             return self._next_consumer
-        self._consumer = self._state._consumer(text=True)
+        self._consumer = self._state._consumer("text")
         return self._consumer
 
     def __next__(self) -> str:
         if self._next_consumer is None:
-            self._next_consumer = self._consumer = self._state._consumer(text=True)
+            self._next_consumer = self._consumer = self._state._consumer("text")
         return self._next_consumer.__next__()
 
     def events(self) -> Iterator[StreamEvent]:
         """Iterate typed events: content, reasoning and tool-call deltas, finish, usage."""
-        self._consumer = self._state._consumer(text=False)
+        self._consumer = self._state._consumer("events")
+        return self._consumer
+
+    def partials(self) -> Iterator[object]:
+        """Iterate the partial value of a structured output (`response_format=`) each time
+        it changes: plain dicts and lists grown in place (the same object each time: copy
+        it to keep a snapshot), strings as they grow, numbers once complete; for a
+        `list[...]` output, the list (see docs/structured.md).
+
+        At the end `parsed` holds the validated value; a bad output raises here.
+
+        Raises:
+            TypeError: no `response_format` (at the call).
+            OutputValidationError: not valid JSON (at once), or not the type (at the end).
+            IncompleteOutputError: finish_reason `length` or `content_filter`.
+        """
+        self._state._structured("partials")
+        self._consumer = self._state._consumer("partials")
+        return self._consumer
+
+    def elements(self) -> Iterator[object]:
+        """Iterate the elements of a `list[...]` output, each once complete and validated
+        (a model instance for `list[Model]`).
+
+        Raises:
+            TypeError: no `response_format`, or its output is not a list (at the call).
+            OutputValidationError: not valid JSON, or an element not the type.
+            IncompleteOutputError: finish_reason `length` or `content_filter`.
+        """
+        self._state._structured("elements")
+        self._consumer = self._state._consumer("elements")
         return self._consumer
 
     def close(self) -> None:
@@ -138,8 +169,8 @@ class _StreamCore(StreamState):
         self._owns_client = owns_client
         self._chunks: Iterator[bytes] | None = None
 
-    def _consumer(self, text: bool) -> Iterator[Any]:
-        consumer = self._consume(text)
+    def _consumer(self, mode: ConsumeMode) -> Iterator[Any]:
+        consumer = self._consume(mode)
         self._adopt(consumer)
         return consumer
 
@@ -154,14 +185,14 @@ class _StreamCore(StreamState):
         self._start(response)
         self._chunks = _body(response)
 
-    def _consume(self, text: bool) -> Iterator[Any]:
+    def _consume(self, mode: ConsumeMode) -> Iterator[Any]:
         self._claim()
         try:
             while True:
                 if self._response is None:
                     self._open()
                 parser = self._parser
-                feed = parser.feed_text if text else parser.feed_events
+                feed = self._feed(mode)
                 assert self._chunks is not None
                 try:
                     for chunk in self._chunks:
@@ -176,6 +207,7 @@ class _StreamCore(StreamState):
                     self._drain()
                 error = self._settle()
                 if error is None:
+                    self._end(mode)
                     return
                 delay = self._retry_after_failure(error)
                 if delay is None:
@@ -267,6 +299,9 @@ class Client(BaseClient):
         drain_timeout: how long to read on after `[DONE]` to keep the connection.
         headers: extra headers sent with every request.
         http_client: an `httpx.Client` to use instead of our own (not closed by us).
+        strict_schemas: send `strict: true` with `response_format=` schemas and tool
+            schemas (both are always strict-ready); False leaves the field out, for
+            servers that reject it (vLLM, SGLang).
     """
 
     def __init__(
@@ -284,6 +319,7 @@ class Client(BaseClient):
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         headers: HeaderTypes | None = None,
         http_client: httpx.Client | None = None,
+        strict_schemas: bool = True,
     ) -> None:
         super().__init__(
             api_key=api_key,
@@ -297,6 +333,7 @@ class Client(BaseClient):
             strict_utf8=strict_utf8,
             drain_timeout=drain_timeout,
             headers=headers,
+            strict_schemas=strict_schemas,
         )
         self._owns_http = http_client is None
         # Our own pool: requests go straight to its transport when nothing that
@@ -333,6 +370,7 @@ class Client(BaseClient):
         max_retries: int | UnsetType = UNSET,
         include_usage: bool | UnsetType = UNSET,
         extra_headers: HeaderTypes | None = None,
+        response_format: object = None,
         **params: object,
     ) -> ChatStream:
         """Start a streamed chat completion (sent on enter or first iteration).
@@ -344,13 +382,19 @@ class Client(BaseClient):
             include_usage: ask for a final usage chunk (`stream_options.include_usage`);
                 default the client's.
             extra_headers: headers for this request only.
+            response_format: a structured output: a pydantic model, any type pydantic's
+                `TypeAdapter` takes (`list[Model]`, a dataclass, a TypedDict), or a JSON
+                schema; then `partials()`, `elements()` and `parsed` (docs/structured.md).
             **params: other body fields (`temperature`, `max_tokens`, `tools`, ...).
 
         Returns:
             An `ChatStream`.
 
         Raises:
-            TypeError: `stream` given in `params`, or messages not a list.
+            TypeError: `stream` given in `params`, messages not a list, or a
+                `response_format` a strict schema cannot express.
+            ImportError: a type as `response_format` without pydantic (the
+                `structured` extra).
             MissingAPIKeyError: no key for the default token-hub URL.
         """
         call = build_call(
@@ -363,6 +407,7 @@ class Client(BaseClient):
             max_retries=max_retries,
             include_usage=include_usage,
             extra_headers=extra_headers,
+            response_format=response_format,
         )
         return ChatStream(self, call)
 
@@ -422,14 +467,17 @@ class Client(BaseClient):
         timeout: TimeoutTypes | UnsetType = UNSET,
         max_retries: int | UnsetType = UNSET,
         extra_headers: HeaderTypes | None = None,
+        response_format: object = None,
         **params: object,
     ) -> ChatResult:
-        """A non-streaming completion (`stream: false`): the assembled message and usage.
+        """A non-streaming completion (`stream: false`): the assembled message and usage;
+        with `response_format=` (as `stream_chat`), the validated value in `.parsed`.
 
         Raises:
             APIError: the upstream refused (subclass by status).
             TransportError: the upstream could not be reached.
             ProtocolError: the response was not a chat completion.
+            OutputValidationError, IncompleteOutputError: a bad structured output.
         """
         call = build_call(
             self,
@@ -441,6 +489,7 @@ class Client(BaseClient):
             max_retries=max_retries,
             include_usage=False,  # no usage chunk without a stream
             extra_headers=extra_headers,
+            response_format=response_format,
         )
         observer = call.observer
         if observer is None:
@@ -466,7 +515,7 @@ class Client(BaseClient):
             deadline.stop()
             with SyncShield():
                 response.close()
-        return parse_completion(body, call.redact)
+        return parsed_result(call, parse_completion(body, call.redact))
 
     def _send_retrying(
         self, call: Call, retries: Retries, on_send: Callable[[], None]

@@ -376,6 +376,13 @@ def request_attributes(params: Mapping[str, object]) -> Attrs:
     choices = params.get("n")
     if isinstance(choices, int) and not isinstance(choices, bool) and choices != 1:
         out["gen_ai.request.choice.count"] = choices
+    response_format = params.get("response_format")
+    if isinstance(response_format, Mapping):
+        kind = response_format.get("type")
+        if kind in ("json_object", "json_schema"):
+            out["gen_ai.output.type"] = "json"
+        elif kind == "text":
+            out["gen_ai.output.type"] = "text"
     stop = params.get("stop")
     if isinstance(stop, str):
         out["gen_ai.request.stop_sequences"] = (stop,)

@@ -23,7 +23,7 @@ from tokenhub_stream import tool
 from tokenhub_stream.asgi import ChatProxy, InMemoryRateLimiter
 from tokenhub_stream.asgi._passthrough import Passthrough
 from tokenhub_stream.asgi._turn import Turn
-from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, Script, ToolCall
+from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, Script, ScriptedToolCall
 
 from .conftest import KEY, Message, serve
 
@@ -298,7 +298,7 @@ def test_issue_18_tool_loop_spans_go_under_the_request_span(
     proxy = ChatProxy(api_key=KEY, base_url=upstream[1].base_url, tools=[get_weather])
     app = Starlette(routes=proxy.routes("/api/chat"), lifespan=proxy.lifespan)
     upstream[0].enqueue(
-        Script(tool_calls=[ToolCall(name="get_weather", arguments='{"city": "Nice"}')]),
+        Script(tool_calls=[ScriptedToolCall(name="get_weather", arguments='{"city": "Nice"}')]),
         Script(text="Sunny in Nice."),
     )
     with serve(app) as url:

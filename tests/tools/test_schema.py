@@ -1,4 +1,8 @@
-"""tools.tool(): JSON schema from type hints and docstrings, ToolSet, argument decoding."""
+"""tools.tool(): JSON schema from type hints and docstrings, ToolSet, argument decoding.
+
+Since #19 the schema is pydantic's in strict form (every property required, the optional
+ones nullable, enums and models as `$defs`), and the arguments are validated by pydantic.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,12 @@ import enum
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, NotRequired, Required, TypedDict
+from typing import Annotated, Any, Literal, NotRequired, Required
 
 import pytest
+
+# pydantic validates typing_extensions' TypedDict only, before Python 3.12.
+from typing_extensions import TypedDict
 
 from tokenhub_stream.tools import Tool, ToolSet, tool
 
@@ -62,10 +69,29 @@ class Opaque:
     pass
 
 
+@dataclass
+class DayUnit:
+    day: str
+    unit: Unit
+
+
+def _inline(schema: object, defs: Mapping[str, object]) -> object:
+    """`schema` with each `$ref` to `defs` replaced by its target (types that do not recur)."""
+    if isinstance(schema, dict):
+        if set(schema) == {"$ref"}:
+            return _inline(defs[str(schema["$ref"]).rpartition("/")[2]], defs)
+        return {k: _inline(v, defs) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_inline(item, defs) for item in schema]
+    return schema
+
+
 def _param(fn: Tool[..., object], name: str) -> object:
     properties = fn.parameters["properties"]
     assert isinstance(properties, dict)
-    return properties[name]
+    defs = fn.parameters.get("$defs", {})
+    assert isinstance(defs, dict)
+    return _inline(properties[name], defs)
 
 
 def _schema_of(annotation: object) -> object:
@@ -85,19 +111,14 @@ def _schema_of(annotation: object) -> object:
         (bool, {"type": "boolean"}),
         (None, {"type": "null"}),
         (type(None), {"type": "null"}),
-        (Any, {}),
-        (object, {}),
-        (str | None, {"type": ["string", "null"]}),
-        (int | str, {"type": ["integer", "string"]}),
+        (str | None, {"anyOf": [{"type": "string"}, {"type": "null"}]}),
+        (int | str, {"anyOf": [{"type": "integer"}, {"type": "string"}]}),
         (list[int], {"type": "array", "items": {"type": "integer"}}),
         (Sequence[str], {"type": "array", "items": {"type": "string"}}),
-        (list, {"type": "array"}),
-        (dict[str, float], {"type": "object", "additionalProperties": {"type": "number"}}),
-        (Mapping[str, bool], {"type": "object", "additionalProperties": {"type": "boolean"}}),
-        (dict, {"type": "object"}),
         (Literal["a", "b"], {"type": "string", "enum": ["a", "b"]}),
         (Literal[1, 2], {"type": "integer", "enum": [1, 2]}),
         (Literal["a", 1], {"enum": ["a", 1]}),
+        (Literal[b"x"], {"type": "string", "enum": ["x"]}),
         (Unit, {"type": "string", "enum": ["celsius", "fahrenheit"]}),
         (Level, {"type": "integer", "enum": [1, 2]}),
         (Annotated[int, "how many"], {"type": "integer", "description": "how many"}),
@@ -120,15 +141,17 @@ def test_schema_type(annotation: object, expected: object) -> None:
 
 
 def test_schema_dataclass() -> None:
+    # Strict form: every field required, the ones with a default nullable (a null the
+    # model sends for them becomes the default again).
     assert _schema_of(Point) == {
-        "description": "A point on the map.",
         "type": "object",
+        "description": "A point on the map.",
         "properties": {
             "x": {"type": "number", "description": "the longitude."},
-            "y": {"type": "number", "default": 0.0, "description": "the latitude."},
-            "tags": {"type": "array", "items": {"type": "string"}},
+            "y": {"description": "the latitude.", "anyOf": [{"type": "number"}, {"type": "null"}]},
+            "tags": {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}]},
         },
-        "required": ["x"],
+        "required": ["x", "y", "tags"],
         "additionalProperties": False,
     }
 
@@ -146,34 +169,64 @@ def test_schema_dataclass_without_docstring_has_no_description() -> None:
 def test_schema_typeddict_required_keys() -> None:
     assert _schema_of(Options) == {
         "type": "object",
-        "properties": {"verbose": {"type": "boolean"}, "depth": {"type": "integer"}},
-        "required": ["verbose"],
+        "properties": {
+            "verbose": {"type": "boolean"},
+            "depth": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+        },
+        "required": ["verbose", "depth"],
         "additionalProperties": False,
     }
     partial = _schema_of(Partial)
     assert isinstance(partial, dict)
-    assert partial["required"] == ["name"]
+    assert partial["properties"]["note"] == {"anyOf": [{"type": "string"}, {"type": "null"}]}
+
+    @tool
+    def f(options: Options) -> None:
+        pass
+
+    # A null for a key that is not required leaves it out.
+    assert f.parse_arguments('{"options": {"verbose": true, "depth": null}}') == {
+        "options": {"verbose": True}
+    }
 
 
-def test_schema_recursive_dataclass_is_a_type_error() -> None:
-    with pytest.raises(TypeError, match="recursive type Node"):
-        _schema_of(Node)
+def test_schema_recursive_dataclass_is_a_ref() -> None:
+    @tool
+    def f(x: Node) -> None:
+        pass
+
+    child = {"anyOf": [{"$ref": "#/$defs/Node"}, {"type": "null"}]}
+    assert f.parameters["$defs"] == {
+        "Node": {
+            "type": "object",
+            "properties": {"child": child},
+            "required": ["child"],
+            "additionalProperties": False,
+        }
+    }
+    kwargs = f.parse_arguments('{"x": {"child": {"child": null}}}')
+    assert kwargs == {"x": Node(child=Node(child=None))}
 
 
 @pytest.mark.parametrize(
     ("annotation", "match"),
     [
-        (set[int], "unsupported type annotation"),
-        (Opaque, "unsupported type annotation"),
-        (dict[int, str], "keys are strings"),
-        (Literal[b"x"], "Literal and Enum values"),
-        (tuple[int, int], "unsupported type annotation"),
+        (set[int], "'uniqueItems' at \\$.x cannot be expressed in a strict schema"),
+        (tuple[int, int], "'prefixItems' at \\$.x"),
+        (dict[int, str], "an object without properties at \\$.x"),
+        (dict[str, float], "an object without properties at \\$.x"),
+        (Mapping[str, bool], "an object without properties"),
+        (dict, "an object without properties"),
+        (list, "a schema without a type at \\$.x\\[\\]"),
+        (Any, "a schema without a type at \\$.x"),
+        (object, "a schema without a type"),
+        (Opaque, "pydantic cannot validate"),
     ],
 )
 def test_schema_unsupported_annotation_is_a_type_error(annotation: object, match: str) -> None:
     with pytest.raises(TypeError, match=match) as info:
         _schema_of(annotation)
-    assert "tool 'f', parameter 'x'" in str(info.value)
+    assert str(info.value).startswith("tool 'f'")
 
 
 def test_tool_docstring_gives_description_and_argument_texts() -> None:
@@ -211,19 +264,23 @@ def test_tool_docstring_gives_description_and_argument_texts() -> None:
                 "type": "object",
                 "properties": {
                     "city": {"type": "string", "description": 'the city name, e.g. "Paris".'},
-                    "unit": {
-                        "type": "string",
-                        "enum": ["celsius", "fahrenheit"],
-                        "default": "celsius",
+                    "unit": {  # a $ref with a description next to it is inlined
                         "description": "the temperature unit.",
+                        "anyOf": [
+                            {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                            {"type": "null"},
+                        ],
                     },
-                    "days": {"type": "integer", "default": 1},
+                    "days": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
                 },
-                "required": ["city"],
+                "required": ["city", "unit", "days"],
                 "additionalProperties": False,
+                "$defs": {"Unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
             },
+            "strict": True,
         },
     }
+    assert "strict" not in get_weather.to_openai(strict=False)["function"]  # type: ignore[operator]
 
 
 def test_tool_without_docstring_or_parameters() -> None:
@@ -236,7 +293,13 @@ def test_tool_without_docstring_or_parameters() -> None:
         "type": "function",
         "function": {
             "name": "ping",
-            "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+            "parameters": {
+                "type": "object",
+                "properties": {},
+                "required": [],
+                "additionalProperties": False,
+            },
+            "strict": True,
         },
     }
 
@@ -267,6 +330,16 @@ def test_tool_hand_written_schema_is_used_as_given() -> None:
     made = tool(search, schema=schema)
     assert made.parameters is schema
     assert made.parse_arguments('{"q": "ab"}') == {"q": "ab"}
+    # Not in strict form (minLength, no additionalProperties): sent without `strict`.
+    assert not made.strict_ready
+    assert "strict" not in made.to_openai()["function"]  # type: ignore[operator]
+    ready: dict[str, object] = {
+        "type": "object",
+        "properties": {"q": {"type": "string"}},
+        "required": ["q"],
+        "additionalProperties": False,
+    }
+    assert tool(search, schema=ready).to_openai()["function"]["strict"] is True  # type: ignore[index]
     with pytest.raises(TypeError, match="schema must be a mapping"):
         tool(search, schema="{}")  # type: ignore[call-overload]
     rewritten = tool(tool(lambda q: q, name="echo", schema=schema), schema={"type": "object"})
@@ -308,7 +381,8 @@ def test_tool_from_partial_and_bound_method() -> None:
         return value * factor
 
     double = tool(functools.partial(scale, factor=2.0), name="double")
-    assert double.parameters["required"] == ["value"]
+    assert double.parameters["required"] == ["value", "factor"]  # strict: all of them
+    assert double.parse_arguments('{"value": 3, "factor": null}') == {"value": 3.0}
 
     class Store:
         def get(self, key: str) -> str:
@@ -394,7 +468,7 @@ def test_parse_arguments_converts_by_annotation() -> None:
         where: Point,
         unit: Unit,
         levels: list[Level],
-        by_day: dict[str, Unit],
+        by_day: list[DayUnit],
         maybe: Unit | None = None,
         scale: float = 1.0,
         count: int | float = 0,
@@ -402,33 +476,40 @@ def test_parse_arguments_converts_by_annotation() -> None:
     ) -> None:
         pass
 
+    required = (
+        '"where": {"x": 1, "y": null, "tags": ["a"]}, "unit": "celsius", "levels": [1, 2],'
+        ' "by_day": [{"day": "mon", "unit": "fahrenheit"}]'
+    )
     kwargs = plan.parse_arguments(
-        '{"where": {"x": 1, "tags": ["a"]}, "unit": "celsius", "levels": [1, 2],'
-        ' "by_day": {"mon": "fahrenheit"}, "maybe": "celsius", "scale": 2, "count": 3,'
-        ' "note": "hi", "extra": [1]}'
+        "{" + required + ', "maybe": "celsius", "scale": 2, "count": 3, "note": "hi"}'
     )
     assert kwargs == {
         "where": Point(x=1.0, tags=["a"]),
         "unit": Unit.C,
         "levels": [Level.LOW, Level.HIGH],
-        "by_day": {"mon": Unit.F},
+        "by_day": [DayUnit(day="mon", unit=Unit.F)],
         "maybe": Unit.C,
         "scale": 2.0,
         "count": 3,
         "note": "hi",
-        "extra": [1],  # unknown keys are left for the call to refuse
     }
     assert isinstance(kwargs["scale"], float)
     assert isinstance(kwargs["count"], int)
     assert isinstance(kwargs["where"], Point) and isinstance(kwargs["where"].x, float)
-    assert plan.parse_arguments('{"maybe": null}') == {"maybe": None}
+    # A null for a parameter with a default leaves it to the default (strict sends null).
+    assert plan.parse_arguments("{" + required + ', "maybe": null, "scale": null}') == {
+        key: kwargs[key] for key in ("where", "unit", "levels", "by_day")
+    }
+    with pytest.raises(ValueError, match="extra: Extra inputs are not permitted"):
+        # The schema says additionalProperties: false.
+        plan.parse_arguments("{" + required + ', "extra": [1]}')
 
 
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ('{"unit": "kelvin"}', "is not a valid Unit"),
-        ('{"where": 3}', "expected a JSON object for Point"),
+        ('{"unit": "kelvin"}', "unit: Input should be 'celsius' or 'fahrenheit'"),
+        ('{"where": 3}', "where: Input should be a dictionary or an instance of Point"),
         ('{"city": ', "not valid JSON"),
         ("[1, 2]", "must be a JSON object, not list"),
     ],
@@ -447,10 +528,12 @@ def test_parse_arguments_unions() -> None:
     def f(a: Unit | list[int], b: Unit | Point | None = None) -> None:
         pass
 
-    # list[int] takes a string as JSON decoded it (values are not validated)
-    assert f.parse_arguments('{"a": "x"}') == {"a": "x"}
+    # Values are validated (#19): "x" is neither a Unit nor a list of ints.
+    with pytest.raises(ValueError, match="validation error"):
+        f.parse_arguments('{"a": "x"}')
+    assert f.parse_arguments('{"a": [1], "b": null}') == {"a": [1]}
     assert f.parse_arguments('{"a": "celsius", "b": {"x": 1}}') == {"a": Unit.C, "b": Point(1.0)}
-    with pytest.raises(ValueError, match="is not a valid Unit"):
+    with pytest.raises(ValueError, match="a: Field required"):
         f.parse_arguments('{"b": 3}')
 
 
@@ -458,7 +541,11 @@ def test_schema_default_not_json_is_left_out() -> None:
     def f(tags: Sequence[str] = ()) -> None:
         pass
 
-    assert _param(tool(f), "tags") == {"type": "array", "items": {"type": "string"}}
+    made = tool(f)
+    assert _param(made, "tags") == {
+        "anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}]
+    }
+    assert made.parse_arguments('{"tags": null}') == {}
 
 
 def test_parse_arguments_empty_means_no_arguments() -> None:

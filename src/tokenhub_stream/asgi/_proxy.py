@@ -154,6 +154,9 @@ class ChatProxy:
             functions): the browser gets content deltas only, tool progress as SSE
             comments, and one `[DONE]`; a body with `tools`/`tool_choice` is a 400.
         max_tool_turns: the most upstream requests one tool-using answer may make.
+        strict_schemas: send the tools' schemas with `strict: true` (they are strict-ready;
+            docs/structured.md); False leaves it out, for upstreams that reject it (vLLM,
+            SGLang).
         resumable: offer resumable streams to requests that ask with `X-Resumable: 1`:
             `X-Stream-Id`, `id:` lines, `GET <mount>/streams/{id}` (docs: "Resumable
             streams"). Implied by `stream_buffer`; not available with `tools`.
@@ -206,6 +209,7 @@ class ChatProxy:
         transport: httpx.AsyncBaseTransport | None = None,
         tools: ToolsTypes | None = None,
         max_tool_turns: int = DEFAULT_MAX_TURNS,
+        strict_schemas: bool = True,
         resumable: bool = False,
         stream_buffer: StreamBuffer | None = None,
         max_resumes_per_principal: int = DEFAULT_MAX_RESUMES_PER_PRINCIPAL,
@@ -362,6 +366,7 @@ class ChatProxy:
                 user_agent=user_agent,
                 max_head_bytes=max_response_head_bytes,
                 redactor=redactor,
+                strict_schemas=strict_schemas,
             )
 
     def __repr__(self) -> str:

@@ -114,6 +114,7 @@ class ToolSettings:
     user_agent: str
     max_head_bytes: int
     redactor: KeyRedactor | None
+    strict_schemas: bool = True
 
 
 class _Watched(httpx.AsyncBaseTransport):
@@ -214,6 +215,7 @@ class ToolExchange:
             max_retries=0,  # as the passthrough: the browser decides about retrying
             headers={"user-agent": settings.user_agent},
             http_client=http,  # the proxy's pool; not closed by the client
+            strict_schemas=settings.strict_schemas,
         )
         loop = arun_tools(
             client,

@@ -16,16 +16,15 @@ def get_weather(city: str, unit: Literal["C", "F"] = "C") -> str:
 get_weather.to_openai()  # {"type": "function", "function": {"name", "description", "parameters"}}
 ```
 
-The schema comes from the type hints and the Google-style docstring, without pydantic:
-`str`, `int`, `float`, `bool`, `None`, `X | None` and other unions, `list[X]`,
-`Sequence[X]`, `dict[str, X]`, `Mapping[str, X]`, `Literal[...]`, `Enum`, dataclasses,
-`TypedDict`, `Annotated[X, "description"]`, and `Any`/`object` (any JSON value). Anything
-else is a `TypeError` when the tool is registered, not when the model calls it. A
-hand-written `schema=` is used as given.
+The schema comes from the type hints, through pydantic (the `structured` extra), in the
+strict form of structured outputs (docs/structured.md), and the descriptions from the
+Google-style docstring: any type pydantic validates, pydantic models, dataclasses and
+`TypedDict`s included. A type a strict schema cannot express (`Any`, `dict[str, X]`, a
+`set`, ...) is a `TypeError` when the tool is registered, not when the model calls it. A
+hand-written `schema=` is used as given (no pydantic needed).
 
-When the model calls a tool, its JSON arguments are decoded and, where the annotation asks
-for it, converted: `Enum` members, dataclass instances, `float` from JSON integers (also
-inside lists, dicts and `X | None`). Other values reach the function as JSON decoded them.
+When the model calls a tool, pydantic validates its JSON arguments into the parameters'
+types before the call; arguments that do not fit go back to the model as an error.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ import anyio.to_thread
 
 from .._base import HeaderTypes, MessagesTypes, TimeoutTypes
 from .._config import UnsetType
-from .._models import ChatMessage, ToolCall, Usage
+from .._models import ChatMessage, ToolCall, ToolCallDelta, Usage
+from .._partial_json import PartialJSON, PartialJSONError
 from ._events import MaxTurnsExceeded, ToolResult, TurnFinished
 from ._tool import Tool, ToolSet, ToolsTypes
 
@@ -118,7 +119,11 @@ def _json_default(value: object) -> object:
         return value.value
     if isinstance(value, set | frozenset | tuple):
         return list(value)
-    raise TypeError
+    try:  # pydantic models and whatever else pydantic can serialise (UUID, datetime, ...)
+        from pydantic_core import to_jsonable_python
+    except ImportError:
+        raise TypeError from None
+    return to_jsonable_python(value)
 
 
 class LoopCore:
@@ -135,6 +140,7 @@ class LoopCore:
         params: Mapping[str, object],
         *,
         sync: bool,
+        strict: bool = True,
     ) -> None:
         if isinstance(messages, str | bytes) or not isinstance(messages, Sequence):
             raise TypeError("messages must be a list of message objects")
@@ -153,7 +159,8 @@ class LoopCore:
                         "cannot await it: use AsyncClient.run_tools or a plain def"
                     )
         self.messages: list[dict[str, object]] = [dict(m) for m in messages]
-        self.schemas = self.tools.to_openai()
+        self.schemas = self.tools.to_openai(strict)
+        self._arguments: dict[int, PartialJSON | None] = {}  # this turn's, by call index
         self.max_turns = max_turns
         self.turn = 0
         self.final: ChatMessage | None = None
@@ -162,11 +169,31 @@ class LoopCore:
         # Where the loop was made, for the warning if it is dropped mid-stream.
         self.made_at = _outside_place()
 
+    def tool_call_delta(self, delta: ToolCallDelta) -> ToolCallDelta:
+        """`delta` with the call's arguments decoded so far (`partial_arguments`): one
+        incremental parser per call, so each fragment costs its own length. Arguments
+        that stop being JSON show no more (the call's error goes back to the model when
+        it runs)."""
+        if delta.index not in self._arguments:
+            self._arguments[delta.index] = PartialJSON(elements_at=None)
+        parser = self._arguments[delta.index]
+        if parser is None:
+            return delta
+        try:
+            parser.feed(delta.arguments)
+        except PartialJSONError:
+            self._arguments[delta.index] = None
+            return delta
+        if not parser.has_value:
+            return delta
+        return dataclasses.replace(delta, partial_arguments=parser.value)
+
     def end_turn(
         self, message: ChatMessage, usage: Usage | None, trace: ChatRecorder | None = None
     ) -> TurnFinished:
         """The turn's stream ended with `message`; `trace` is its telemetry (its tool
         calls' spans are children of its span)."""
+        self._arguments.clear()
         self.turn += 1
         self.final = message
         self._trace = trace

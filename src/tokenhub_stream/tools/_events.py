@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 from .._exceptions import TokenHubError
-from .._models import ChatMessage, ContentDelta, ReasoningDelta, ToolCall, Usage
+from .._models import ChatMessage, ContentDelta, ReasoningDelta, ToolCall, ToolCallDelta, Usage
 
 __all__ = ["MaxTurnsExceeded", "ToolCallStarted", "ToolLoopEvent", "ToolResult", "TurnFinished"]
 
@@ -53,7 +53,7 @@ class TurnFinished:
 
 
 ToolLoopEvent: TypeAlias = (
-    ContentDelta | ReasoningDelta | ToolCallStarted | ToolResult | TurnFinished
+    ContentDelta | ReasoningDelta | ToolCallDelta | ToolCallStarted | ToolResult | TurnFinished
 )
 
 

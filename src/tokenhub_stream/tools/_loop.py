@@ -21,7 +21,14 @@ from typing import Protocol, Self
 from .._base import HeaderTypes, MessagesTypes, TimeoutTypes
 from .._config import UNSET, UnsetType
 from .._exceptions import StreamConsumed
-from .._models import ChatMessage, ContentDelta, ReasoningDelta, StreamEvent, Usage
+from .._models import (
+    ChatMessage,
+    ContentDelta,
+    ReasoningDelta,
+    StreamEvent,
+    ToolCallDelta,
+    Usage,
+)
 from .._stream import observer_of
 from ._core import DEFAULT_MAX_TURNS, LoopCore, StreamOptions, arun_calls, dropped_warning
 from ._events import ToolCallStarted, ToolLoopEvent
@@ -51,7 +58,10 @@ class AsyncTurnStream(Protocol):
 
 
 class AsyncStreamingClient(Protocol):
-    """What the loop calls on its client (`AsyncClient`): one stream per turn."""
+    """What the loop uses of its client (`AsyncClient`): one stream per turn, and whether
+    tool schemas say `strict: true`."""
+
+    strict_schemas: bool
 
     def stream_chat(
         self,
@@ -94,9 +104,11 @@ class AsyncToolLoop:
     messages = loop.messages  # the whole conversation, to continue it
     ```
 
-    Events, in order, per turn: `ContentDelta`/`ReasoningDelta` as they stream,
-    `TurnFinished`, then for a tool turn one `ToolCallStarted` per call and, once all
-    calls of the turn are done, one `ToolResult` per call (in call order).
+    Events, in order, per turn: `ContentDelta`/`ReasoningDelta`/`ToolCallDelta` as they
+    stream (a `ToolCallDelta` carries the call's arguments decoded so far in
+    `partial_arguments`), `TurnFinished`, then for a tool turn one `ToolCallStarted` per
+    call and, once all calls of the turn are done, one `ToolResult` per call (in call
+    order).
 
     The calls of one turn run side by side, in a task group (sync tools in worker threads).
 
@@ -216,6 +228,8 @@ async def _run(
                     break
                 if isinstance(event, ContentDelta | ReasoningDelta):
                     yield event
+                elif isinstance(event, ToolCallDelta):
+                    yield core.tool_call_delta(event)
             turn = reading.stream
             finished = core.end_turn(turn.message, turn.usage, observer_of(turn))
         finally:
@@ -268,6 +282,6 @@ def arun_tools(
             sync loop) a tool is a coroutine function. All before any request.
         ValueError: `tools` is empty, two tools share a name, or `max_turns` < 1.
     """
-    core = LoopCore(messages, tools, max_turns, params, sync=False)
+    core = LoopCore(messages, tools, max_turns, params, sync=False, strict=client.strict_schemas)
     options = StreamOptions(model, timeout, max_retries, include_usage, extra_headers, params)
     return AsyncToolLoop(client, core, options)

@@ -21,7 +21,14 @@ from typing import Protocol, Self
 from .._base import HeaderTypes, MessagesTypes, TimeoutTypes
 from .._config import UNSET, UnsetType
 from .._exceptions import StreamConsumed
-from .._models import ChatMessage, ContentDelta, ReasoningDelta, StreamEvent, Usage
+from .._models import (
+    ChatMessage,
+    ContentDelta,
+    ReasoningDelta,
+    StreamEvent,
+    ToolCallDelta,
+    Usage,
+)
 from .._stream import observer_of
 from ._core import DEFAULT_MAX_TURNS, LoopCore, StreamOptions, dropped_warning, run_calls
 from ._events import ToolCallStarted, ToolLoopEvent
@@ -51,7 +58,10 @@ class TurnStream(Protocol):
 
 
 class StreamingClient(Protocol):
-    """What the loop calls on its client (`Client`): one stream per turn."""
+    """What the loop uses of its client (`Client`): one stream per turn, and whether
+    tool schemas say `strict: true`."""
+
+    strict_schemas: bool
 
     def stream_chat(
         self,
@@ -94,9 +104,11 @@ class ToolLoop:
     messages = loop.messages  # the whole conversation, to continue it
     ```
 
-    Events, in order, per turn: `ContentDelta`/`ReasoningDelta` as they stream,
-    `TurnFinished`, then for a tool turn one `ToolCallStarted` per call and, once all
-    calls of the turn are done, one `ToolResult` per call (in call order).
+    Events, in order, per turn: `ContentDelta`/`ReasoningDelta`/`ToolCallDelta` as they
+    stream (a `ToolCallDelta` carries the call's arguments decoded so far in
+    `partial_arguments`), `TurnFinished`, then for a tool turn one `ToolCallStarted` per
+    call and, once all calls of the turn are done, one `ToolResult` per call (in call
+    order).
 
     The calls of one turn run side by side, a thread each (a single call in the calling thread).
 
@@ -214,6 +226,8 @@ def _run(
                     break
                 if isinstance(event, ContentDelta | ReasoningDelta):
                     yield event
+                elif isinstance(event, ToolCallDelta):
+                    yield core.tool_call_delta(event)
             turn = reading.stream
             finished = core.end_turn(turn.message, turn.usage, observer_of(turn))
         finally:
@@ -265,6 +279,6 @@ def run_tools_sync(
             sync loop) a tool is a coroutine function. All before any request.
         ValueError: `tools` is empty, two tools share a name, or `max_turns` < 1.
     """
-    core = LoopCore(messages, tools, max_turns, params, sync=True)
+    core = LoopCore(messages, tools, max_turns, params, sync=True, strict=client.strict_schemas)
     options = StreamOptions(model, timeout, max_retries, include_usage, extra_headers, params)
     return ToolLoop(client, core, options)

@@ -9,7 +9,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, ParamSpec, TypeAlias, TypedDict, TypeVar, Unpack, overload
 
-from ._schema import convert, function_schema, is_coroutine_function, parse_docstring
+from .._docstrings import parse_docstring
+from .._strict import is_strict_ready
+from ._schema import ArgumentsCheck, is_coroutine_function
 
 __all__ = ["Tool", "ToolOptions", "ToolSet", "ToolsTypes", "tool"]
 
@@ -38,9 +40,14 @@ class Tool(Generic[P, R_co]):
     Attributes:
         name: the function name the model uses (`[A-Za-z0-9_-]{1,64}`).
         description: what the tool does, for the model.
-        parameters: the JSON schema of the arguments object.
+        parameters: the JSON schema of the arguments object (strict-ready when made
+            from the type hints; a hand-written one as given).
         fn: the function, called with the arguments as keywords.
         is_async: whether `fn` is a coroutine function (derived from `fn`).
+        strict_ready: whether `parameters` is in strict form, so `to_openai()` may say
+            `strict: true` (derived: always for a schema made from the hints).
+        check: validates the model's arguments into the parameters' types; None for a
+            hand-written schema (the arguments are then only decoded).
     """
 
     name: str
@@ -48,9 +55,8 @@ class Tool(Generic[P, R_co]):
     parameters: Mapping[str, object]
     fn: Callable[P, R_co] = field(repr=False)
     is_async: bool = field(init=False)
-    # Parameter annotations, to convert JSON arguments (Enum, dataclass); empty when the
-    # schema was hand-written.
-    hints: Mapping[str, object] = field(default_factory=dict, repr=False, compare=False)
+    check: ArgumentsCheck | None = field(default=None, repr=False, compare=False)
+    strict_ready: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -63,23 +69,34 @@ class Tool(Generic[P, R_co]):
         if not callable(self.fn):
             raise TypeError(f"tool {self.name!r}: fn is not callable")
         object.__setattr__(self, "is_async", is_coroutine_function(self.fn))
+        ready = self.check is not None or is_strict_ready(self.parameters)
+        object.__setattr__(self, "strict_ready", ready)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co:
         return self.fn(*args, **kwargs)
 
-    def to_openai(self) -> dict[str, object]:
-        """The entry of this tool in a request's `tools` list (OpenAI shape)."""
+    def to_openai(self, strict: bool = True) -> dict[str, object]:
+        """The entry of this tool in a request's `tools` list (OpenAI shape).
+
+        Args:
+            strict: say `strict: true` (when `parameters` is strict-ready); the clients
+                pass their `strict_schemas` setting.
+        """
         function: dict[str, object] = {"name": self.name}
         if self.description:
             function["description"] = self.description
         function["parameters"] = self.parameters
+        if strict and self.strict_ready:
+            function["strict"] = True
         return {"type": "function", "function": function}
 
     def parse_arguments(self, text: str) -> dict[str, object]:
         """Decode a call's JSON arguments into keyword arguments for `fn`.
 
-        An empty string means no arguments. Enum, dataclass and float parameters are
-        converted from their JSON form.
+        An empty string means no arguments. With a schema made from the type hints, the
+        arguments are validated into the parameters' types by pydantic (models,
+        dataclasses, Enums, ...), and a null for a parameter with a default leaves it
+        to the default; a hand-written schema's arguments are only decoded.
 
         Args:
             text: the arguments JSON the model wrote.
@@ -88,8 +105,8 @@ class Tool(Generic[P, R_co]):
             The keyword arguments.
 
         Raises:
-            ValueError: the text is not JSON, not a JSON object, or a value cannot be
-                converted (e.g. not a member of the Enum).
+            ValueError: the text is not JSON, not a JSON object, or the arguments do not
+                fit the parameters (pydantic's errors, summed up).
         """
         if not text.strip():
             return {}
@@ -99,10 +116,7 @@ class Tool(Generic[P, R_co]):
             raise ValueError(f"the arguments are not valid JSON ({exc})") from None
         if not isinstance(decoded, dict):
             raise ValueError(f"the arguments must be a JSON object, not {type(decoded).__name__}")
-        return {
-            key: convert(value, self.hints[key]) if key in self.hints else value
-            for key, value in decoded.items()
-        }
+        return decoded if self.check is None else self.check.parse(decoded)
 
 
 class ToolOptions(TypedDict, total=False):
@@ -147,9 +161,12 @@ def tool(
         The `Tool` (or a decorator making one).
 
     Raises:
-        TypeError: a parameter has no annotation or an unsupported one, is
+        TypeError: a parameter has no annotation, one pydantic cannot validate or a
+            strict schema cannot express (`dict[str, X]`, `Any`, a `set`, ...), is
             positional-only or `*args`/`**kwargs`; `fn` is not callable.
         ValueError: the name is not 1-64 letters, digits, `_` or `-`.
+        ImportError: pydantic is not installed (the `structured` extra), unless `schema=`
+            is given.
     """
     if fn is None:
 
@@ -173,7 +190,7 @@ def _make_tool(
             description=fn.description if description is None else description,
             parameters=fn.parameters if schema is None else schema,
             fn=fn.fn,
-            hints=fn.hints if schema is None else {},
+            check=fn.check if schema is None else None,
         )
     if not callable(fn):
         raise TypeError(f"tool() needs a function, got {type(fn).__name__}")
@@ -183,11 +200,12 @@ def _make_tool(
         if not isinstance(schema, Mapping):
             raise TypeError("schema must be a mapping (a JSON schema object)")
         parameters: Mapping[str, object] = schema
-        hints: dict[str, object] = {}
+        check = None
     else:
-        parameters, hints = function_schema(fn, tool_name, arg_docs)
+        check = ArgumentsCheck(fn, tool_name, arg_docs)
+        parameters = check.schema
     text = summary if description is None else description
-    return Tool(name=tool_name, description=text, parameters=parameters, fn=fn, hints=hints)
+    return Tool(name=tool_name, description=text, parameters=parameters, fn=fn, check=check)
 
 
 class ToolSet(Mapping[str, Tool[..., object]]):
@@ -264,9 +282,13 @@ class ToolSet(Mapping[str, Tool[..., object]]):
 
         return decorate if fn is None else decorate(fn)
 
-    def to_openai(self) -> list[dict[str, object]]:
-        """The request's `tools` list (OpenAI shape), in registration order."""
-        return [item.to_openai() for item in self._tools.values()]
+    def to_openai(self, strict: bool = True) -> list[dict[str, object]]:
+        """The request's `tools` list (OpenAI shape), in registration order.
+
+        Args:
+            strict: say `strict: true` for each strict-ready schema (see `Tool.to_openai`).
+        """
+        return [item.to_openai(strict) for item in self._tools.values()]
 
     def __getitem__(self, name: str) -> Tool[..., object]:
         return self._tools[name]
