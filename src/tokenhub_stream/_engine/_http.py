@@ -118,9 +118,7 @@ class HttpEngine(EngineBase["_Pool"]):
         """
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
-            # Connections belong to the loop they were made on: a new loop starts afresh.
-            self._forget_pools()
-            self._loop = loop
+            self._move_to(loop)
         pool, start = self._route(url)
         head = request_head(start, headers, len(content))
         connection = await pool.acquire(timeout)
@@ -134,8 +132,21 @@ class HttpEngine(EngineBase["_Pool"]):
 
     async def aclose(self) -> None:
         """Close every connection, idle or busy (their responses then fail)."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._move_to(loop)
         for pool in self._forget_pools():
             pool.close()
+
+    def _move_to(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Connections belong to the loop they were made on: a new loop starts afresh. The
+        # old loop's close as it runs again; once it is closed, asyncio can only warn
+        # about them as they are collected.
+        old, self._loop = self._loop, loop
+        pools = self._forget_pools()
+        if old is not None and not old.is_closed():
+            for pool in pools:
+                pool.close()
 
     def _new_pool(self, origin: Origin, context: ssl.SSLContext | None) -> _Pool:
         return _Pool(origin, self._limit, self._timeout, context)
