@@ -16,7 +16,11 @@ import contextlib
 import gc
 import gzip
 import json
+import pathlib
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -130,14 +134,18 @@ class RawServer:
     body)`'s bytes (None: nothing, the connection stays open until the client leaves).
     Records the requests and counts the connections."""
 
-    def __init__(self, answer: Answer, *, close_after: bool = False) -> None:
+    def __init__(
+        self, answer: Answer, *, close_after: bool = False, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.answer = answer
         self.close_after = close_after  # close each connection after its answer
+        self._tls = tls
         self.requests: list[tuple[bytes, bytes]] = []
         self.connections = 0
         self._sock = socket.create_server(("127.0.0.1", 0))
         self._sock.settimeout(0.1)
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}/v1"
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._sock.getsockname()[1]}/v1"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
@@ -160,6 +168,11 @@ class RawServer:
 
     def _serve(self, conn: socket.socket) -> None:
         conn.settimeout(10)
+        if self._tls is not None:
+            try:
+                conn = self._tls.wrap_socket(conn, server_side=True)
+            except OSError:
+                return
         buf = b""
         with conn:
             while not self._stop.is_set():
@@ -196,7 +209,7 @@ class RawServer:
 
 
 @contextlib.contextmanager
-def raw_server(answer: Answer, **kw: bool) -> Iterator[RawServer]:
+def raw_server(answer: Answer, **kw: Any) -> Iterator[RawServer]:
     server = RawServer(answer, **kw)
     try:
         yield server
@@ -528,6 +541,54 @@ def test_issue_17_deadlines_fire_on_uvloop(
     elapsed, error = uvloop.run(asyncio.wait_for(main(), 10))
     assert isinstance(error, ts.StreamTimeout) and error.kind == "idle"
     assert 0.4 <= elapsed < 0.4 + SLACK
+
+
+# --- TLS ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_server_context(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> ssl.SSLContext:
+    """A self-signed certificate for 127.0.0.1, made now; the clients trust it through
+    SSL_CERT_FILE, which they read as httpx does."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command makes the test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+        + ["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-keyout", str(key)]
+        + ["-out", str(cert), "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@both
+def test_issue_17_engine_over_tls(
+    tls_server_context: ssl.SSLContext, engine_sends: list[str], sync: bool
+) -> None:
+    # The engine's TLS is httpx's default context (here trusting the test's certificate
+    # as httpx would, through SSL_CERT_FILE); the watchdog's deadlines reach a TLS socket.
+    whole = chunked(b"200 OK", SSE_HEADERS, [sse("sec", "ure")])
+    stalled = whole[: whole.index(b"\r\n\r\n") + 4] + b"%x\r\n%s\r\n" % (
+        len(sse("a")[:40]),
+        sse("a")[:40],
+    )
+    answers = iter([whole, stalled])
+    with raw_server(lambda head, body: next(answers), tls=tls_server_context) as server:
+        texts, stream, _ = stream_once(sync, server.url)
+        assert "".join(texts) == "secure" and stream.outcome == ts.Outcome("completed", "done")
+        assert stream.response is not None
+        tls = stream.response.extensions["network_stream"].get_extra_info("ssl_object")
+        assert isinstance(tls, ssl.SSLObject | ssl.SSLSocket)
+        start = time.monotonic()
+        with pytest.raises(ts.StreamTimeout) as info:
+            stream_once(sync, server.url, timeout=ts.Timeout(first_token=0.3))
+        assert info.value.kind == "first_token" and time.monotonic() - start < 0.3 + SLACK
+    assert len(engine_sends) == 2
 
 
 # --- bytes split anywhere ------------------------------------------------------------------
