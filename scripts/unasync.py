@@ -40,7 +40,7 @@ SUBS = [
     ("HttpEngine", "SyncEngine"),
     ("HttpResponse", "SyncResponse"),
     ("engine_runs_async", "engine_runs_sync"),
-    ("aiter_chunks", "iter_chunks"),
+    ("aiter_batches", "iter_batches"),
     ("AsyncHTTPTransport", "HTTPTransport"),
     ("handle_async_request", "handle_request"),
     ("AsyncShield", "SyncShield"),

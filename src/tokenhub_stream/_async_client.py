@@ -149,7 +149,8 @@ class _AsyncStreamCore(StreamState):
         self._client = client
         self._owns_client = owns_client
         self._response: AsyncAnswer | None = None
-        self._chunks: AsyncIterator[bytes] | None = None
+        # The body as lists of chunk bodies (the engine's, or one httpx chunk at a time).
+        self._chunks: AsyncIterator[list[bytes]] | None = None
 
     def _consumer(self, text: bool) -> AsyncIterator[Any]:
         consumer = self._consume(text)
@@ -177,9 +178,12 @@ class _AsyncStreamCore(StreamState):
                 feed = parser.feed_text if text else parser.feed_events
                 assert self._chunks is not None
                 try:
-                    async for chunk in self._chunks:
-                        for item in feed(chunk):
-                            yield item
+                    async for batch in self._chunks:
+                        for chunk in batch:
+                            for item in feed(chunk):
+                                yield item
+                            if parser.stopped:
+                                break
                         if parser.stopped:
                             break
                     else:
@@ -208,8 +212,8 @@ class _AsyncStreamCore(StreamState):
         received = 0
         assert self._chunks is not None
         try:
-            async for chunk in self._chunks:
-                received += len(chunk)
+            async for batch in self._chunks:
+                received += sum(len(chunk) for chunk in batch)
                 if received > DRAIN_MAX_BYTES:
                     break
         except httpx.HTTPError:
@@ -225,8 +229,6 @@ class _AsyncStreamCore(StreamState):
         if response is not None and not isinstance(response, httpx.Response):
             # The engine's: closed at once (or handed back to the pool), no await.
             response.close()
-            if chunks is response:
-                return
             response = None
         if chunks is None and (response is None or response.is_closed):
             return
@@ -245,16 +247,22 @@ class _AsyncStreamCore(StreamState):
         self._closed = True
 
 
-def _body(response: AsyncAnswer) -> AsyncIterator[bytes]:
-    """The stream's body as it should be parsed: the engine's one chunk body at a time."""
+def _body(response: AsyncAnswer) -> AsyncIterator[list[bytes]]:
+    """The stream's body as it should be parsed: lists of the engine's chunk bodies, each
+    fed to the parser on its own; httpx's chunks one at a time."""
     if not isinstance(response, httpx.Response):
         if not is_encoded(response.headers):
-            return response.aiter_chunks()
-        return _decoded(response)
+            return response.aiter_batches()
+        return _one_by_one(_decoded(response))
     raw = raw_chunks(response)
     if isinstance(raw, AsyncIterable):
-        return aiter(raw)
-    return response.aiter_bytes()
+        return _one_by_one(aiter(raw))
+    return _one_by_one(response.aiter_bytes())
+
+
+async def _one_by_one(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
+    async for chunk in chunks:
+        yield [chunk]
 
 
 def _decoded(response: AsyncAnswer) -> AsyncIterator[bytes]:

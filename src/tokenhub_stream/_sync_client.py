@@ -149,7 +149,8 @@ class _StreamCore(StreamState):
         self._client = client
         self._owns_client = owns_client
         self._response: SyncAnswer | None = None
-        self._chunks: Iterator[bytes] | None = None
+        # The body as lists of chunk bodies (the engine's, or one httpx chunk at a time).
+        self._chunks: Iterator[list[bytes]] | None = None
 
     def _consumer(self, text: bool) -> Iterator[Any]:
         consumer = self._consume(text)
@@ -177,8 +178,11 @@ class _StreamCore(StreamState):
                 feed = parser.feed_text if text else parser.feed_events
                 assert self._chunks is not None
                 try:
-                    for chunk in self._chunks:
-                        yield from feed(chunk)
+                    for batch in self._chunks:
+                        for chunk in batch:
+                            yield from feed(chunk)
+                            if parser.stopped:
+                                break
                         if parser.stopped:
                             break
                     else:
@@ -207,8 +211,8 @@ class _StreamCore(StreamState):
         received = 0
         assert self._chunks is not None
         try:
-            for chunk in self._chunks:
-                received += len(chunk)
+            for batch in self._chunks:
+                received += sum(len(chunk) for chunk in batch)
                 if received > DRAIN_MAX_BYTES:
                     break
         except httpx.HTTPError:
@@ -224,8 +228,6 @@ class _StreamCore(StreamState):
         if response is not None and not isinstance(response, httpx.Response):
             # The engine's: closed at once (or handed back to the pool), no await.
             response.close()
-            if chunks is response:
-                return
             response = None
         if chunks is None and (response is None or response.is_closed):
             return
@@ -244,16 +246,22 @@ class _StreamCore(StreamState):
         self._closed = True
 
 
-def _body(response: SyncAnswer) -> Iterator[bytes]:
-    """The stream's body as it should be parsed: the engine's one chunk body at a time."""
+def _body(response: SyncAnswer) -> Iterator[list[bytes]]:
+    """The stream's body as it should be parsed: lists of the engine's chunk bodies, each
+    fed to the parser on its own; httpx's chunks one at a time."""
     if not isinstance(response, httpx.Response):
         if not is_encoded(response.headers):
-            return response.iter_chunks()
-        return _decoded(response)
+            return response.iter_batches()
+        return _one_by_one(_decoded(response))
     raw = raw_chunks(response)
     if isinstance(raw, Iterable):
-        return iter(raw)
-    return response.iter_bytes()
+        return _one_by_one(iter(raw))
+    return _one_by_one(response.iter_bytes())
+
+
+def _one_by_one(chunks: Iterator[bytes]) -> Iterator[list[bytes]]:
+    for chunk in chunks:
+        yield [chunk]
 
 
 def _decoded(response: SyncAnswer) -> Iterator[bytes]:

@@ -198,6 +198,7 @@ class ResponseParser:
         "headers",
         "is_stream_consumed",
         "keep_alive",
+        "on_body",
         "pending_size",
         "state",
         "status_code",
@@ -206,13 +207,16 @@ class ResponseParser:
     def __init__(
         self, max_head_bytes: int = DEFAULT_MAX_RESPONSE_HEAD_BYTES, hold: bool = False
     ) -> None:
+        # Chunk bodies not yet handed out, and about how many bytes they are (what was read
+        # since the reader last emptied them: for back-pressure).
+        self._pending: collections.deque[bytes] = collections.deque()
+        self.pending_size = 0
+        # httptools' body callback is the deque's own append: no Python call per chunk.
+        self.on_body = self._pending.append
         # Dropped once the response is settled: it holds this object (a reference cycle).
         self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.state = HEADERS
         self.error: Exception | None = None
-        # Chunk bodies not yet handed out, and their size (for back-pressure).
-        self._pending: collections.deque[bytes] = collections.deque()
-        self.pending_size = 0
         self._framed = False
         self._informational = False
         #: Whether the connection may carry another request (known once COMPLETE).
@@ -279,8 +283,10 @@ class ResponseParser:
 
     def take_chunk(self) -> bytes:
         """The oldest chunk body not handed out yet (there must be one)."""
-        data = self._pending.popleft()
-        self.pending_size -= len(data)
+        pending = self._pending
+        data = pending.popleft()
+        if not pending:
+            self.pending_size = 0
         return data
 
     def take_all(self) -> bytes:
@@ -320,6 +326,8 @@ class ResponseParser:
                 else:
                     self._head_room = room - len(data)
             parser.feed_data(data)
+            if self._pending:
+                self.pending_size += len(data)
         except httptools.HttpParserUpgrade:
             self.fail(httpx.RemoteProtocolError("the upstream switched protocols"))
             return
@@ -406,10 +414,6 @@ class ResponseParser:
             "content-length" in headers or "chunked" in headers.get("transfer-encoding", "").lower()
         )
         self.state = BODY
-
-    def on_body(self, body: bytes) -> None:
-        self._pending.append(body)
-        self.pending_size += len(body)
 
     def on_message_complete(self) -> None:
         if self._informational:

@@ -48,7 +48,7 @@ import contextlib
 import functools
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import cast
 
 import httpx
@@ -445,7 +445,7 @@ class HttpResponse(ResponseParser):
 
     It is its own body iterator: `__anext__` returns a future that `data_received` sets
     with everything that arrived in one read (`aiter_raw`) or one chunk body
-    (`aiter_chunks`), so a chunk costs no coroutine of ours.
+    (`aiter_batches`: lists of chunk bodies), so a chunk costs no coroutine of ours.
     """
 
     __slots__ = (
@@ -515,10 +515,29 @@ class HttpResponse(ResponseParser):
         self.consume(join=True)
         return self
 
-    def aiter_chunks(self) -> HttpResponse:
-        """The body one chunk body at a time (see `consume`)."""
+    def aiter_batches(self) -> AsyncIterator[list[bytes]]:
+        """The body as lists of chunk bodies (one per HTTP chunk, or per read of a body
+        that is not chunked): each list all that arrived since the last, so a reader that
+        takes one chunk body at a time (a parser whose fast path is one event per chunk)
+        awaits once per read, not once per chunk (see `consume`)."""
         self.consume(join=False)
-        return self
+        return self._batches()
+
+    async def _batches(self) -> AsyncIterator[list[bytes]]:
+        pending = self._pending
+        while True:
+            if pending:
+                batch = list(pending)
+                pending.clear()
+                self.pending_size = 0
+                if self._paused:
+                    self._resume()
+                yield batch
+            try:  # caught up: wait for the next read (or the end, or the failure)
+                chunk = await self.__anext__()
+            except StopAsyncIteration:
+                return
+            pending.appendleft(chunk)
 
     def __aiter__(self) -> HttpResponse:
         return self
@@ -560,11 +579,14 @@ class HttpResponse(ResponseParser):
     def _take(self) -> bytes:
         data = self.take()
         if self._paused and not self._pending:
-            self._paused = False
-            connection = self._connection
-            if connection is not None and connection.transport is not None:
-                connection.transport.resume_reading()
+            self._resume()
         return data
+
+    def _resume(self) -> None:
+        self._paused = False
+        connection = self._connection
+        if connection is not None and connection.transport is not None:
+            connection.transport.resume_reading()
 
     def _end(self) -> BaseException:
         if self.state == COMPLETE:

@@ -25,7 +25,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import httpx
 
@@ -324,10 +324,25 @@ class SyncResponse(ResponseParser):
         self.consume(join=True)
         return self
 
-    def iter_chunks(self) -> SyncResponse:
-        """The body one chunk body at a time (see `consume`)."""
+    def iter_batches(self) -> Iterator[list[bytes]]:
+        """The body as lists of chunk bodies (see `HttpResponse.aiter_batches`)."""
         self.consume(join=False)
-        return self
+        return self._batches()
+
+    def _batches(self) -> Iterator[list[bytes]]:
+        pending = self._pending
+        while True:
+            if pending:
+                batch = list(pending)
+                pending.clear()
+                self.pending_size = 0
+                yield batch
+            if self.state != BODY:
+                if self.state == COMPLETE:
+                    return
+                assert self.error is not None
+                raise self.error
+            self._receive()
 
     def __iter__(self) -> SyncResponse:
         return self
