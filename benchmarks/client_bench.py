@@ -554,6 +554,12 @@ def run_sync(factory: Callable[[str], SyncConsumer], family: str, url: str, plan
 def worker(spec: Spec, url: str, plan: Plan) -> dict[str, object]:
     if spec.family == "tokenhub_stream":
         sys.path.insert(0, spec.src or str(SRC))
+    if os.environ.get("BENCH_MEMORY"):
+        if spec.kind == "async":
+            return asyncio.run(memory_async(spec, url))
+        return memory_sync(spec, url)
+    if spec.family == "tokenhub_stream":
+        sys.path.insert(0, spec.src or str(SRC))
         if spec.json == "stdlib":
             # "Without the extra": orjson cannot be imported at all.
             sys.modules["orjson"] = None  # type: ignore[assignment]
@@ -586,6 +592,174 @@ def worker(spec: Spec, url: str, plan: Plan) -> dict[str, object]:
         "short_cpu": timings.short_cpu,
         "orjson_loaded": sys.modules.get("orjson") is not None,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory (--memory): what one idle pooled connection and one open stream cost (tracemalloc).
+# ---------------------------------------------------------------------------------------------
+
+MEMORY_STREAMS = 16  # under httpx's 20 kept-alive connections
+STALL = {"x-bench-stall": "1"}
+
+
+def _opener(spec: Spec, url: str) -> tuple[object, Callable[..., object]]:
+    """The client and a function opening one stream: (context manager, its iterator)."""
+    if spec.family == "tokenhub_stream":
+        import tokenhub_stream as ts
+
+        client: object = (ts.AsyncClient if spec.kind == "async" else ts.Client)(
+            base_url=url + "/v1", api_key="x"
+        )
+
+        def open_ts(stall: bool) -> object:
+            return client.stream_chat(  # type: ignore[attr-defined]
+                MESSAGES, model=MODEL, max_tokens=5, extra_headers=STALL if stall else None
+            )
+
+        return client, open_ts
+    import httpx
+
+    http = (httpx.AsyncClient if spec.kind == "async" else httpx.Client)(base_url=url)
+
+    def open_httpx(stall: bool) -> object:
+        return http.stream("POST", CHAT_PATH, json=_body(5), headers=STALL if stall else None)
+
+    return http, open_httpx
+
+
+async def memory_async(spec: Spec, url: str) -> dict[str, object]:
+    import gc
+    import tracemalloc
+
+    client, open_stream = _opener(spec, url)
+    is_ts = spec.family == "tokenhub_stream"
+
+    async def entered(stall: bool) -> tuple[object, object, object]:
+        cm = open_stream(stall)
+        target = await cm.__aenter__()  # type: ignore[attr-defined]
+        it = target.__aiter__() if is_ts else target.aiter_raw()
+        return cm, target, it
+
+    tracemalloc.start()
+    cm, _, it = await entered(False)  # warm-up: imports, the pool, caches
+    async for _ in it:  # type: ignore[attr-defined]
+        pass
+    await cm.__aexit__(None, None, None)  # type: ignore[attr-defined]
+    gc.collect()
+    base = tracemalloc.get_traced_memory()[0]
+    opened = [await entered(False) for _ in range(MEMORY_STREAMS)]
+    for cm, _, it in opened:
+        async for _ in it:  # type: ignore[attr-defined]
+            pass
+        await cm.__aexit__(None, None, None)  # type: ignore[attr-defined]
+    del opened, cm, it
+    gc.collect()
+    idle = tracemalloc.get_traced_memory()[0]
+    stalled = []
+    for _ in range(MEMORY_STREAMS):
+        cm, target, it = await entered(True)
+        await it.__anext__()  # type: ignore[attr-defined]
+        stalled.append((cm, target, it))
+    gc.collect()
+    open_ = tracemalloc.get_traced_memory()[0]
+    for cm, _, _ in stalled:
+        await cm.__aexit__(None, None, None)  # type: ignore[attr-defined]
+    await client.aclose()  # type: ignore[attr-defined]
+    return {
+        "status": "ok",
+        "idle": (idle - base) / (MEMORY_STREAMS - 1),  # one connection was pooled already
+        "open": (open_ - idle) / MEMORY_STREAMS,
+    }
+
+
+def memory_sync(spec: Spec, url: str) -> dict[str, object]:
+    import gc
+    import tracemalloc
+
+    client, open_stream = _opener(spec, url)
+    is_ts = spec.family == "tokenhub_stream"
+
+    def entered(stall: bool) -> tuple[object, object, object]:
+        cm = open_stream(stall)
+        target = cm.__enter__()  # type: ignore[attr-defined]
+        it = iter(target) if is_ts else target.iter_raw()
+        return cm, target, it
+
+    tracemalloc.start()
+    cm, _, it = entered(False)
+    for _ in it:  # type: ignore[attr-defined]
+        pass
+    cm.__exit__(None, None, None)  # type: ignore[attr-defined]
+    gc.collect()
+    base = tracemalloc.get_traced_memory()[0]
+    opened = [entered(False) for _ in range(MEMORY_STREAMS)]
+    for cm, _, it in opened:
+        for _ in it:  # type: ignore[attr-defined]
+            pass
+        cm.__exit__(None, None, None)  # type: ignore[attr-defined]
+    del opened, cm, it
+    gc.collect()
+    idle = tracemalloc.get_traced_memory()[0]
+    stalled = []
+    for _ in range(MEMORY_STREAMS):
+        cm, target, it = entered(True)
+        next(it)  # type: ignore[call-overload]
+        stalled.append((cm, target, it))
+    gc.collect()
+    open_ = tracemalloc.get_traced_memory()[0]
+    for cm, _, _ in stalled:
+        cm.__exit__(None, None, None)  # type: ignore[attr-defined]
+    client.close()  # type: ignore[attr-defined]
+    return {
+        "status": "ok",
+        "idle": (idle - base) / (MEMORY_STREAMS - 1),
+        "open": (open_ - idle) / MEMORY_STREAMS,
+    }
+
+
+def memory_specs() -> list[Spec]:
+    specs = []
+    for kind in ("async", "sync"):
+        specs.append(Spec("httpx-raw", "httpx-raw", kind))
+        specs.append(Spec("tokenhub_stream (engine)", "tokenhub_stream", kind))
+        specs.append(Spec("tokenhub_stream (httpx path)", "tokenhub_stream", kind, engine="httpx"))
+    return specs
+
+
+def memory(args: argparse.Namespace) -> int:
+    reps = 3 if args.quick else args.reps
+    got: dict[str, dict[str, list[float]]] = {}
+    failures = []
+    with sse_server([5]) as url:
+        for _ in range(reps):
+            for spec in memory_specs():
+                result = run_worker(spec, url, Plan(0, 0, 0, 1), 120.0, {"BENCH_MEMORY": "1"})
+                if result["status"] != "ok":
+                    failures.append(f"{spec.key}: {result.get('reason')}")
+                    continue
+                for name in ("idle", "open"):
+                    value = result[name]
+                    assert isinstance(value, int | float)
+                    got.setdefault(spec.key, {}).setdefault(name, []).append(float(value))
+    print(f"Command: `python benchmarks/client_bench.py {' '.join(sys.argv[1:])}`  ")
+    print(
+        f"tracemalloc, medians of {reps} workers; {MEMORY_STREAMS} connections made idle in "
+        "the pool (read to their end), then as many streams opened on them and held after "
+        "their first delta"
+    )
+    print()
+    print("| consumer | kind | one idle pooled connection (KiB) | one open stream (KiB) |")
+    print("|---|---|--:|--:|")
+    for spec in memory_specs():
+        values = got.get(spec.key)
+        if values:
+            idle = statistics.median(values["idle"]) / 1024
+            open_ = statistics.median(values["open"]) / 1024
+            print(f"| {spec.label} | {spec.kind} | {idle:.1f} | {open_:.1f} |")
+    if failures:
+        print("\nFAILED:\n" + "\n".join(failures))
+        return 1
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -972,6 +1146,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not 1 <= args.reps <= 100:
         parser.error("--reps must be 1..100")
+    if args.memory:
+        return memory(args)
     return orchestrate(args)
 
 
