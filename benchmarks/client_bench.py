@@ -1,6 +1,6 @@
 """Client benchmark: streaming chat completions from a fast local SSE server.
 
-    python benchmarks/client_bench.py [--quick]
+    python benchmarks/client_bench.py [--quick] [--tls] [--memory]
 
 Starts ``benchmarks/sse_server.py`` in its own process, then runs every consumer in a fresh
 worker process of this script (so imports, the JSON-library choice and garbage never leak from
@@ -9,13 +9,22 @@ one consumer into the next) on two shapes:
 * long:  one stream of 50,000 content chunks -> chunks/s and microseconds per delivered delta;
 * short: 1,000 sequential streams of 50 chunks on ONE client -> milliseconds per request.
 
-Consumers, each async and sync: ``httpx-raw`` (``aiter_raw``/``iter_raw``, counting bytes: the
-floor for any httpx-based client), ``httpx-sse`` (httpx + httpx_sse + ``json.loads``), ``openai``
-(the official SDK) and ``tokenhub_stream`` (stdlib json with orjson made unimportable, and with
+Consumers, each async and sync: ``raw-socket`` (the floor: the request's bytes sent on one
+kept-alive socket, the answer's bytes counted until the chunked body's end, no parsing beyond
+finding it), ``httpx-raw`` (``aiter_raw``/``iter_raw``, counting bytes: the floor for any
+httpx-based client), ``httpx-sse`` (httpx + httpx_sse + ``json.loads``), ``openai`` (the
+official SDK) and ``tokenhub_stream`` (stdlib json with orjson made unimportable, and with
 ``TOKENHUB_STREAM_JSON=orjson``). Every consumer's delivered text is checked against the
-server's (characters, crc32, delta count); raw httpx is checked by byte count. A wrong checksum
-or a failing consumer fails the run (exit 1); tokenhub_stream is skipped, with a line saying so,
-while it cannot be imported.
+server's (characters, crc32, delta count); raw httpx by body bytes, the raw socket by wire
+bytes. A wrong checksum or a failing consumer fails the run (exit 1); tokenhub_stream is
+skipped, with a line saying so, while it cannot be imported.
+
+``--tls`` runs the same over HTTPS: the server gets a self-signed certificate for 127.0.0.1
+made for the run (the ``openssl`` command), which the workers trust through
+``SSL_CERT_FILE`` (read by httpx, by tokenhub_stream's engine, and by Python's default
+context). ``--memory`` reports tracemalloc figures instead: what one idle pooled connection
+and one open stream cost, for tokenhub_stream over its engine and over httpx
+(``TOKENHUB_STREAM_ENGINE=httpx``), and for httpx itself.
 
 The Markdown table goes to stdout, progress to stderr. Medians over the repetitions.
 

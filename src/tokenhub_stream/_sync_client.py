@@ -317,7 +317,14 @@ class Client(BaseClient):
         strict_utf8: raise `ProtocolError` on invalid UTF-8 instead of U+FFFD.
         drain_timeout: how long to read on after `[DONE]` to keep the connection.
         headers: extra headers sent with every request.
-        http_client: an `httpx.Client` to use instead of our own (not closed by us).
+        http_client: an `httpx.Client` to send with instead of our engine (not
+            closed by us). Without one, the client sends over its own HTTP/1.1 engine, or
+            over httpx where the engine does not go (a proxy from the environment,
+            credentials in the URL, trio, `TOKENHUB_STREAM_ENGINE=httpx`: see
+            docs/configuration.md).
+
+    Raises:
+        ValueError: a bad option, or `TOKENHUB_STREAM_ENGINE` neither "auto" nor "httpx".
     """
 
     def __init__(
