@@ -51,14 +51,14 @@ def upstream_base_url() -> Iterator[str | None]:
     if os.environ.get("TOKENHUB_KEY") or os.environ.get("TOKENHUB_BASE_URL"):
         yield None
         return
-    from tokenhub_stream.testing import FakeChatUpstream, Script, ToolCall, run_upstream
+    from tokenhub_stream.testing import FakeChatUpstream, Script, ScriptedToolCall, run_upstream
 
     upstream = FakeChatUpstream()
     upstream.enqueue(
         Script(
             reasoning="The user asks about the weather, so I should call the tool.",
             text="Let me check the weather in Paris.",
-            tool_calls=[ToolCall(name="get_weather", arguments='{"city": "Paris"}')],
+            tool_calls=[ScriptedToolCall(name="get_weather", arguments='{"city": "Paris"}')],
         )
     )
     with run_upstream(upstream) as running:

@@ -46,15 +46,17 @@ def upstream_base_url() -> Iterator[str | None]:
     if os.environ.get("TOKENHUB_KEY") or os.environ.get("TOKENHUB_BASE_URL"):
         yield None
         return
-    from tokenhub_stream.testing import FakeChatUpstream, Script, ToolCall, run_upstream
+    from tokenhub_stream.testing import FakeChatUpstream, Script, ScriptedToolCall, run_upstream
 
     upstream = FakeChatUpstream()
     upstream.enqueue(
         Script(
             text="Let me look up both cities.",
             tool_calls=[
-                ToolCall(name="get_weather", arguments='{"city": "Paris"}'),
-                ToolCall(name="get_weather", arguments='{"city": "Tokyo", "unit": "celsius"}'),
+                ScriptedToolCall(name="get_weather", arguments='{"city": "Paris"}'),
+                ScriptedToolCall(
+                    name="get_weather", arguments='{"city": "Tokyo", "unit": "celsius"}'
+                ),
             ],
         ),
         Script(text="Paris and Tokyo are both mild today: a good day for a walk."),

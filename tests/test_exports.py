@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+
 import tokenhub_stream as ts
 from tokenhub_stream import testing
 
@@ -42,3 +44,30 @@ def test_exports_py_typed_ships() -> None:
     from importlib.resources import files
 
     assert files("tokenhub_stream").joinpath("py.typed").is_file()
+
+
+def test_exports_testing_names_report_the_public_module() -> None:
+    for name in testing.__all__:
+        value = getattr(testing, name)
+        if inspect.isclass(value) or inspect.isfunction(value):
+            assert value.__module__ == "tokenhub_stream.testing", name
+
+
+def test_exports_testing_tool_call_is_a_deprecated_alias() -> None:
+    # Renamed so that `ToolCall` means one thing: tokenhub_stream.ToolCall, the assembled call.
+    assert "ToolCall" not in testing.__all__
+    with pytest.warns(DeprecationWarning, match="ScriptedToolCall"):
+        from tokenhub_stream.testing import ToolCall
+    assert ToolCall is testing.ScriptedToolCall
+    with pytest.raises(AttributeError):
+        testing.NoSuchName  # noqa: B018
+
+
+def test_exports_cli_upstream_is_a_deprecated_alias() -> None:
+    # Renamed so that `Upstream` means one thing: the proxy's upstream protocol.
+    from tokenhub_stream import cli
+
+    assert "Upstream" not in cli.__all__ and "ResolvedUpstream" in cli.__all__
+    with pytest.warns(DeprecationWarning, match="ResolvedUpstream"):
+        from tokenhub_stream.cli import Upstream
+    assert Upstream is cli.ResolvedUpstream

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import servers
 import tokenhub_stream as ts
 from tokenhub_stream import ChunkParser, ContentDelta, ServerSentEvent, SSEDecoder
 from tokenhub_stream.asgi import ChatProxy, CompletionRecord
@@ -326,30 +326,7 @@ async def test_issue_15_empty_data_events_do_not_hold_off_a_timeout(kind: str) -
 # --- the proxy's record ------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _serve(app: ChatProxy) -> Iterator[str]:
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(
-        app, log_level="warning", lifespan="on", http="h11", loop="asyncio", access_log=False
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(5)
-        sock.close()
+_serve = servers.serve
 
 
 class _Records:

@@ -51,7 +51,7 @@ def upstream_models(base_url: str, api_key: str | None) -> list[str] | None:
 def build_app(base_url: str, api_key: str | None, *, local: bool = False) -> Starlette:
     models = upstream_models(base_url, api_key)
     proxy = ChatProxy(
-        api_key=api_key or "no-key",  # vLLM, Ollama and the local upstream need none
+        api_key=api_key or None,  # None: no key (vLLM, Ollama, the local upstream)
         base_url=base_url,
         default_model=models[0] if models else None,
         allowed_models=models,  # the browser may only ask for these

@@ -3,9 +3,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import socket
-import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 
@@ -13,6 +10,7 @@ import anyio
 import httpx
 import pytest
 
+import servers
 from tokenhub_stream import SSEDecoder
 from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, run_upstream
 
@@ -47,32 +45,12 @@ def assert_no_key(*texts: object) -> None:
         assert KEY.encode() not in blob, "the server key leaked"
 
 
-@contextlib.contextmanager
-def serve(app: ASGIApp) -> Iterator[str]:
-    """Serve `app` with uvicorn (h11) on a random loopback port; yield its base URL."""
-    import uvicorn
+def serve(app: ASGIApp) -> contextlib.AbstractContextManager[str]:
+    """Serve `app` with uvicorn (h11) on a random loopback port; yield its base URL.
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, log_level="warning", lifespan="auto", http="h11", loop="asyncio", access_log=False
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(5)
-        sock.close()
+    `servers.serve` with lifespan "auto": some tests here serve bare ASGI callables.
+    """
+    return servers.serve(app, lifespan="auto")
 
 
 @pytest.fixture

@@ -157,7 +157,8 @@ async def test_issue_14_proxy_relays_unresumable_when_the_buffer_is_full(
     assert carol.status_code == 200
     assert "x-stream-id" not in carol.headers  # streamed, just not resumable
     assert carol.content == b"".join(RAW)  # the plain passthrough, no ids
-    assert ids_of(first) == ["1"]
+    # post_until reads at least one event: on a busy machine the next arrives in the same read.
+    assert ids_of(first)[:1] == ["1"]
 
 
 # --- finding 5: resumes are admitted like chats, and capped per principal -----------------------

@@ -24,7 +24,7 @@ from starlette.requests import Request
 
 from tokenhub_stream import Usage
 from tokenhub_stream.asgi import ChatProxy, CompletionRecord
-from tokenhub_stream.testing import FakeChatUpstream, Script, ToolCall, run_upstream
+from tokenhub_stream.testing import FakeChatUpstream, Script, ScriptedToolCall, run_upstream
 from tokenhub_stream.tools import tool
 
 from .conftest import KEY, FakeStream, MockUpstream, assert_no_key, serve, sse_response, text_of
@@ -225,7 +225,7 @@ def get_time(city: str) -> str:
     return f"noon in {city}"
 
 
-PARIS = ToolCall(name="get_time", arguments='{"city": "Paris"}')
+PARIS = ScriptedToolCall(name="get_time", arguments='{"city": "Paris"}')
 
 
 async def test_issue_14_cap_reaches_every_turn_of_the_tool_loop() -> None:

@@ -23,7 +23,7 @@ from starlette.applications import Starlette
 from tokenhub_stream import APIError, AsyncClient, BadRequestError
 from tokenhub_stream._errors import error_from_frame, error_from_status
 from tokenhub_stream.asgi import ChatProxy
-from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, Script, ToolCall
+from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, Script, ScriptedToolCall
 from tokenhub_stream.tools import ToolSet, tool
 
 from .conftest import KEY, assert_no_key, serve
@@ -248,7 +248,7 @@ async def test_issue_15_error_param_a_502_does_not_pass_the_object(upstream: Ups
 
 
 def tool_turn() -> Script:
-    call = ToolCall(name="get_weather", arguments=json.dumps({"city": "Paris"}))
+    call = ScriptedToolCall(name="get_weather", arguments=json.dumps({"city": "Paris"}))
     return Script(deltas=[], tool_calls=[call])
 
 

@@ -98,7 +98,10 @@ async def test_disconnect_while_waiting_for_upstream_headers(mock_upstream: Mock
     with anyio.fail_after(2):
         async with anyio.create_task_group() as tg:
             tg.start_soon(run, proxy, client)
-            await anyio.sleep(0.05)
+            while True:  # until the proxy sent its request and waits for the headers
+                if mock_upstream.requests:
+                    break
+                await anyio.sleep(0.005)
             assert len(mock_upstream.requests) == 1
             client.gone.set()
     assert client.status is None

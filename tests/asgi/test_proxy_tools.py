@@ -27,7 +27,7 @@ from tokenhub_stream.testing import (
     FakeChatUpstream,
     RunningUpstream,
     Script,
-    ToolCall,
+    ScriptedToolCall,
     run_upstream,
 )
 from tokenhub_stream.tools import ToolSet, tool
@@ -82,7 +82,9 @@ TOOLS = ToolSet([get_weather, flaky, slow_lookup])
 
 
 def tool_turn(name: str = "get_weather", city: str = "Paris") -> Script:
-    return Script(deltas=[], tool_calls=[ToolCall(name=name, arguments=json.dumps({"city": city}))])
+    return Script(
+        deltas=[], tool_calls=[ScriptedToolCall(name=name, arguments=json.dumps({"city": city}))]
+    )
 
 
 def answer_turn(**kw: object) -> Script:

@@ -113,8 +113,10 @@ async def test_uvicorn_browser_request_streams_incrementally(
     assert "".join(text for _, text in arrivals) == "one two three four"
     gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:], strict=False)]
     # Each event arrived on its own (the upstream paces them 200 ms apart), not in a burst;
-    # the bounds are loose because other processes share the CPU.
-    assert all(gap > 0.04 for gap in gaps), gaps
+    # the bounds are loose because other processes share the CPU. One gap may be short:
+    # when a busy machine delays one event, it arrives just before the next one (a relay
+    # that holds events back makes every other gap short, or all of them).
+    assert sum(gap <= 0.04 for gap in gaps) <= 1, gaps
     assert arrivals[-1][0] - arrivals[0][0] > 0.4, gaps
     received = app.requests[0]
     assert received.headers["authorization"] == f"Bearer {KEY}"

@@ -11,15 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
+import servers
 from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, run_upstream
 
 if TYPE_CHECKING:
@@ -79,37 +77,12 @@ def page(browser: Browser) -> Iterator[Page]:
         context.close()
 
 
-@contextlib.contextmanager
-def serve(app: ASGIApp) -> Iterator[str]:
-    """Serve `app` with uvicorn on a random loopback port; yield `http://127.0.0.1:<port>`."""
-    import uvicorn
+def serve(app: ASGIApp) -> contextlib.AbstractContextManager[str]:
+    """Serve `app` with uvicorn on a random loopback port; yield `http://127.0.0.1:<port>`.
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        http="h11",
-        loop="asyncio",
-        access_log=False,
-        timeout_graceful_shutdown=1,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(5)
-        sock.close()
+    A page may hold a stream open at the end of a test: the server waits 1 s for it.
+    """
+    return servers.serve(app, lifespan="auto", timeout_graceful_shutdown=1)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from tokenhub_stream.asgi import ChatProxy
-from tokenhub_stream.testing import RunningUpstream, Script, ToolCall
+from tokenhub_stream.testing import RunningUpstream, Script, ScriptedToolCall
 from tokenhub_stream.tools import tool
 
 from .conftest import HERE, serve
@@ -46,7 +46,7 @@ def get_weather(city: str) -> str:
 
 
 def tool_turn() -> Script:
-    call = ToolCall(name="get_weather", arguments=json.dumps({"city": "Paris"}))
+    call = ScriptedToolCall(name="get_weather", arguments=json.dumps({"city": "Paris"}))
     return Script(deltas=[], tool_calls=[call], first_delay=0.2)
 
 

@@ -23,7 +23,7 @@ from tokenhub_stream.cli._serve import (
     create_app,
     run_serve,
 )
-from tokenhub_stream.cli._upstream import Upstream
+from tokenhub_stream.cli._upstream import ResolvedUpstream
 from tokenhub_stream.testing import DEFAULT_MODELS, FakeChatUpstream, RunningUpstream, run_upstream
 
 from .conftest import serve
@@ -75,21 +75,23 @@ def test_serve_app_keeps_an_explicit_model_the_list_lacks(upstream: RunningUpstr
 
 def test_serve_fetch_models_lists_the_upstream_models() -> None:
     with run_upstream(FakeChatUpstream(api_key="sk-test")) as running:
-        assert _fetch_models(Upstream(running.base_url, "sk-test", False)) == list(DEFAULT_MODELS)
-        assert _fetch_models(Upstream(running.base_url, "wrong", False)) is None
-        assert _fetch_models(Upstream(running.base_url + "/nowhere", None, False)) is None
+        assert _fetch_models(ResolvedUpstream(running.base_url, "sk-test", False)) == list(
+            DEFAULT_MODELS
+        )
+        assert _fetch_models(ResolvedUpstream(running.base_url, "wrong", False)) is None
+        assert _fetch_models(ResolvedUpstream(running.base_url + "/nowhere", None, False)) is None
 
 
 def test_serve_resolve_upstream_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TOKENHUB_KEY", raising=False)
     monkeypatch.delenv("TOKENHUB_BASE_URL", raising=False)
     with _resolve("http://127.0.0.1:9/v1/", None) as upstream:
-        assert upstream == Upstream("http://127.0.0.1:9/v1", None, False)
+        assert upstream == ResolvedUpstream("http://127.0.0.1:9/v1", None, False)
     with _resolve(None, "sk-given") as upstream:
-        assert upstream == Upstream(DEFAULT_BASE_URL, "sk-given", False)
+        assert upstream == ResolvedUpstream(DEFAULT_BASE_URL, "sk-given", False)
     monkeypatch.setenv("TOKENHUB_KEY", "sk-env")
     with _resolve(None, None) as upstream:
-        assert upstream == Upstream(DEFAULT_BASE_URL, "sk-env", False)
+        assert upstream == ResolvedUpstream(DEFAULT_BASE_URL, "sk-env", False)
     monkeypatch.delenv("TOKENHUB_KEY")
     with _resolve(None, None) as upstream:
         assert upstream.local

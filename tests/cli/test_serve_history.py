@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 
@@ -263,7 +264,11 @@ async def test_serve_history_written_waits_are_bounded() -> None:
     assert written._waiting == {}
     async with anyio.create_task_group() as tg:
         tg.start_soon(written.wait, "r1", 5.0)
-        await anyio.sleep(0.01)
+        with anyio.fail_after(1):
+            while True:  # until the waiter is registered
+                if "r1" in written._waiting:
+                    break
+                await anyio.lowlevel.checkpoint()
         written.mark("r1")  # wakes the waiter at once
     with anyio.fail_after(1):
         await written.wait("r1", 5.0)  # already written

@@ -30,13 +30,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+import servers
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
 _STARTUP_TIMEOUT = 10.0
@@ -183,37 +184,8 @@ def _clean_redis(redis_server: RedisServer) -> None:
 # --- a proxy in this process -----------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def serve(app: object) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn on a random loopback port (its own thread and loop)."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,  # type: ignore[arg-type]
-        log_level="warning",
-        lifespan="on",
-        http="h11",
-        loop="asyncio",
-        access_log=False,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+# `serve(app)`: uvicorn (h11) on a random loopback port, lifespan on; yields its base URL.
+serve = servers.serve
 
 
 # --- proxies in their own processes -----------------------------------------------------------

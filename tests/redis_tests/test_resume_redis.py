@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import anyio
 import httpx
@@ -86,6 +86,28 @@ async def post_until(
 # --- the buffer against a real Redis ------------------------------------------------------------
 
 
+async def eventually(predicate: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    """Wait, bounded, until `await predicate()` holds."""
+    with anyio.fail_after(timeout):
+        while True:
+            if await predicate():
+                return
+            await anyio.sleep(0.01)
+
+
+async def is_gone(buffer: RedisStreamBuffer, stream_id: str) -> bool:
+    return await buffer.info(stream_id) is None
+
+
+async def blocked_in_xread(redis_url: str) -> bool:
+    """Whether a client of the server is blocked in XREAD right now (CLIENT LIST)."""
+    import redis.asyncio
+
+    async with redis.asyncio.Redis.from_url(redis_url) as admin:
+        clients = await admin.client_list()
+    return any(c.get("cmd") == "xread" and "b" in c.get("flags", "") for c in clients)
+
+
 async def test_redis_stream_buffer_keeps_tails_and_ends(redis_url: str) -> None:
     async with RedisStreamBuffer(redis_url, prefix="t:") as buffer:
         assert isinstance(buffer, StreamBuffer)
@@ -108,14 +130,13 @@ async def test_redis_stream_buffer_keeps_tails_and_ends(redis_url: str) -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(tail)
-            await anyio.sleep(0.2)  # the reader is blocked in XREAD by now
+            await eventually(lambda: blocked_in_xread(redis_url))
             await buffer.append("s1", [(3, b"c\r\n\x00\xff")])
             await buffer.end("s1", ttl=0.5)
         assert got == [(2, b"b"), (3, b"c\r\n\x00\xff")]  # bytes kept as they are
         info = await buffer.info("s1")
         assert info is not None and info.ended and info.last_id == 3
-        await anyio.sleep(0.8)
-        assert await buffer.info("s1") is None  # expired with its ttl
+        await eventually(lambda: is_gone(buffer, "s1"), 0.5 + 2)  # expired with its ttl
         with pytest.raises(TimeoutError):
             await buffer.create("s2", "x")
             async for _ in buffer.read("s2", 0, idle=0.3):
@@ -229,8 +250,7 @@ async def test_redis_stream_buffer_live_stream_of_a_dead_worker_expires(redis_ur
         info = await buffer.info("s")
         assert info is not None and info.last_id == 2 and not info.ended
         # No event and no end marker for longer than live_ttl: the keys are gone.
-        await anyio.sleep(0.7)
-        assert await buffer.info("s") is None
+        await eventually(lambda: is_gone(buffer, "s"), 0.4 + 2)
         with pytest.raises(LookupError):
             async for _ in buffer.read("s", 0, idle=30):
                 pass

@@ -15,9 +15,7 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 
@@ -26,6 +24,7 @@ import anyio.to_thread
 import httpx
 import pytest
 
+import servers
 from tokenhub_stream.asgi import ChatProxy, CompletionRecord
 from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, run_upstream
 
@@ -125,32 +124,8 @@ def leaks(caplog: pytest.LogCaptureFixture) -> Iterator[LeakScanner]:
 # --- servers ------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def serve(app: ASGIApp) -> Iterator[str]:
-    """Serve `app` with uvicorn (h11) on a random loopback port; yield its base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, log_level="warning", lifespan="on", http="h11", loop="asyncio", access_log=False
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(5)
-        sock.close()
+# `serve(app)`: uvicorn (h11) on a random loopback port, lifespan on; yields its base URL.
+serve = servers.serve
 
 
 @pytest.fixture

@@ -106,6 +106,7 @@ SETTING = 0.5
 TIMING_TRIALS = max(1, TRIALS // 20)
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("keepalive", [None, 0.05], ids=["silent", "keepalive"])
 @pytest.mark.parametrize("after", [0, 3], ids=["after_headers", "after_3_chunks"])
 async def test_client_stall_fires_the_right_timeout_on_time(
@@ -121,10 +122,13 @@ async def test_client_stall_fires_the_right_timeout_on_time(
             got: list[str] = []
             with anyio.fail_after(5), pytest.raises(ts.StreamTimeout) as info:
                 async with c.stream_chat(MESSAGES) as stream:
-                    async for text in stream:
-                        got.append(text)
-                        last = time.monotonic()
-            elapsed = time.monotonic() - (start if after == 0 else last)
+                    try:
+                        async for text in stream:
+                            got.append(text)
+                            last = time.monotonic()
+                    finally:
+                        fired = time.monotonic()  # when it raised; closing is not timed
+            elapsed = fired - (start if after == 0 else last)
             assert info.value.kind == kind
             assert got == [f"t{i}" for i in range(after)]
             figure(
@@ -136,29 +140,37 @@ async def test_client_stall_fires_the_right_timeout_on_time(
             assert await wait_disconnected(upstream, -1, 1.0)
 
 
+@pytest.mark.timing
 async def test_client_total_timeout_on_a_slow_stream(upstream: RunningUpstream) -> None:
     upstream.app.enqueue(Script(text="word " * 200, delay=0.02))
     async with client(upstream, timeout=ts.Timeout(total=SETTING)) as c:
         start = time.monotonic()
         with anyio.fail_after(5), pytest.raises(ts.StreamTimeout) as info:
             async with c.stream_chat(MESSAGES) as stream:
-                async for _ in stream:
-                    pass
-        elapsed = time.monotonic() - start
+                try:
+                    async for _ in stream:
+                        pass
+                finally:
+                    fired = time.monotonic()  # when it raised; closing is not timed
+        elapsed = fired - start
     assert info.value.kind == "total"
     figure(f"client total timeout {SETTING} s", elapsed)
     assert SETTING <= elapsed < SETTING + slack(SETTING), elapsed
 
 
+@pytest.mark.timing
 def test_client_sync_idle_stall_with_keepalives(upstream: RunningUpstream) -> None:
     upstream.app.enqueue(Script(raw=[content_frame("a")], end="stall", keepalive=0.05))
     last = time.monotonic()
     with ts.Client(base_url=upstream.base_url, api_key=KEY, timeout=ts.Timeout(idle=SETTING)) as c:
         with pytest.raises(ts.StreamTimeout) as info:
             with c.stream_chat(MESSAGES) as stream:
-                for _ in stream:
-                    last = time.monotonic()
-    elapsed = time.monotonic() - last
+                try:
+                    for _ in stream:
+                        last = time.monotonic()
+                finally:
+                    fired = time.monotonic()  # when it raised; closing is not timed
+    elapsed = fired - last
     assert info.value.kind == "idle"
     figure(f"sync client idle timeout {SETTING} s, keep-alives", elapsed)
     assert SETTING <= elapsed < SETTING + slack(SETTING), elapsed

@@ -22,7 +22,7 @@ import anyio
 import pytest
 
 import tokenhub_stream as ts
-from tokenhub_stream.testing import RunningUpstream, Script, ToolCall
+from tokenhub_stream.testing import RunningUpstream, Script, ScriptedToolCall
 from tokenhub_stream.tools import tool
 
 from .conftest import KEY, MESSAGES
@@ -59,7 +59,7 @@ def get_weather(city: str) -> str:
 def enqueue_turns(upstream: RunningUpstream, turn: int) -> None:
     """`turn` 1: the first answer never ends; 2: a tool turn first, then that."""
     if turn == 2:
-        call = ToolCall(name="get_weather", arguments='{"city": "Paris"}')
+        call = ScriptedToolCall(name="get_weather", arguments='{"city": "Paris"}')
         upstream.app.enqueue(Script(tool_calls=[call]))
     upstream.app.enqueue(endless())
 

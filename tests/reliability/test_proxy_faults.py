@@ -103,6 +103,7 @@ async def test_proxy_clean_close_without_done_reaches_the_client_as_truncated(
 SETTING = 0.5
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("after", [0, 2], ids=["after_headers", "after_2_chunks"])
 async def test_proxy_silent_upstream_hits_the_proxy_read_timeout(
     upstream: RunningUpstream, leaks: LeakScanner, after: int
@@ -111,7 +112,6 @@ async def test_proxy_silent_upstream_hits_the_proxy_read_timeout(
     upstream.app.enqueue(Script(raw=frames, end="stall", delay=0))
     timeout = httpx.Timeout(5.0, read=SETTING)
     with proxied(upstream, timeout=timeout) as proxy:
-        start = last = time.monotonic()
         got: list[str] = []
         error: ts.TokenHubError | None = None
         with anyio.fail_after(5):
@@ -120,10 +120,14 @@ async def test_proxy_silent_upstream_hits_the_proxy_read_timeout(
                     async with c.stream_chat(MESSAGES) as stream:
                         async for text in stream:
                             got.append(text)
-                            last = time.monotonic()
                 except ts.TokenHubError as exc:
                     error = exc
-        elapsed = time.monotonic() - (start if after == 0 else last)
+        # From the upstream's last write (its headers, or its last frame), which the
+        # proxy's read timeout counts from; the client's last delta comes later, by however
+        # long the relay took.
+        last_write = upstream.app.requests[-1].last_write_at
+        assert last_write is not None
+        elapsed = time.monotonic() - last_write
         (record,) = await proxy.records.wait(1)
     assert got == [f"t{i}" for i in range(after)]
     assert isinstance(error, ts.APIError) and error.code == "upstream_timeout", error
@@ -132,6 +136,7 @@ async def test_proxy_silent_upstream_hits_the_proxy_read_timeout(
     assert SETTING <= elapsed < SETTING + slack(SETTING), elapsed
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("after", [0, 2], ids=["after_headers", "after_2_chunks"])
 async def test_proxy_keepalive_only_stall_fires_the_client_timeout(
     upstream: RunningUpstream, leaks: LeakScanner, after: int
@@ -147,9 +152,12 @@ async def test_proxy_keepalive_only_stall_fires_the_client_timeout(
         with anyio.fail_after(5), pytest.raises(ts.StreamTimeout) as info:
             async with ts.AsyncClient(base_url=proxy.base_url, timeout=timeout) as c:
                 async with c.stream_chat(MESSAGES) as stream:
-                    async for _ in stream:
-                        last = time.monotonic()
-        elapsed = time.monotonic() - (start if after == 0 else last)
+                    try:
+                        async for _ in stream:
+                            last = time.monotonic()
+                    finally:
+                        fired = time.monotonic()  # when it raised; closing is not timed
+        elapsed = fired - (start if after == 0 else last)
         gone = time.monotonic()
         assert await wait_disconnected(upstream, -1, DISCONNECT_WITHIN)
         closed_after = upstream.app.requests[-1].disconnected_at or 0.0
@@ -355,6 +363,7 @@ async def _plateau(counting: CountingUpstream, quiet: float, limit: float) -> in
     raise AssertionError(f"the upstream never stopped: {counting.sent} bytes sent")
 
 
+@pytest.mark.timing
 async def test_proxy_slow_reader_back_pressure_reaches_the_upstream(
     counting: CountingUpstream, leaks: LeakScanner
 ) -> None:

@@ -20,7 +20,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+import servers
 from tokenhub_stream.store import ConversationStore
 
 BACKENDS = ["sqlite", "postgresql"]
@@ -216,34 +216,5 @@ async def store(store_url: str) -> AsyncIterator[ConversationStore]:
 # --- a real server for the proxy --------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def serve(app: object) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn on a random loopback port (its own thread and loop)."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app,  # type: ignore[arg-type]
-        log_level="warning",
-        lifespan="on",
-        http="h11",
-        loop="asyncio",
-        access_log=False,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+# `serve(app)`: uvicorn (h11) on a random loopback port, lifespan on; yields its base URL.
+serve = servers.serve

@@ -28,7 +28,7 @@ from tokenhub_stream.testing import (
     FakeChatUpstream,
     RunningUpstream,
     Script,
-    ToolCall,
+    ScriptedToolCall,
     run_upstream,
 )
 from tokenhub_stream.tools import ToolResult, tool
@@ -127,7 +127,7 @@ def finish_of(frames: list[dict[str, object]]) -> object:
 def test_issue_15_tool_trap_script_with_calls_has_no_text(
     upstream: FakeChatUpstream, running: RunningUpstream
 ) -> None:
-    call = ToolCall(name="get_weather", arguments='{"city": "Paris"}')
+    call = ScriptedToolCall(name="get_weather", arguments='{"city": "Paris"}')
     upstream.enqueue(Script(tool_calls=[call]), Script(tool_calls=[call]))
     frames = post(running)
     assert content_of(frames) == ""
@@ -141,7 +141,7 @@ def test_issue_15_tool_trap_script_with_calls_has_no_text(
 def test_issue_15_tool_trap_text_before_calls_is_asked_for(
     upstream: FakeChatUpstream, running: RunningUpstream
 ) -> None:
-    call = ToolCall(name="get_weather", arguments="{}")
+    call = ScriptedToolCall(name="get_weather", arguments="{}")
     upstream.enqueue(Script(text="Let me look.", tool_calls=[call]))
     frames = post(running)
     assert content_of(frames) == "Let me look."

@@ -16,7 +16,7 @@ from tokenhub_stream.testing import (
     FakeChatUpstream,
     RunningUpstream,
     Script,
-    ToolCall,
+    ScriptedToolCall,
     run_upstream,
 )
 
@@ -229,6 +229,21 @@ def test_upstream_default_delay_used(client: httpx.Client) -> None:
         assert time.monotonic() - start >= 0.12
 
 
+@pytest.mark.timing
+def test_issue_16_run_upstream_answers_without_a_nagle_delay(
+    client: httpx.Client, running: RunningUpstream
+) -> None:
+    # A response is several small writes (headers, body, end). On a socket without
+    # TCP_NODELAY, Nagle held each second write for the client's delayed ACK: 40 ms a
+    # request, 0.4 s for these ten.
+    client.get(f"{running.base_url}/models")  # the connection is open and warm
+    start = time.monotonic()
+    for _ in range(10):
+        assert client.get(f"{running.base_url}/models").status_code == 200
+    assert time.monotonic() - start < 0.2
+
+
+@pytest.mark.timing
 def test_script_first_delay_after_headers(
     client: httpx.Client, upstream: FakeChatUpstream, running: RunningUpstream
 ) -> None:
@@ -338,6 +353,27 @@ def test_script_stall_records_client_disconnect(
     assert request.wait_finished(1.0) and not request.completed
 
 
+def test_received_request_last_write_at_is_when_the_last_bytes_went_out(
+    client: httpx.Client, upstream: FakeChatUpstream, running: RunningUpstream
+) -> None:
+    # A proxy's read timeout counts from the upstream's last write: tests time it from
+    # here, not from the client's last delta, which the relay delivers later.
+    upstream.enqueue(Script(deltas=["a", "b"], delay=0.2, end="stall"))
+    url = f"{running.base_url}/chat/completions"
+    with client.stream("POST", url, json=chat()) as response:
+        for line in response.iter_lines():
+            if '"content":"b"' in line:
+                seen_at = time.monotonic()
+                break
+        request = upstream.requests[-1]
+        written = request.last_write_at
+        assert written is not None
+        # "b" went out after two delays, and no byte since (a stall without keep-alives).
+        assert request.received_at + 2 * 0.2 <= written <= seen_at
+    assert request.wait_finished(1.0)
+    assert request.last_write_at == written
+
+
 def test_script_stall_sends_keepalives(
     client: httpx.Client, upstream: FakeChatUpstream, running: RunningUpstream
 ) -> None:
@@ -431,8 +467,8 @@ def test_script_tool_calls_with_index(
     client: httpx.Client, upstream: FakeChatUpstream, running: RunningUpstream
 ) -> None:
     calls = [
-        ToolCall(name="get_weather", arguments='{"city":"Paris","unit":"C"}', id="call_1"),
-        ToolCall(name="noop", pieces=["{", "}"]),
+        ScriptedToolCall(name="get_weather", arguments='{"city":"Paris","unit":"C"}', id="call_1"),
+        ScriptedToolCall(name="noop", pieces=["{", "}"]),
     ]
     upstream.enqueue(Script(tool_calls=calls))
     lines = stream_lines(client, running)
@@ -452,7 +488,7 @@ def test_script_tool_calls_with_index(
 def test_script_tool_calls_without_index(
     client: httpx.Client, upstream: FakeChatUpstream, running: RunningUpstream
 ) -> None:
-    call = ToolCall(name="f", arguments='{"a":1}', id="")
+    call = ScriptedToolCall(name="f", arguments='{"a":1}', id="")
     upstream.enqueue(Script(tool_calls=[call], tool_call_index=False, finish_reason="stop"))
     lines = stream_lines(client, running)
     fragments = [f[0] for f in deltas(lines, "tool_calls")]  # type: ignore[index]
@@ -660,7 +696,9 @@ def test_non_streaming_default_reply_and_tool_calls(
     url = f"{running.base_url}/chat/completions"
     default = client.post(url, json=chat(stream=False, text="yo")).json()
     assert default["choices"][0]["message"]["content"].startswith('You said: "yo".')
-    upstream.enqueue(Script(deltas=[], tool_calls=[ToolCall(name="f", arguments="{}", id="c")]))
+    upstream.enqueue(
+        Script(deltas=[], tool_calls=[ScriptedToolCall(name="f", arguments="{}", id="c")])
+    )
     body = client.post(url, json=chat(stream=False)).json()
     message = body["choices"][0]["message"]
     assert message["content"] is None

@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from tokenhub_stream import AsyncClient, ContentDelta, ReasoningDelta, StreamConsumed
-from tokenhub_stream.testing import RunningUpstream, Script, ToolCall
+from tokenhub_stream.testing import RunningUpstream, Script, ScriptedToolCall
 from tokenhub_stream.tools import (
     MaxTurnsExceeded,
     ToolCallStarted,
@@ -47,8 +47,8 @@ async def _collect(loop: AsyncToolLoop) -> list[ToolLoopEvent]:
             return [event async for event in loop]
 
 
-def _weather_call(city: str = "Paris", id: str | None = None) -> ToolCall:
-    return ToolCall(name="get_weather", arguments=json.dumps({"city": city}), id=id)
+def _weather_call(city: str = "Paris", id: str | None = None) -> ScriptedToolCall:
+    return ScriptedToolCall(name="get_weather", arguments=json.dumps({"city": city}), id=id)
 
 
 async def test_loop_one_tool_call_then_the_answer(upstream: RunningUpstream) -> None:
@@ -136,8 +136,8 @@ async def test_loop_parallel_calls_run_concurrently(upstream: RunningUpstream) -
     upstream.app.enqueue(
         Script(
             tool_calls=[
-                ToolCall(name="meet", arguments='{"me": "a", "other": "b"}'),
-                ToolCall(name="meet", arguments='{"me": "b", "other": "a"}'),
+                ScriptedToolCall(name="meet", arguments='{"me": "a", "other": "b"}'),
+                ScriptedToolCall(name="meet", arguments='{"me": "b", "other": "a"}'),
             ]
         ),
         Script(text="Both met."),
@@ -166,8 +166,8 @@ async def test_loop_sync_tools_run_in_worker_threads_concurrently(
     upstream.app.enqueue(
         Script(
             tool_calls=[
-                ToolCall(name="wait_for_peer", arguments='{"n": 1}'),
-                ToolCall(name="wait_for_peer", arguments='{"n": 2}'),
+                ScriptedToolCall(name="wait_for_peer", arguments='{"n": 1}'),
+                ScriptedToolCall(name="wait_for_peer", arguments='{"n": 2}'),
             ]
         ),
         Script(text="Done."),
@@ -292,12 +292,12 @@ async def test_loop_tool_errors_go_back_to_the_model(upstream: RunningUpstream) 
     upstream.app.enqueue(
         Script(
             tool_calls=[
-                ToolCall(name="explode", arguments='{"reason": "disk full"}'),
-                ToolCall(name="get_weather", arguments='{"city": "Par'),
-                ToolCall(name="no_such_tool", arguments="{}"),
-                ToolCall(name="get_weather", arguments='{"town": "Paris"}'),
-                ToolCall(name="silent_failure"),
-                ToolCall(name="forecast", arguments='{"city": "Oslo"}'),
+                ScriptedToolCall(name="explode", arguments='{"reason": "disk full"}'),
+                ScriptedToolCall(name="get_weather", arguments='{"city": "Par'),
+                ScriptedToolCall(name="no_such_tool", arguments="{}"),
+                ScriptedToolCall(name="get_weather", arguments='{"town": "Paris"}'),
+                ScriptedToolCall(name="silent_failure"),
+                ScriptedToolCall(name="forecast", arguments='{"city": "Oslo"}'),
             ]
         ),
         Script(text="Sorry about that."),
@@ -335,8 +335,8 @@ async def test_loop_max_turns_raises_without_running_the_last_calls(
         return "ok"
 
     upstream.app.enqueue(
-        Script(tool_calls=[ToolCall(name="record", arguments='{"city": "A"}')]),
-        Script(tool_calls=[ToolCall(name="record", arguments='{"city": "B"}')]),
+        Script(tool_calls=[ScriptedToolCall(name="record", arguments='{"city": "A"}')]),
+        Script(tool_calls=[ScriptedToolCall(name="record", arguments='{"city": "B"}')]),
     )
     events: list[ToolLoopEvent] = []
     async with AsyncClient(base_url=upstream.base_url) as client:
@@ -465,11 +465,11 @@ async def test_loop_tool_results_as_json(upstream: RunningUpstream) -> None:
     upstream.app.enqueue(
         Script(
             tool_calls=[
-                ToolCall(name="nothing"),
-                ToolCall(name="several"),
-                ToolCall(name="opaque"),
-                ToolCall(name="double", arguments='{"n": 21}'),
-                ToolCall(name="returns_awaitable", arguments='{"n": 4}'),
+                ScriptedToolCall(name="nothing"),
+                ScriptedToolCall(name="several"),
+                ScriptedToolCall(name="opaque"),
+                ScriptedToolCall(name="double", arguments='{"n": 21}'),
+                ScriptedToolCall(name="returns_awaitable", arguments='{"n": 4}'),
             ]
         ),
         Script(text="ok"),

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from tokenhub_stream import Client, ContentDelta, StreamConsumed
-from tokenhub_stream.testing import RunningUpstream, Script, ToolCall
+from tokenhub_stream.testing import RunningUpstream, Script, ScriptedToolCall
 from tokenhub_stream.tools import MaxTurnsExceeded, ToolResult, TurnFinished, tool
 from tokenhub_stream.tools._loop_sync import run_tools_sync
 
@@ -29,7 +29,9 @@ def test_sync_loop_one_tool_call_then_the_answer(upstream: RunningUpstream) -> N
     upstream.app.enqueue(
         Script(
             text="Checking.",
-            tool_calls=[ToolCall(name="get_weather", id="c1", arguments='{"city": "Oslo"}')],
+            tool_calls=[
+                ScriptedToolCall(name="get_weather", id="c1", arguments='{"city": "Oslo"}')
+            ],
         ),
         Script(text="Sunny."),
     )
@@ -69,8 +71,8 @@ def test_sync_loop_parallel_calls_run_in_threads(upstream: RunningUpstream) -> N
         Script(
             deltas=[],
             tool_calls=[
-                ToolCall(name="meet", arguments='{"me": "a", "other": "b"}'),
-                ToolCall(name="meet", arguments='{"me": "b", "other": "a"}'),
+                ScriptedToolCall(name="meet", arguments='{"me": "a", "other": "b"}'),
+                ScriptedToolCall(name="meet", arguments='{"me": "b", "other": "a"}'),
             ],
         ),
         Script(text="Both met."),
@@ -98,7 +100,9 @@ def test_sync_loop_single_call_runs_in_the_calling_thread(upstream: RunningUpstr
         ran_in.append(threading.current_thread())
         return "here"
 
-    upstream.app.enqueue(Script(deltas=[], tool_calls=[ToolCall(name="where")]), Script(text="ok"))
+    upstream.app.enqueue(
+        Script(deltas=[], tool_calls=[ScriptedToolCall(name="where")]), Script(text="ok")
+    )
     with Client(base_url=upstream.base_url) as client:
         answer = run_tools_sync(client, USER, tools=[where]).until_done()
     assert answer.content == "ok"
@@ -139,10 +143,10 @@ def test_sync_loop_errors_go_back_to_the_model(upstream: RunningUpstream) -> Non
     upstream.app.enqueue(
         Script(
             tool_calls=[
-                ToolCall(name="broken", arguments='{"n": 3}'),
-                ToolCall(name="sneaky"),
-                ToolCall(name="get_weather", arguments="not json"),
-                ToolCall(name="missing"),
+                ScriptedToolCall(name="broken", arguments='{"n": 3}'),
+                ScriptedToolCall(name="sneaky"),
+                ScriptedToolCall(name="get_weather", arguments="not json"),
+                ScriptedToolCall(name="missing"),
             ]
         ),
         Script(text="Sorry."),
@@ -162,7 +166,7 @@ def test_sync_loop_errors_go_back_to_the_model(upstream: RunningUpstream) -> Non
 
 def test_sync_loop_max_turns(upstream: RunningUpstream) -> None:
     upstream.app.enqueue(
-        Script(tool_calls=[ToolCall(name="get_weather", arguments='{"city": "A"}')])
+        Script(tool_calls=[ScriptedToolCall(name="get_weather", arguments='{"city": "A"}')])
     )
     with Client(base_url=upstream.base_url) as client:
         loop = run_tools_sync(client, USER, tools=[get_weather], max_turns=1)

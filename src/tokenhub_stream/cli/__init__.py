@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from ..__version__ import __version__
@@ -24,9 +25,9 @@ from .._config import env_api_key
 from .._sync_client import Client
 from ..tools import ToolSet
 from ._terminal import EXIT_INTERRUPTED, EXIT_USAGE, run_ask, run_chat
-from ._upstream import Upstream, default_model, resolve_upstream
+from ._upstream import ResolvedUpstream, default_model, resolve_upstream
 
-__all__ = ["Upstream", "build_parser", "default_model", "main", "resolve_upstream"]
+__all__ = ["ResolvedUpstream", "build_parser", "default_model", "main", "resolve_upstream"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,7 +203,7 @@ def _in_terminal(
     raise AssertionError("unreachable")  # pragma: no cover  (ExitStack may swallow)
 
 
-def _client(upstream: Upstream, model: str) -> Client:
+def _client(upstream: ResolvedUpstream, model: str) -> Client:
     return Client(base_url=upstream.base_url, api_key=upstream.api_key, model=model)
 
 
@@ -229,3 +230,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
     except (ImportError, ValueError) as exc:
         return _error(str(exc))
+
+
+def __getattr__(name: str) -> type[ResolvedUpstream]:
+    # `Upstream` clashed with the proxy's `Upstream` protocol; the old name stays for one
+    # release, with a warning, and then goes.
+    if name == "Upstream":
+        warnings.warn(
+            "tokenhub_stream.cli.Upstream is deprecated; use ResolvedUpstream",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return ResolvedUpstream
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

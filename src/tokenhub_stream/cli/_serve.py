@@ -21,8 +21,8 @@ Deliberate choices:
   policy is a second fence should that ever slip.
 - The model picker lists the upstream's own `GET /models` (fetched once at start), and the
   proxy is limited to those models, so the browser can only ask for what the upstream has.
-- `ChatProxy` needs a key; an upstream without one (vLLM, Ollama, the local upstream) gets a
-  placeholder bearer token, which those servers ignore.
+- An upstream without a key (vLLM, Ollama, the local upstream) gets no `Authorization`
+  header: `ChatProxy(api_key=None)`, no made-up placeholder token.
 - `serve` has no login: with a store, the page gives each browser a random id in an
   HttpOnly, SameSite=Lax cookie, and the principal is a digest of it. Two browsers (or
   profiles) never see each other's history; the cookie itself is never stored or logged.
@@ -66,7 +66,7 @@ from .._config import DEFAULT_BASE_URL, DEFAULT_MODEL, env_base_url
 from ..asgi import DEFAULT_KEEPALIVE_INTERVAL, ChatProxy, CompletionRecord
 from ..asgi._admission import HostPattern, check_host, check_origin, parse_allowed_hosts
 from ..asgi._wire import ProxyRejection, error_body
-from ._upstream import Upstream, default_model, resolve_upstream
+from ._upstream import ResolvedUpstream, default_model, resolve_upstream
 
 try:
     from starlette.applications import Starlette
@@ -89,8 +89,6 @@ __all__ = ["LOCAL_HOSTS", "create_app", "default_store_url", "run_serve", "serve
 
 logger = logging.getLogger("tokenhub_stream.serve")
 
-#: Sent upstream when there is no key: servers without auth ignore it.
-NO_KEY = "no-key"
 MODELS_TIMEOUT = 5.0
 
 _STATIC = {
@@ -191,7 +189,7 @@ def create_app(
     hosts = None if allowed_hosts is None else parse_allowed_hosts(allowed_hosts)
     history = None if store is None else _History(store)
     proxy = ChatProxy(
-        api_key=api_key or NO_KEY,
+        api_key=api_key or None,  # "" is no key too, as for TOKENHUB_KEY
         base_url=base_url,
         default_model=default,
         allowed_models=allowed,
@@ -508,17 +506,19 @@ def _store_failed() -> Response:
 
 
 @contextlib.contextmanager
-def _resolve(base_url: str | None, api_key: str | None) -> Iterator[Upstream]:
+def _resolve(base_url: str | None, api_key: str | None) -> Iterator[ResolvedUpstream]:
     # The rule of issue #4, shared with `chat` and `ask` (`resolve_upstream`); a key passed
     # in explicitly counts as if it came from TOKENHUB_KEY.
     if api_key is None:
         with resolve_upstream(base_url) as upstream:
             yield upstream
         return
-    yield Upstream((base_url or env_base_url() or DEFAULT_BASE_URL).rstrip("/"), api_key, False)
+    yield ResolvedUpstream(
+        (base_url or env_base_url() or DEFAULT_BASE_URL).rstrip("/"), api_key, False
+    )
 
 
-def _fetch_models(upstream: Upstream) -> list[str] | None:
+def _fetch_models(upstream: ResolvedUpstream) -> list[str] | None:
     """The upstream's model ids, or `None` if it cannot list them."""
     headers = {"authorization": f"Bearer {upstream.api_key}"} if upstream.api_key else {}
     try:
@@ -673,7 +673,9 @@ def run_serve(
             token=token,
         )
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = stack.enter_context(socket.socket(family, socket.SOCK_STREAM))
+        # IPPROTO_TCP: asyncio (when uvloop is missing) sets TCP_NODELAY only then; without
+        # it Nagle holds small SSE writes for the browser's delayed ACK (40 ms).
+        sock = stack.enter_context(socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(128)

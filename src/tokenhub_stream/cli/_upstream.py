@@ -9,10 +9,10 @@ from typing import NamedTuple, TextIO
 
 from .._config import DEFAULT_BASE_URL, DEFAULT_MODEL, env_api_key, env_base_url
 
-__all__ = ["Upstream", "default_model", "resolve_upstream"]
+__all__ = ["ResolvedUpstream", "default_model", "resolve_upstream"]
 
 
-class Upstream(NamedTuple):
+class ResolvedUpstream(NamedTuple):
     """Where to send requests; unpacks as `(base_url, api_key, local)`."""
 
     base_url: str
@@ -21,7 +21,9 @@ class Upstream(NamedTuple):
 
 
 @contextlib.contextmanager
-def resolve_upstream(base_url: str | None, *, stderr: TextIO | None = None) -> Iterator[Upstream]:
+def resolve_upstream(
+    base_url: str | None, *, stderr: TextIO | None = None
+) -> Iterator[ResolvedUpstream]:
     """Pick the upstream from `base_url` and the environment, for as long as the block runs.
 
     ```python
@@ -40,7 +42,7 @@ def resolve_upstream(base_url: str | None, *, stderr: TextIO | None = None) -> I
         stderr: where the one-line notice goes (default `sys.stderr`).
 
     Returns:
-        A context manager yielding an `Upstream`; the key is never printed.
+        A context manager yielding an `ResolvedUpstream`; the key is never printed.
 
     Raises:
         ImportError: the local upstream is needed but uvicorn is missing (the `cli` extra).
@@ -49,10 +51,10 @@ def resolve_upstream(base_url: str | None, *, stderr: TextIO | None = None) -> I
     api_key = env_api_key()
     url = base_url or env_base_url()
     if url is not None:
-        yield Upstream(url.rstrip("/"), api_key, False)
+        yield ResolvedUpstream(url.rstrip("/"), api_key, False)
         return
     if api_key is not None:
-        yield Upstream(DEFAULT_BASE_URL, api_key, False)
+        yield ResolvedUpstream(DEFAULT_BASE_URL, api_key, False)
         return
     from ..testing import run_upstream
 
@@ -63,10 +65,10 @@ def resolve_upstream(base_url: str | None, *, stderr: TextIO | None = None) -> I
             f"using the local test upstream at {running.base_url}\n"
         )
         out.flush()
-        yield Upstream(running.base_url, None, True)
+        yield ResolvedUpstream(running.base_url, None, True)
 
 
-def default_model(upstream: Upstream) -> str:
+def default_model(upstream: ResolvedUpstream) -> str:
     """The model used when none is given: the local upstream's first, else `DEFAULT_MODEL`."""
     if upstream.local:
         from ..testing import DEFAULT_MODELS
