@@ -413,6 +413,7 @@ def test_issue_17_engine_decodes_a_compressed_answer_as_httpx(
     assert len(engine_sends) == 2
 
 
+@pytest.mark.timing
 @both
 def test_issue_17_engine_head_wait_is_the_first_token_deadline(
     engine_sends: list[str], sync: bool
@@ -514,6 +515,7 @@ def test_issue_17_async_client_moves_to_a_new_event_loop(upstream: RunningUpstre
     gc.collect()  # nothing left unclosed (a ResourceWarning fails the test)
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("engine", ["auto", "httpx"])
 def test_issue_17_deadlines_fire_on_uvloop(
     upstream: RunningUpstream, monkeypatch: pytest.MonkeyPatch, engine: str
@@ -566,6 +568,7 @@ def tls_server_context(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) 
     return context
 
 
+@pytest.mark.timing
 @both
 def test_issue_17_engine_over_tls(
     tls_server_context: ssl.SSLContext, engine_sends: list[str], sync: bool
