@@ -488,6 +488,35 @@ def test_issue_17_engine_does_not_reuse_a_connection_the_server_closed(
         assert server.connections == 3 and len(engine_sends) == 3
 
 
+def test_issue_17_sync_engine_shared_by_threads(
+    upstream: RunningUpstream, engine_sends: list[str]
+) -> None:
+    # httpx's Client may be shared by threads; so may ours: each stream on a connection of
+    # its own, the pool never handing one connection to two threads.
+    for _ in range(40):
+        upstream.app.enqueue(Script(deltas=["a", "b"], delay=0.001))
+    errors: list[BaseException] = []
+    with ts.Client(base_url=upstream.base_url, max_retries=0) as client:
+
+        def work() -> None:
+            try:
+                for _ in range(5):
+                    with client.stream_chat(MESSAGES) as stream:
+                        assert list(stream) == ["a", "b"]
+            except BaseException as exc:  # reported below, in the test's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert client._engine is not None
+        pool = next(iter(client._engine._pools.values()))
+        assert len(pool._idle) <= 8 and not errors, errors
+    assert len(engine_sends) == 40
+
+
 def test_issue_17_async_client_moves_to_a_new_event_loop(upstream: RunningUpstream) -> None:
     # Connections belong to the loop they were made on: a client used from a second
     # loop must not send on the first loop's sockets (that loop would never read the
