@@ -431,7 +431,7 @@ SYNC_CONSUMERS: dict[str, Callable[[str], SyncConsumer]] = {
 }
 
 
-def all_specs(baseline: tuple[str, str] | None = None) -> list[Spec]:
+def all_specs(baselines: list[tuple[str, str]] | None = None) -> list[Spec]:
     specs: list[Spec] = []
     for kind in ("async", "sync"):
         specs.append(Spec("raw-socket", "raw-socket", kind))
@@ -440,8 +440,7 @@ def all_specs(baseline: tuple[str, str] | None = None) -> list[Spec]:
         specs.append(Spec("openai", "openai", kind))
         specs.append(Spec("tokenhub_stream (stdlib json)", "tokenhub_stream", kind, "stdlib"))
         specs.append(Spec("tokenhub_stream (orjson)", "tokenhub_stream", kind, "orjson"))
-        if baseline is not None:
-            rev, src = baseline
+        for rev, src in baselines or ():
             for json_name, shown in (("stdlib", "stdlib json"), ("orjson", "orjson")):
                 label = f"tokenhub_stream@{rev} ({shown})"
                 specs.append(Spec(label, "tokenhub_stream", kind, json_name, src))
@@ -981,10 +980,8 @@ def orchestrate(args: argparse.Namespace) -> int:
         plan = Plan(long_chunks=50_000, short_streams=1_000, short_chunks=50, reps=args.reps)
     wanted = set(args.only.split(",")) if args.only else None
     with contextlib.ExitStack() as stack:
-        baseline = None
-        if args.baseline:
-            baseline = (args.baseline, stack.enter_context(checkout_of(args.baseline)))
-        specs = [s for s in all_specs(baseline) if wanted is None or s.family in wanted]
+        baselines = [(rev, stack.enter_context(checkout_of(rev))) for rev in args.baseline]
+        specs = [s for s in all_specs(baselines) if wanted is None or s.family in wanted]
         return _orchestrate(args, plan, specs)
 
 
@@ -1133,6 +1130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--baseline",
         metavar="REV",
+        nargs="+",
+        default=[],
         help="also run tokenhub_stream as of git revision REV (a `git archive` of its src/), "
         "side by side in the same rounds: before/after figures from one run",
     )
