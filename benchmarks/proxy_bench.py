@@ -883,18 +883,21 @@ def main() -> None:
     parser.add_argument(
         "--baseline",
         metavar="REV",
+        nargs="+",
+        default=[],
         help="also run each ChatProxy target as of git revision REV (NAME@REV, from a "
         "`git archive` of its src/), right after the same target: before/after in one run",
     )
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
+        for rev in args.baseline:
+            _BASELINES[rev] = stack.enter_context(_checkout(rev))
         if args.baseline:
-            _BASELINES[args.baseline] = stack.enter_context(_checkout(args.baseline))
             paired: list[str] = []
             for name in args.targets:
                 paired.append(name)
                 if name.startswith("chatproxy"):
-                    paired.append(f"{name}@{args.baseline}")
+                    paired.extend(f"{name}@{rev}" for rev in args.baseline)
             args.targets = paired
         _main(args)
 

@@ -2,7 +2,7 @@
 
 Run it in its own process so it never competes with the measured client in one event loop:
 
-    python benchmarks/sse_server.py [--port 0]
+    python benchmarks/sse_server.py [--port 0] [--tls-cert CERT --tls-key KEY]
 
 It prints its base URL (``http://127.0.0.1:PORT``) as the first line on stdout, then serves
 until SIGTERM/SIGINT, until its stdin reaches EOF (the parent went away), or until
@@ -17,7 +17,13 @@ first chunk, N content chunks, a ``finish_reason`` chunk, ``data: [DONE]``, then
 
 Every response body is built once per N and cached, so the server costs one ``write()`` per
 request and is much faster than any client. The content of delta ``i`` is ``token(i)``;
-``expected_text(n)`` and ``event_bytes(n)`` give what a client must deliver.
+``expected_text(n)`` and ``event_bytes(n)`` give what a client must deliver, and
+``wire_bytes(n)`` what a raw socket receives (head, chunk framing and all).
+
+With ``stall`` in the query (``?stall=1``) or an ``x-bench-stall`` header the answer is
+the head and the first N events,
+and then nothing: the connection stays open until the client leaves (an open stream, for
+the memory figures). With ``--tls-cert``/``--tls-key`` it serves HTTPS.
 
 Only the standard library is used.
 """
@@ -29,6 +35,7 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 import sys
 import zlib
 from functools import lru_cache
@@ -36,6 +43,7 @@ from urllib.parse import parse_qs, urlsplit
 
 __all__ = [
     "DEFAULT_CHUNKS",
+    "wire_bytes",
     "MAX_CHUNKS",
     "Checksum",
     "checksum",
@@ -107,6 +115,11 @@ def response_body(n: int) -> bytes:
     parts = [b"%x\r\n%s\r\n" % (len(e), e) for e in _events(n)]
     parts.append(b"0\r\n\r\n")
     return b"".join(parts)
+
+
+def wire_bytes(n: int) -> int:
+    """Bytes a raw socket receives for a stream of ``n`` content deltas: head and body."""
+    return len(_STREAM_HEAD) + len(response_body(n))
 
 
 _STREAM_HEAD = (
@@ -216,6 +229,11 @@ class _HTTPProtocol(asyncio.Protocol):
                 return self._fail("400 Bad Request", "bad chunk count or JSON body")
             if not 0 <= n <= MAX_CHUNKS:
                 return self._fail("400 Bad Request", f"chunk count must be 0..{MAX_CHUNKS}")
+            if "stall" in parse_qs(urlsplit(target).query) or "x-bench-stall" in headers:
+                events = _events(n)[:-3]  # no finish chunk, no [DONE], no terminator
+                parts = [b"%x\r\n%s\r\n" % (len(e), e) for e in events]
+                self._transport.write(_STREAM_HEAD + b"".join(parts))
+                return False  # nothing more on this connection
             self._transport.write(_STREAM_HEAD + response_body(n))
         if close:
             self._transport.close()
@@ -223,11 +241,12 @@ class _HTTPProtocol(asyncio.Protocol):
         return True
 
 
-async def serve(host: str, port: int, lifetime: float) -> None:
+async def serve(host: str, port: int, lifetime: float, tls: ssl.SSLContext | None = None) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(_HTTPProtocol, host, port, backlog=128)
+    server = await loop.create_server(_HTTPProtocol, host, port, backlog=1024, ssl=tls)
     bound = server.sockets[0].getsockname()
-    print(f"http://{bound[0]}:{bound[1]}", flush=True)
+    scheme = "https" if tls is not None else "http"
+    print(f"{scheme}://{bound[0]}:{bound[1]}", flush=True)
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -256,10 +275,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--prebuild", type=int, nargs="*", default=[], help="chunk counts to build up front"
     )
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--tls-key", help="... and this private key (PEM)")
     args = parser.parse_args(argv)
     for n in args.prebuild:
         response_body(n)
-    asyncio.run(serve(args.host, args.port, args.lifetime))
+    tls = None
+    if args.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    asyncio.run(serve(args.host, args.port, args.lifetime, tls))
 
 
 if __name__ == "__main__":

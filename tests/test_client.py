@@ -58,7 +58,10 @@ def ok(body: bytes) -> httpx.Response:
 
 
 @pytest.fixture
-def mock() -> Iterator[respx.MockRouter]:
+def mock(monkeypatch: pytest.MonkeyPatch) -> Iterator[respx.MockRouter]:
+    # respx mocks httpx, so these clients send through httpx, not through our engine: the
+    # same behaviours over the engine, on a real socket, are in test_issue_17_engine.py.
+    monkeypatch.setenv("TOKENHUB_STREAM_ENGINE", "httpx")
     with respx.mock(assert_all_called=False) as router:
         yield router
 

@@ -27,7 +27,9 @@ BODY = (
 
 
 @pytest.fixture
-def route() -> Iterator[respx.Route]:
+def route(monkeypatch: pytest.MonkeyPatch) -> Iterator[respx.Route]:
+    # respx mocks httpx: these clients send through it, not through the engine.
+    monkeypatch.setenv("TOKENHUB_STREAM_ENGINE", "httpx")
     with respx.mock(assert_all_called=False) as router:
         yield router.post(URL + "/chat/completions").mock(
             side_effect=lambda request: httpx.Response(

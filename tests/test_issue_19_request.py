@@ -84,7 +84,10 @@ def completion(text: str) -> dict[str, object]:
 
 
 @pytest.fixture
-def mock() -> Iterator[respx.MockRouter]:
+def mock(monkeypatch: pytest.MonkeyPatch) -> Iterator[respx.MockRouter]:
+    # respx mocks httpx, so these clients send through httpx, not through our engine
+    # (the engine's request bytes are the same: test_issue_17_engine.py).
+    monkeypatch.setenv("TOKENHUB_STREAM_ENGINE", "httpx")
     with respx.mock(assert_all_called=False) as router:
         yield router
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeAlias
 
 import httpx
 
 from ._base import (
+    ENGINE_MAX_CONNECTIONS,
+    ENGINE_MAX_HEAD_BYTES,
     ERROR_BODY_LIMIT,
     AsyncShield,
     BaseClient,
@@ -22,7 +24,11 @@ from ._base import (
     build_call,
     direct_request,
     direct_transport_ok,
+    engine_fits,
+    engine_headers,
+    engine_runs_async,
     generator_done,
+    is_encoded,
     parsed_result,
     raw_chunks,
     send_error,
@@ -46,6 +52,12 @@ from ._retry import Retries
 from ._stream import ConsumeMode, StreamState, StreamView
 from .tools import ToolsTypes
 from .tools._loop import DEFAULT_MAX_TURNS, AsyncToolLoop, arun_tools
+
+if TYPE_CHECKING:
+    from ._engine._http import HttpEngine, HttpResponse
+
+    #: What `_send` returns: httpx's response, or the engine's.
+    AsyncAnswer: TypeAlias = httpx.Response | HttpResponse
 
 __all__ = ["AsyncChatStream", "AsyncClient"]
 
@@ -167,7 +179,9 @@ class _AsyncStreamCore(StreamState):
         super().__init__(client, call)
         self._client = client
         self._owns_client = owns_client
-        self._chunks: AsyncIterator[bytes] | None = None
+        self._response: AsyncAnswer | None = None
+        # The body as lists of chunk bodies (the engine's, or one httpx chunk at a time).
+        self._chunks: AsyncIterator[list[bytes]] | None = None
 
     def _consumer(self, mode: ConsumeMode) -> AsyncIterator[Any]:
         consumer = self._consume(mode)
@@ -195,9 +209,12 @@ class _AsyncStreamCore(StreamState):
                 feed = self._feed(mode)
                 assert self._chunks is not None
                 try:
-                    async for chunk in self._chunks:
-                        for item in feed(chunk):
-                            yield item
+                    async for batch in self._chunks:
+                        for chunk in batch:
+                            for item in feed(chunk):
+                                yield item
+                            if parser.stopped:
+                                break
                         if parser.stopped:
                             break
                     else:
@@ -227,8 +244,8 @@ class _AsyncStreamCore(StreamState):
         received = 0
         assert self._chunks is not None
         try:
-            async for chunk in self._chunks:
-                received += len(chunk)
+            async for batch in self._chunks:
+                received += sum(len(chunk) for chunk in batch)
                 if received > DRAIN_MAX_BYTES:
                     break
         except httpx.HTTPError:
@@ -241,6 +258,10 @@ class _AsyncStreamCore(StreamState):
         chunks, self._chunks = self._chunks, None
         if chunks is not None and generator_done(chunks):
             chunks = None  # read to its end: nothing to close
+        if response is not None and not isinstance(response, httpx.Response):
+            # The engine's: closed at once (or handed back to the pool), no await.
+            response.close()
+            response = None
         if chunks is None and (response is None or response.is_closed):
             return
         with AsyncShield():
@@ -258,11 +279,41 @@ class _AsyncStreamCore(StreamState):
         self._closed = True
 
 
-def _body(response: httpx.Response) -> AsyncIterator[bytes]:
+def _body(response: AsyncAnswer) -> AsyncIterator[list[bytes]]:
+    """The stream's body as it should be parsed: lists of the engine's chunk bodies, each
+    fed to the parser on its own; httpx's chunks one at a time."""
+    if not isinstance(response, httpx.Response):
+        if not is_encoded(response.headers):
+            return response.aiter_batches()
+        return _one_by_one(_decoded(response))
     raw = raw_chunks(response)
     if isinstance(raw, AsyncIterable):
-        return aiter(raw)
-    return response.aiter_bytes()
+        return _one_by_one(aiter(raw))
+    return _one_by_one(response.aiter_bytes())
+
+
+async def _one_by_one(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
+    async for chunk in chunks:
+        yield [chunk]
+
+
+def _decoded(response: AsyncAnswer) -> AsyncIterator[bytes]:
+    """The body decoded as httpx decodes it (gzip, deflate, ...): the engine passes bodies
+    as they come, so a compressed one is read through httpx's `Response`."""
+    if isinstance(response, httpx.Response):
+        return response.aiter_bytes()
+    if not is_encoded(response.headers):
+        return response.aiter_raw()
+    from ._engine._transport import as_httpx
+
+    return as_httpx(response).aiter_bytes()
+
+
+async def _read(response: AsyncAnswer) -> bytes:
+    """The whole body, decoded (`_decoded`)."""
+    if isinstance(response, httpx.Response) or not is_encoded(response.headers):
+        return await response.aread()
+    return b"".join([chunk async for chunk in _decoded(response)])
 
 
 async def _close_generator(generator: AsyncIterator[Any]) -> None:
@@ -299,10 +350,17 @@ class AsyncClient(BaseClient):
         strict_utf8: raise `ProtocolError` on invalid UTF-8 instead of U+FFFD.
         drain_timeout: how long to read on after `[DONE]` to keep the connection.
         headers: extra headers sent with every request.
-        http_client: an `httpx.AsyncClient` to use instead of our own (not closed by us).
+        http_client: an `httpx.AsyncClient` to send with instead of our engine (not
+            closed by us). Without one, the client sends over its own HTTP/1.1 engine, or
+            over httpx where the engine does not go (a proxy from the environment,
+            credentials in the URL, trio, `TOKENHUB_STREAM_ENGINE=httpx`: see
+            docs/configuration.md).
         strict_schemas: send `strict: true` with `response_format=` schemas and tool
             schemas (both are always strict-ready); False leaves the field out, for
             servers that reject it (vLLM, SGLang).
+
+    Raises:
+        ValueError: a bad option, or `TOKENHUB_STREAM_ENGINE` neither "auto" nor "httpx".
     """
 
     def __init__(
@@ -337,14 +395,18 @@ class AsyncClient(BaseClient):
             strict_schemas=strict_schemas,
         )
         self._owns_http = http_client is None
-        # Our own pool: requests go straight to its transport when nothing that
-        # `send()` adds could apply (see `direct_transport_ok`).
+        # Our own pool is our engine (`_engine/`) when nothing needs httpx (see
+        # `engine_fits`); made on first use, as is an httpx client it may still need (the
+        # async client under trio).
+        self._use_engine = http_client is None and engine_fits(self.base_url)
+        self._engine: HttpEngine | None = None
+        self._http: httpx.AsyncClient | None = http_client
         self._transport: httpx.AsyncHTTPTransport | None = None
-        if http_client is None and direct_transport_ok(self.base_url):
-            self._transport = httpx.AsyncHTTPTransport()
-            http_client = httpx.AsyncClient(transport=self._transport)
-        self._http = http_client if http_client is not None else httpx.AsyncClient()
-        self._default_headers = dict(self._http.headers)
+        self._default_headers: dict[str, str] = {}
+        if http_client is not None:
+            self._default_headers = dict(http_client.headers)
+        elif not self._use_engine:
+            self._own_httpx()
 
     async def __aenter__(self) -> Self:
         return self
@@ -359,8 +421,36 @@ class AsyncClient(BaseClient):
 
     async def aclose(self) -> None:
         """Close the connection pool (not an `http_client` that was passed in)."""
-        if self._owns_http:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.aclose()
+        if self._owns_http and self._http is not None:
             await self._http.aclose()
+
+    def _own_httpx(self) -> httpx.AsyncClient:
+        """Our own httpx client: requests go straight to its transport when nothing that
+        `send()` adds could apply (see `direct_transport_ok`)."""
+        if direct_transport_ok(self.base_url):
+            self._transport = httpx.AsyncHTTPTransport()
+            self._http = httpx.AsyncClient(transport=self._transport)
+        else:
+            self._http = httpx.AsyncClient()
+        self._default_headers = dict(self._http.headers)
+        return self._http
+
+    def _own_engine(self) -> HttpEngine:
+        from ._engine._http import HttpEngine
+
+        # Its own limits: a request brings its connect, pool and head-wait timeouts, and
+        # the watchdog enforces the body's deadlines on the engine's socket.
+        self._engine = HttpEngine(
+            ENGINE_MAX_CONNECTIONS,
+            httpx.Timeout(None),
+            ENGINE_MAX_HEAD_BYTES,
+            trust_env=True,
+            release_at_close=True,  # the watchdog lets go of the socket first
+        )
+        return self._engine
 
     def stream_chat(
         self,
@@ -509,7 +599,7 @@ class AsyncClient(BaseClient):
         response = await self._send_retrying(call, retries, deadline.restart)
         deadline.watch(response)
         try:
-            body = await response.aread()
+            body = await _read(response)
         except httpx.HTTPError as exc:
             raise deadline.error(exc) from exc
         finally:
@@ -520,7 +610,7 @@ class AsyncClient(BaseClient):
 
     async def _send_retrying(
         self, call: Call, retries: Retries, on_send: Callable[[], None]
-    ) -> httpx.Response:
+    ) -> AsyncAnswer:
         """Send `call` until it is `answered`, waiting between attempts as `retries`
         decides (`on_send` runs before each); raises the error it gives up on."""
         while True:
@@ -538,7 +628,13 @@ class AsyncClient(BaseClient):
                 raise error
             await async_sleep(delay)
 
-    async def _send(self, call: Call) -> httpx.Response:
+    async def _send(self, call: Call) -> AsyncAnswer:
+        if self._use_engine and engine_runs_async():
+            engine = self._engine or self._own_engine()
+            return await engine.send(
+                call.url, engine_headers(call), call.body, call.engine_timeout()
+            )
+        http = self._http or self._own_httpx()
         url = self._httpx_url(call.url)
         if self._transport is not None:
             request = direct_request(url, call, self._default_headers)
@@ -549,19 +645,19 @@ class AsyncClient(BaseClient):
                 raise
             response.request = request
             return response
-        request = self._http.build_request(
+        request = http.build_request(
             "POST",
             url,
             content=call.body,
             headers=call.headers,
             extensions=call.request_extensions(),
         )
-        return await self._http.send(request, stream=True)
+        return await http.send(request, stream=True)
 
-    async def _error_of(self, call: Call, response: httpx.Response) -> TokenHubError:
+    async def _error_of(self, call: Call, response: AsyncAnswer) -> TokenHubError:
         body = b""
         try:
-            async for chunk in response.aiter_bytes():
+            async for chunk in _decoded(response):
                 body += chunk
                 if len(body) >= ERROR_BODY_LIMIT:
                     break

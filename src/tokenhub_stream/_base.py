@@ -1,7 +1,8 @@
 """The pure half of the clients, per request: the settings (`BaseClient`), request
-building (`build_call` -> `Call`), what an httpx error or an HTTP status becomes, and the
-deadline of a non-streaming answer. The per-stream bookkeeping is in `_stream.py`, the
-retry policy in `_retry.py`.
+building (`build_call` -> `Call`), which way a request goes (`engine_fits`: our engine,
+`_engine/`, or httpx), what an httpx error or an HTTP status becomes, and the deadline of
+a non-streaming answer. The per-stream bookkeeping is in `_stream.py`, the retry policy
+in `_retry.py`.
 
 No I/O, no sockets, no threads here: `_async_client.py` and its generated twin
 `_sync_client.py` are the thin shells that send and read, and `_watchdog.py` owns the
@@ -9,13 +10,16 @@ sockets and the deadline thread (this module holds a `StreamTimer`, its interfac
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import functools
+import importlib.util
 import json
 import time
 from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import Protocol, TypeAlias
 from urllib.request import getproxies
 
 import anyio
@@ -35,6 +39,7 @@ from ._config import (
     UnsetType,
     env_api_key,
     env_base_url,
+    env_engine,
 )
 from ._errors import error_from_frame, error_from_status, request_id_of
 from ._exceptions import (
@@ -49,7 +54,7 @@ from ._json import Redact, loads
 from ._models import ChatResult
 from ._structured import OutputSpec, StructuredOutput, output_spec
 from ._telemetry import ChatRecorder, current
-from ._watchdog import StreamTimer
+from ._watchdog import HasSocket, StreamTimer
 
 MessagesTypes: TypeAlias = Sequence[Mapping[str, object]]
 HeaderTypes: TypeAlias = Mapping[str, str]
@@ -57,6 +62,24 @@ TimeoutTypes: TypeAlias = Timeout | float | None
 
 
 ERROR_BODY_LIMIT = 64 * 1024
+#: Connections per origin in a client's own pool: httpx's default limit.
+ENGINE_MAX_CONNECTIONS = 100
+#: The largest response head read over the engine: h11's buffer as httpcore sets it, so
+#: the engine refuses no head that httpx would have read.
+ENGINE_MAX_HEAD_BYTES = 100 * 1024
+
+
+class Answer(Protocol):
+    """What the policy reads of a response: an `httpx.Response`, or the engine's."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    @property
+    def reason_phrase(self) -> str: ...
 
 
 def AsyncShield() -> anyio.CancelScope:
@@ -110,8 +133,19 @@ class Call:
                 _TIMEOUT_DICTS.clear()
         return {"timeout": dict(as_dict)}
 
+    def engine_timeout(self) -> httpx.Timeout:
+        """`httpx_timeout()` for the engine's `send(timeout=)`: connect and pool limits,
+        and the wait for the response head (made once per `Timeout`)."""
+        found = _ENGINE_TIMEOUTS.get(self.timeout)
+        if found is None:
+            if len(_ENGINE_TIMEOUTS) > 64:  # many per-call timeouts: keep the cache small
+                _ENGINE_TIMEOUTS.clear()
+            found = _ENGINE_TIMEOUTS[self.timeout] = self.httpx_timeout()
+        return found
+
 
 _TIMEOUT_DICTS: dict[Timeout, dict[str, float | None]] = {}
+_ENGINE_TIMEOUTS: dict[Timeout, httpx.Timeout] = {}
 
 
 def _min(*values: float | None) -> float | None:
@@ -279,7 +313,7 @@ def parsed_result(call: Call, result: ChatResult) -> ChatResult:
     return dataclasses.replace(result, parsed=value)
 
 
-def answered(call: Call, response: httpx.Response) -> bool:
+def answered(call: Call, response: Answer) -> bool:
     """Whether `response` is the answer `call` waits for: a 2xx, and an event stream when
     it streams (anything else becomes an error: `status_error`)."""
     return response.status_code < 300 and (not call.stream or is_event_stream(response))
@@ -301,7 +335,7 @@ def send_error(exc: Exception, call: Call) -> TokenHubError:
     return error
 
 
-def status_error(call: Call, response: httpx.Response, body: bytes) -> TokenHubError:
+def status_error(call: Call, response: Answer, body: bytes) -> TokenHubError:
     """The error for an HTTP error status, or for a 2xx that is not an event stream
     (`body`: the start of the response's body)."""
     headers = response.headers
@@ -333,6 +367,66 @@ def direct_transport_ok(base_url: str) -> bool:
     return not getproxies() and not httpx.URL(base_url).userinfo
 
 
+def engine_fits(base_url: str) -> bool:
+    """Whether a client that makes its own pool sends over our engine (`_engine/`: HTTP/1.1
+    on httptools) rather than httpx: unless `TOKENHUB_STREAM_ENGINE=httpx`, or something
+    only httpx does applies (a proxy from the environment, credentials in the URL: see
+    `direct_transport_ok`), or httptools is missing. A client given an `http_client`
+    uses it; the async client under trio uses httpx too (`engine_runs_async`).
+
+    Raises:
+        ValueError: `TOKENHUB_STREAM_ENGINE` is neither "auto" nor "httpx".
+    """
+    if env_engine() == "httpx" or not _has_httptools():
+        return False
+    return httpx.URL(base_url).scheme in ("http", "https") and direct_transport_ok(base_url)
+
+
+@functools.cache
+def _has_httptools() -> bool:
+    return importlib.util.find_spec("httptools") is not None
+
+
+def engine_runs_async() -> bool:
+    """The asyncio engine can send from here: the running event loop is asyncio's (under
+    trio there is none)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def engine_runs_sync() -> bool:
+    """The blocking engine sends from any thread."""
+    return True
+
+
+@functools.cache
+def httpx_default_headers() -> Mapping[str, str]:
+    """The headers an httpx client sends by default (Accept, Accept-Encoding, Connection,
+    User-Agent), lower-case names: the engine sends them too, so a request is the same
+    whichever way it goes."""
+    client = httpx.Client(transport=httpx.MockTransport(_unused), trust_env=False)
+    headers = {name.lower(): value for name, value in client.headers.items()}
+    client.close()
+    return headers
+
+
+def _unused(request: httpx.Request) -> httpx.Response:
+    raise AssertionError("never sent")
+
+
+def engine_headers(call: Call) -> dict[str, str]:
+    """The headers sent for `call` over the engine: httpx's defaults with the call's over
+    them (lower-case names), as `direct_request` makes them for httpx; the engine adds
+    Host and Content-Length."""
+    headers = dict(httpx_default_headers())
+    for name, value in call.headers.items():
+        headers[name.lower()] = value
+    return headers
+
+
 def direct_request(url: httpx.URL, call: Call, defaults: Mapping[str, str]) -> httpx.Request:
     """The request `Client.build_request` would make: the pool client's default headers
     (`defaults`, lower-case names) overridden by the call's."""
@@ -361,9 +455,10 @@ class CompletionDeadline:
         if observer is not None:
             observer.sending(self._call.headers)
 
-    def watch(self, response: httpx.Response) -> None:
+    def watch(self, response: httpx.Response | HasSocket) -> None:
         t = self._call.timeout
-        loosen_read_timeout(response, t.first_token, t.total)
+        if isinstance(response, httpx.Response):
+            loosen_read_timeout(response, t.first_token, t.total)
         parser = ChunkParser(started_at=self.sent_at)
         self._timer = StreamTimer(parser, first_token=t.first_token, idle=None)
         total = None if t.total is None else self.sent_at + t.total
@@ -407,7 +502,7 @@ def generator_done(generator: object) -> bool:
     return getattr(generator, "ag_frame", 0) is None or getattr(generator, "gi_frame", 0) is None
 
 
-def is_event_stream(response: httpx.Response) -> bool:
+def is_event_stream(response: Answer) -> bool:
     ctype = response.headers.get("content-type")
     return ctype is None or "event-stream" in ctype
 
@@ -430,5 +525,11 @@ def wants_raw(response: httpx.Response) -> bool:
     (or a mock transport has already read it)."""
     if response.is_stream_consumed:
         return False
-    encoding = response.headers.get("content-encoding", "identity").strip().lower()
-    return encoding in ("", "identity")
+    return not is_encoded(response.headers)
+
+
+def is_encoded(headers: Mapping[str, str]) -> bool:
+    """Whether the body is compressed (a Content-Encoding other than identity): httpx
+    then decodes it (the engine passes bodies as they come)."""
+    encoding = headers.get("content-encoding")
+    return encoding is not None and encoding.strip().lower() not in ("", "identity")

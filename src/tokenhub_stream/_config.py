@@ -26,6 +26,8 @@ DRAIN_MAX_BYTES = 64 * 1024
 
 ENV_API_KEY = "TOKENHUB_KEY"
 ENV_BASE_URL = "TOKENHUB_BASE_URL"
+#: "httpx" sends every client's requests through httpx instead of the engine.
+ENV_ENGINE = "TOKENHUB_STREAM_ENGINE"
 
 
 class _Unset(Enum):
@@ -103,3 +105,18 @@ def env_api_key() -> str | None:
 
 def env_base_url() -> str | None:
     return os.environ.get(ENV_BASE_URL) or None
+
+
+def env_engine() -> Literal["auto", "httpx"]:
+    """`TOKENHUB_STREAM_ENGINE`: "auto" (unset or empty: the engine where it can send)
+    or "httpx" (always httpx).
+
+    Raises:
+        ValueError: any other value.
+    """
+    value = os.environ.get(ENV_ENGINE, "").strip().lower() or "auto"
+    if value == "auto":
+        return "auto"
+    if value == "httpx":
+        return "httpx"
+    raise ValueError(f"{ENV_ENGINE} must be 'auto' or 'httpx', not {value!r}")

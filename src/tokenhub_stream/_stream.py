@@ -11,11 +11,11 @@ import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import Literal, Self, TypeAlias
+from typing import TYPE_CHECKING, Literal, Self, TypeAlias
 
 import httpx
 
-from ._base import BaseClient, Call, loosen_read_timeout, read_error
+from ._base import BaseClient, Call, engine_headers, loosen_read_timeout, read_error
 from ._chunks import ChunkParser
 from ._errors import request_id_of
 from ._exceptions import (
@@ -30,6 +30,13 @@ from ._retry import Retries
 from ._structured import StructuredOutput
 from ._telemetry import ChatRecorder
 from ._watchdog import StreamTimer
+
+if TYPE_CHECKING:
+    from ._engine._http import HttpResponse
+    from ._engine._sync import SyncResponse
+
+    #: A stream's answer: httpx's, or the engine's (asyncio or blocking).
+    Response: TypeAlias = httpx.Response | HttpResponse | SyncResponse
 
 __all__ = ["ConsumeMode", "StreamState", "StreamView", "observer_of", "outcome_for"]
 
@@ -56,7 +63,7 @@ class StreamState:
         self._sent_at: float | None = None
         self._parser = self._new_parser()
         self._timer: StreamTimer | None = None  # the open response's deadlines and socket
-        self._response: httpx.Response | None = None  # open, and not yet released
+        self._response: Response | None = None  # open, and not yet released
         self._owners: list[_OwnerRef] = []
         # Where the caller made the stream, for the warning if it is dropped unclosed
         # (tracemalloc cannot tell on Python 3.11 for an object with a `__dict__`).
@@ -69,8 +76,10 @@ class StreamState:
         self._outcome: Outcome | None = None
         self._had_response = False
         self._output: StructuredOutput | None = None
-        #: The `httpx.Response` of the stream once its headers arrived (closed after).
-        self.response: httpx.Response | None = None
+        # The answer once its headers arrived: httpx's, or the engine's (then shown as an
+        # `httpx.Response` only when asked: `response`).
+        self._answer: Response | None = None
+        self._view: httpx.Response | None = None
 
     def _new_parser(self, request_id: str | None = None) -> ChunkParser:
         return ChunkParser(
@@ -144,7 +153,22 @@ class StreamState:
         if observer is not None:
             observer.sending(self._call.headers)
 
-    def _start(self, response: httpx.Response) -> None:
+    @property
+    def response(self) -> httpx.Response | None:
+        """The `httpx.Response` of the stream once its headers arrived (closed after)."""
+        answer = self._answer
+        if answer is None or isinstance(answer, httpx.Response):
+            return answer
+        view = self._view
+        if view is None:  # the engine's answer: an httpx.Response over it, made once
+            from ._engine._transport import as_httpx
+
+            call = self._call
+            request = httpx.Request("POST", call.url, headers=engine_headers(call))
+            view = self._view = as_httpx(answer, request)
+        return view
+
+    def _start(self, response: Response) -> None:
         """The upstream answered 2xx with an event stream: set up parsing and deadlines."""
         request_id = request_id_of(response.headers)
         parser = self._parser
@@ -161,9 +185,11 @@ class StreamState:
             parser.started_at = sent_at
             parser.request_id = request_id
         self._had_response = True
-        self.response = response
+        self._answer = response
+        self._view = None
         t = self._call.timeout
-        loosen_read_timeout(response, t.first_token, t.idle, t.total)
+        if isinstance(response, httpx.Response):
+            loosen_read_timeout(response, t.first_token, t.idle, t.total)
         self._timer = StreamTimer(self._parser, first_token=t.first_token, idle=t.idle)
         self._timer.watch(response, self._total_deadline)
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeAlias
 
 import httpx
 
 from ._base import (
+    ENGINE_MAX_CONNECTIONS,
+    ENGINE_MAX_HEAD_BYTES,
     ERROR_BODY_LIMIT,
     BaseClient,
     Call,
@@ -21,7 +23,11 @@ from ._base import (
     build_call,
     direct_request,
     direct_transport_ok,
+    engine_fits,
+    engine_headers,
+    engine_runs_sync,
     generator_done,
+    is_encoded,
     parsed_result,
     raw_chunks,
     send_error,
@@ -46,6 +52,12 @@ from ._retry import Retries
 from ._stream import ConsumeMode, StreamState, StreamView
 from .tools import ToolsTypes
 from .tools._loop_sync import DEFAULT_MAX_TURNS, ToolLoop, run_tools_sync
+
+if TYPE_CHECKING:
+    from ._engine._sync import SyncEngine, SyncResponse
+
+    #: What `_send` returns: httpx's response, or the engine's.
+    SyncAnswer: TypeAlias = httpx.Response | SyncResponse
 
 __all__ = ["ChatStream", "Client"]
 
@@ -167,7 +179,9 @@ class _StreamCore(StreamState):
         super().__init__(client, call)
         self._client = client
         self._owns_client = owns_client
-        self._chunks: Iterator[bytes] | None = None
+        self._response: SyncAnswer | None = None
+        # The body as lists of chunk bodies (the engine's, or one httpx chunk at a time).
+        self._chunks: Iterator[list[bytes]] | None = None
 
     def _consumer(self, mode: ConsumeMode) -> Iterator[Any]:
         consumer = self._consume(mode)
@@ -195,8 +209,11 @@ class _StreamCore(StreamState):
                 feed = self._feed(mode)
                 assert self._chunks is not None
                 try:
-                    for chunk in self._chunks:
-                        yield from feed(chunk)
+                    for batch in self._chunks:
+                        for chunk in batch:
+                            yield from feed(chunk)
+                            if parser.stopped:
+                                break
                         if parser.stopped:
                             break
                     else:
@@ -226,8 +243,8 @@ class _StreamCore(StreamState):
         received = 0
         assert self._chunks is not None
         try:
-            for chunk in self._chunks:
-                received += len(chunk)
+            for batch in self._chunks:
+                received += sum(len(chunk) for chunk in batch)
                 if received > DRAIN_MAX_BYTES:
                     break
         except httpx.HTTPError:
@@ -240,6 +257,10 @@ class _StreamCore(StreamState):
         chunks, self._chunks = self._chunks, None
         if chunks is not None and generator_done(chunks):
             chunks = None  # read to its end: nothing to close
+        if response is not None and not isinstance(response, httpx.Response):
+            # The engine's: closed at once (or handed back to the pool), no await.
+            response.close()
+            response = None
         if chunks is None and (response is None or response.is_closed):
             return
         with SyncShield():
@@ -257,11 +278,41 @@ class _StreamCore(StreamState):
         self._closed = True
 
 
-def _body(response: httpx.Response) -> Iterator[bytes]:
+def _body(response: SyncAnswer) -> Iterator[list[bytes]]:
+    """The stream's body as it should be parsed: lists of the engine's chunk bodies, each
+    fed to the parser on its own; httpx's chunks one at a time."""
+    if not isinstance(response, httpx.Response):
+        if not is_encoded(response.headers):
+            return response.iter_batches()
+        return _one_by_one(_decoded(response))
     raw = raw_chunks(response)
     if isinstance(raw, Iterable):
-        return iter(raw)
-    return response.iter_bytes()
+        return _one_by_one(iter(raw))
+    return _one_by_one(response.iter_bytes())
+
+
+def _one_by_one(chunks: Iterator[bytes]) -> Iterator[list[bytes]]:
+    for chunk in chunks:
+        yield [chunk]
+
+
+def _decoded(response: SyncAnswer) -> Iterator[bytes]:
+    """The body decoded as httpx decodes it (gzip, deflate, ...): the engine passes bodies
+    as they come, so a compressed one is read through httpx's `Response`."""
+    if isinstance(response, httpx.Response):
+        return response.iter_bytes()
+    if not is_encoded(response.headers):
+        return response.iter_raw()
+    from ._engine._transport import as_httpx
+
+    return as_httpx(response).iter_bytes()
+
+
+def _read(response: SyncAnswer) -> bytes:
+    """The whole body, decoded (`_decoded`)."""
+    if isinstance(response, httpx.Response) or not is_encoded(response.headers):
+        return response.read()
+    return b"".join([chunk for chunk in _decoded(response)])
 
 
 def _close_generator(generator: Iterator[Any]) -> None:
@@ -298,10 +349,17 @@ class Client(BaseClient):
         strict_utf8: raise `ProtocolError` on invalid UTF-8 instead of U+FFFD.
         drain_timeout: how long to read on after `[DONE]` to keep the connection.
         headers: extra headers sent with every request.
-        http_client: an `httpx.Client` to use instead of our own (not closed by us).
+        http_client: an `httpx.Client` to send with instead of our engine (not
+            closed by us). Without one, the client sends over its own HTTP/1.1 engine, or
+            over httpx where the engine does not go (a proxy from the environment,
+            credentials in the URL, trio, `TOKENHUB_STREAM_ENGINE=httpx`: see
+            docs/configuration.md).
         strict_schemas: send `strict: true` with `response_format=` schemas and tool
             schemas (both are always strict-ready); False leaves the field out, for
             servers that reject it (vLLM, SGLang).
+
+    Raises:
+        ValueError: a bad option, or `TOKENHUB_STREAM_ENGINE` neither "auto" nor "httpx".
     """
 
     def __init__(
@@ -336,14 +394,18 @@ class Client(BaseClient):
             strict_schemas=strict_schemas,
         )
         self._owns_http = http_client is None
-        # Our own pool: requests go straight to its transport when nothing that
-        # `send()` adds could apply (see `direct_transport_ok`).
+        # Our own pool is our engine (`_engine/`) when nothing needs httpx (see
+        # `engine_fits`); made on first use, as is an httpx client it may still need (the
+        # async client under trio).
+        self._use_engine = http_client is None and engine_fits(self.base_url)
+        self._engine: SyncEngine | None = None
+        self._http: httpx.Client | None = http_client
         self._transport: httpx.HTTPTransport | None = None
-        if http_client is None and direct_transport_ok(self.base_url):
-            self._transport = httpx.HTTPTransport()
-            http_client = httpx.Client(transport=self._transport)
-        self._http = http_client if http_client is not None else httpx.Client()
-        self._default_headers = dict(self._http.headers)
+        self._default_headers: dict[str, str] = {}
+        if http_client is not None:
+            self._default_headers = dict(http_client.headers)
+        elif not self._use_engine:
+            self._own_httpx()
 
     def __enter__(self) -> Self:
         return self
@@ -358,8 +420,36 @@ class Client(BaseClient):
 
     def close(self) -> None:
         """Close the connection pool (not an `http_client` that was passed in)."""
-        if self._owns_http:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
+        if self._owns_http and self._http is not None:
             self._http.close()
+
+    def _own_httpx(self) -> httpx.Client:
+        """Our own httpx client: requests go straight to its transport when nothing that
+        `send()` adds could apply (see `direct_transport_ok`)."""
+        if direct_transport_ok(self.base_url):
+            self._transport = httpx.HTTPTransport()
+            self._http = httpx.Client(transport=self._transport)
+        else:
+            self._http = httpx.Client()
+        self._default_headers = dict(self._http.headers)
+        return self._http
+
+    def _own_engine(self) -> SyncEngine:
+        from ._engine._sync import SyncEngine
+
+        # Its own limits: a request brings its connect, pool and head-wait timeouts, and
+        # the watchdog enforces the body's deadlines on the engine's socket.
+        self._engine = SyncEngine(
+            ENGINE_MAX_CONNECTIONS,
+            httpx.Timeout(None),
+            ENGINE_MAX_HEAD_BYTES,
+            trust_env=True,
+            release_at_close=True,  # the watchdog lets go of the socket first
+        )
+        return self._engine
 
     def stream_chat(
         self,
@@ -508,7 +598,7 @@ class Client(BaseClient):
         response = self._send_retrying(call, retries, deadline.restart)
         deadline.watch(response)
         try:
-            body = response.read()
+            body = _read(response)
         except httpx.HTTPError as exc:
             raise deadline.error(exc) from exc
         finally:
@@ -519,7 +609,7 @@ class Client(BaseClient):
 
     def _send_retrying(
         self, call: Call, retries: Retries, on_send: Callable[[], None]
-    ) -> httpx.Response:
+    ) -> SyncAnswer:
         """Send `call` until it is `answered`, waiting between attempts as `retries`
         decides (`on_send` runs before each); raises the error it gives up on."""
         while True:
@@ -537,7 +627,11 @@ class Client(BaseClient):
                 raise error
             sync_sleep(delay)
 
-    def _send(self, call: Call) -> httpx.Response:
+    def _send(self, call: Call) -> SyncAnswer:
+        if self._use_engine and engine_runs_sync():
+            engine = self._engine or self._own_engine()
+            return engine.send(call.url, engine_headers(call), call.body, call.engine_timeout())
+        http = self._http or self._own_httpx()
         url = self._httpx_url(call.url)
         if self._transport is not None:
             request = direct_request(url, call, self._default_headers)
@@ -548,19 +642,19 @@ class Client(BaseClient):
                 raise
             response.request = request
             return response
-        request = self._http.build_request(
+        request = http.build_request(
             "POST",
             url,
             content=call.body,
             headers=call.headers,
             extensions=call.request_extensions(),
         )
-        return self._http.send(request, stream=True)
+        return http.send(request, stream=True)
 
-    def _error_of(self, call: Call, response: httpx.Response) -> TokenHubError:
+    def _error_of(self, call: Call, response: SyncAnswer) -> TokenHubError:
         body = b""
         try:
-            for chunk in response.iter_bytes():
+            for chunk in _decoded(response):
                 body += chunk
                 if len(body) >= ERROR_BODY_LIMIT:
                     break

@@ -32,14 +32,23 @@ import socket
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
+
+from ._engine import shutdown
 
 if TYPE_CHECKING:
     import httpx
 
     from ._chunks import ChunkParser
 
-__all__ = ["StreamTimer"]
+
+class HasSocket(Protocol):
+    """A response that names its socket: the engine's (`_engine/`)."""
+
+    def get_extra_info(self, name: str) -> object: ...
+
+
+__all__ = ["HasSocket", "StreamTimer"]
 
 _TICK = 0.05  # the longest sleep while deadlines are pending or were lately
 _IDLE_EXIT = 30.0  # the thread ends after this long without a deadline
@@ -90,11 +99,13 @@ class StreamTimer:
         self._watched = False
         self._stopped = False
 
-    def watch(self, response: httpx.Response, total_deadline: float | None) -> bool:
+    def watch(self, response: httpx.Response | HasSocket, total_deadline: float | None) -> bool:
         """Hand the response's socket to the watchdog, which shuts it down when a deadline
-        passes (`total_deadline` is a `time.monotonic()` time, or None). Returns False
-        when the response has no socket (a mock transport): nothing is then enforced
-        beyond httpx's own timeouts."""
+        passes (`total_deadline` is a `time.monotonic()` time, or None). The socket is
+        httpx's (its `network_stream` extension) or the engine's (the response's
+        `get_extra_info("socket")`: the connection's transport's). Returns False when the
+        response has no socket (a mock transport): nothing is then enforced beyond
+        httpx's own timeouts."""
         sock = _socket_of(response)
         self._held = sock
         self._total = total_deadline
@@ -132,8 +143,7 @@ class StreamTimer:
         sock, self._held = self._held, None
         self.stop()  # the watchdog forgets the socket first
         if sock is not None:
-            with contextlib.suppress(OSError, AttributeError):
-                sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+            shutdown(sock)
 
     def next_deadline(self, total_deadline: float | None) -> tuple[float, str] | None:
         parser = self.parser
@@ -236,18 +246,20 @@ class _Watchdog:
                 timer.fired = nxt[1]
                 sock, timer._sock = timer._sock, None
                 if sock is not None:
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+                    shutdown(sock)
 
 
 watchdog = _Watchdog()
 
 
-def _socket_of(response: httpx.Response) -> object | None:
-    # The socket under a response (httpx's `network_stream` extension), or None.
-    stream = response.extensions.get("network_stream")
+def _socket_of(response: httpx.Response | HasSocket) -> object | None:
+    # The socket under a response (httpx's `network_stream` extension, or the engine's
+    # own), or None.
+    extensions = getattr(response, "extensions", None)
+    if extensions is None:
+        get_info = getattr(response, "get_extra_info", None)
+        return None if get_info is None else get_info("socket")
+    stream = extensions.get("network_stream")
     if stream is None:
         return None
     try:

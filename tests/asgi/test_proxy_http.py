@@ -363,7 +363,7 @@ async def test_proxy_http_cancelled_waiter_leaks_no_slot() -> None:
 
 
 async def test_proxy_http_idle_connections_expire(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_proxy_http, "_KEEPALIVE_EXPIRY", 0.2)
+    monkeypatch.setattr(_proxy_http, "KEEPALIVE_EXPIRY", 0.2)
     raw = OK_HEAD + b"content-length: 2\r\n\r\nok"
     async with serving(raw, raw) as server:
         client = upstream_client()
@@ -727,7 +727,7 @@ async def test_proxy_http_back_pressure_bounds_the_buffer() -> None:
         with anyio.fail_after(10):
             response = await client.send(server.url, HEADERS, b"{}")
             await asyncio.sleep(0.5)  # a reader that does not read: a slow client
-            held = response._pending_size
+            held = response.pending_size
             assert len(server_buffered) < total // len(block)  # the server is held back
             size = 0
             async for chunk in response.aiter_raw():

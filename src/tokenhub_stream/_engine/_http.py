@@ -1,21 +1,22 @@
 """The HTTP/1.1 engine on asyncio: a small client on httptools' C parser, the proxy's
-default upstream.
+default upstream and the client's (`AsyncClient`) on asyncio.
 
 Measured under `benchmarks/proxy_bench.py` (docs/performance.md, "Proxy benchmark"), the
 relay's per-stream cost was mostly in the client layers: aiohttp's response, stream
 readers and deques held about 10 KiB per open stream, and every chunk went through its
 reader's wakeups. This client is one `asyncio.Protocol` per connection and one response
-object per request: `data_received` feeds httptools (llhttp, what uvicorn uses) and hands
-the bytes of each read straight to the future the relay is awaiting.
+object per request: `data_received` feeds the response's parser (`_h1.ResponseParser`,
+the sans-IO state machine the blocking twin `_sync.py` drives too) and hands the bytes of
+each read, or each chunk body, straight to the future the reader is awaiting.
 
-What it does, and nothing more (the proxy sends one POST to one fixed URL):
+What it does, and nothing more (its callers POST to a few fixed URLs):
 
 - keep-alive pools per (scheme, host, port), each bounded by `max_connections`; requests
   wait for a free connection up to `timeout.pool`; idle connections expire after httpx's
   5 s; the host's addresses are cached for 10 s (aiohttp's default), tried in order; TLS
   with httpx's default context (certifi's bundle);
-- Content-Length, chunked and close-delimited bodies, passed through undecoded (the proxy
-  sends `Accept-Encoding: identity`);
+- Content-Length, chunked and close-delimited bodies, passed through undecoded (the
+  callers send `Accept-Encoding: identity`, or decode themselves);
 - the response head (status line and headers, interim 1xx heads included) bounded by
   `max_head_bytes` as it arrives, before the parser sees bytes past the limit: a larger
   head fails with `ResponseHeadTooLarge` and closes the socket at once, and repeated header
@@ -23,16 +24,17 @@ What it does, and nothing more (the proxy sends one POST to one fixed URL):
   (issue #14: a flood of headers froze the worker and grew its memory without bound);
 - `timeout.connect`, and `timeout.read` as an idle limit that only counts time the reader
   spends waiting, so time spent writing to a slow client is not upstream silence: one
-  timer per client looks at every open response a few times per limit (`Sweep`; a timer
-  per response was 0.5 KiB of each open stream);
-- back-pressure: reading pauses once `_HIGH_WATER` bytes wait unread, so a slow client
+  timer per engine looks at every open response a few times per limit (`Sweep`; a timer
+  per response was 0.5 KiB of each open stream); a request may bring its own connect,
+  pool and head-wait limits (`send(timeout=)`);
+- back-pressure: reading pauses once `_HIGH_WATER` bytes wait unread, so a slow reader
   holds a bounded buffer;
 - closing an unfinished response closes its socket at once (the upstream stops
   generating: nobody pays for tokens nobody reads); a response read to its end returns
-  its connection to the pool.
+  its connection to the pool, at once or, with `release_at_close`, when it is closed.
 
 Errors are httpx's exception classes (`ConnectError`, `ConnectTimeout`, `PoolTimeout`,
-`ReadTimeout`, `ReadError`, `RemoteProtocolError`), so every error path of the proxy keeps
+`ReadTimeout`, `ReadError`, `RemoteProtocolError`), so every error path of a caller keeps
 its status and log line. Neither the request head (it carries the key) nor any header
 value appears in a repr or an exception message. A POST is never retried: a stale
 keep-alive connection is an error, as with httpx and aiohttp.
@@ -46,77 +48,83 @@ import contextlib
 import functools
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import cast
-from urllib.parse import urlsplit
 
-import httptools
 import httpx
 
 from .._sweep import Sweep
-from ._errors import DEFAULT_MAX_RESPONSE_HEAD_BYTES, ResponseHeadTooLarge
+from ._errors import DEFAULT_MAX_RESPONSE_HEAD_BYTES
+from ._h1 import (
+    BODY,
+    COMPLETE,
+    DNS_TTL,
+    FAILED,
+    HEADERS,
+    KEEPALIVE_EXPIRY,
+    EngineBase,
+    Origin,
+    ResponseParser,
+    addresses,
+    request_head,
+)
+from ._shutdown import shutdown
 
-__all__ = ["HttpResponse", "HttpEngine"]
+__all__ = ["HttpEngine", "HttpResponse"]
 
-_KEEPALIVE_EXPIRY = httpx.Limits(max_connections=None).keepalive_expiry or 5.0  # httpx's 5 s
 # Unread body bytes above which the socket stops being read until the reader catches up.
 _HIGH_WATER = 64 * 1024
-_DNS_TTL = 10.0  # aiohttp's default ttl_dns_cache
-_Origin = tuple[str, str, int]
 
 
-class HttpEngine:
-    """Keep-alive HTTP/1.1 pools, one per origin, for the proxy's upstream POSTs."""
+class HttpEngine(EngineBase["_Pool"]):
+    """Keep-alive HTTP/1.1 pools, one per origin, for upstream POSTs on asyncio.
 
-    def __init__(
-        self,
-        max_connections: int,
-        timeout: httpx.Timeout,
-        max_head_bytes: int = DEFAULT_MAX_RESPONSE_HEAD_BYTES,
-    ) -> None:
-        if max_connections < 1:
-            raise ValueError("max_connections must be positive")
-        if max_head_bytes < 1:
-            raise ValueError("max_head_bytes must be positive")
-        self._limit = max_connections
-        self._max_head = max_head_bytes
-        self._timeout = timeout
-        self._pools: dict[_Origin, _Pool] = {}
-        # url -> (its pool, the request line and Host header); the proxy uses one url.
-        self._routes: dict[str, tuple[_Pool, bytes]] = {}
-        self._ssl: ssl.SSLContext | None = None
-        read = timeout.read
+    Args:
+        max_connections: open connections per origin, at most.
+        timeout: connect, pool, and read: the read limit bounds the wait for the
+            response head and every wait for body bytes (None: no limit).
+        max_head_bytes: the largest response head read (`ResponseHeadTooLarge` beyond).
+        trust_env: read `SSL_CERT_FILE`/`SSL_CERT_DIR` for the TLS context, as httpx does.
+        release_at_close: a response read to its end keeps its connection until it is
+            closed (for a caller that still uses the socket, as the client's watchdog
+            does), instead of handing it back to the pool at once.
+    """
+
+    def _setup(self) -> None:
+        read = self._timeout.read
         self._watch: Sweep[HttpResponse, None] | None = (
             None if read is None else Sweep(read, functools.partial(_expire_idle, read))
         )
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def __repr__(self) -> str:
-        return f"HttpEngine(origins={sorted(self._pools)!r}, limit={self._limit})"
-
-    async def send(self, url: str, headers: Mapping[str, str], content: bytes) -> HttpResponse:
+    async def send(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        content: bytes,
+        timeout: httpx.Timeout | None = None,
+    ) -> HttpResponse:
         """POST `content` to `url`; return once the response's headers have arrived.
+
+        `timeout`, for this request only: its connect and pool limits, and its read limit
+        for the wait for the response head (the engine's read limit still applies).
 
         Raises:
             httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout: no connection.
-            httpx.ReadTimeout: no response headers within `timeout.read`.
+            httpx.ReadTimeout: no response headers within the read timeout.
             httpx.ReadError, httpx.RemoteProtocolError: the connection broke, or the
                 response is not HTTP/1.1 (`ResponseHeadTooLarge`: its head is over
                 `max_head_bytes`).
         """
-        route = self._routes.get(url)
-        if route is None:
-            route = self._routes[url] = self._route(url)
-        pool, start = route
-        parts = [start]
-        for name, value in headers.items():
-            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
-                raise httpx.LocalProtocolError("a header contains a line break")
-            parts.append(f"{name}: {value}\r\n".encode("latin-1"))
-        parts.append(b"content-length: %d\r\n\r\n" % len(content))
-        connection = await pool.acquire()
-        response = HttpResponse(connection, self._watch, self._max_head)
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._move_to(loop)
+        pool, start = self._route(url)
+        head = request_head(start, headers, len(content))
+        connection = await pool.acquire(timeout)
+        response = HttpResponse(connection, self._watch, self._max_head, self._hold)
         try:
-            await response.start(b"".join(parts), content)
+            await response.start(head, content, None if timeout is None else timeout.read)
         except BaseException:
             response.close()
             raise
@@ -124,31 +132,24 @@ class HttpEngine:
 
     async def aclose(self) -> None:
         """Close every connection, idle or busy (their responses then fail)."""
-        pools, self._pools = self._pools, {}
-        self._routes.clear()
-        for pool in pools.values():
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._move_to(loop)
+        for pool in self._forget_pools():
             pool.close()
 
-    def _route(self, url: str) -> tuple[_Pool, bytes]:
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme not in ("http", "https") or not parts.hostname:
-            raise httpx.UnsupportedProtocol("the upstream URL must be http:// or https://")
-        host = parts.hostname
-        port = parts.port or (443 if scheme == "https" else 80)
-        origin = (scheme, host, port)
-        pool = self._pools.get(origin)
-        if pool is None:
-            context = None
-            if scheme == "https":
-                if self._ssl is None:
-                    self._ssl = httpx.create_ssl_context(trust_env=False)
-                context = self._ssl
-            pool = self._pools[origin] = _Pool(origin, self._limit, self._timeout, context)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        authority = parts.netloc.rpartition("@")[2]  # userinfo is never sent
-        start = f"POST {target} HTTP/1.1\r\nhost: {authority}\r\n".encode("ascii")
-        return pool, start
+    def _move_to(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Connections belong to the loop they were made on: a new loop starts afresh. The
+        # old loop's close as it runs again; once it is closed, asyncio can only warn
+        # about them as they are collected.
+        old, self._loop = self._loop, loop
+        pools = self._forget_pools()
+        if old is not None and not old.is_closed():
+            for pool in pools:
+                pool.close()
+
+    def _new_pool(self, origin: Origin, context: ssl.SSLContext | None) -> _Pool:
+        return _Pool(origin, self._limit, self._timeout, context)
 
 
 class _Pool:
@@ -156,7 +157,7 @@ class _Pool:
 
     def __init__(
         self,
-        origin: _Origin,
+        origin: Origin,
         limit: int,
         timeout: httpx.Timeout,
         context: ssl.SSLContext | None,
@@ -176,17 +177,20 @@ class _Pool:
         self._resolved_until = 0.0
         self._resolving: asyncio.Task[list[tuple[int, str]]] | None = None
 
-    async def acquire(self) -> _Connection:
+    async def acquire(self, timeout: httpx.Timeout | None = None) -> _Connection:
+        """An idle connection, or a new one (`timeout`: its connect and pool limits; the
+        pool's own when None)."""
+        timeout = self._timeout if timeout is None else timeout
         while True:
             connection = self._take_idle()
             if connection is not None:
                 return connection
             if self._open < self._limit and not self._waiters:
                 self._open += 1
-                return await self._connect()
-            handed = await self._wait()
+                return await self._connect(timeout.connect)
+            handed = await self._wait(timeout.pool)
             if handed is None:
-                return await self._connect()
+                return await self._connect(timeout.connect)
             if not handed.closed:
                 return handed
             # It closed while being handed over; its slot came back then: try again.
@@ -200,16 +204,15 @@ class _Pool:
             connection = idle.pop()
             if connection.closed:
                 continue  # its slot came back when it closed
-            if now - connection.idle_since < _KEEPALIVE_EXPIRY:
+            if now - connection.idle_since < KEEPALIVE_EXPIRY:
                 return connection
             connection.close()  # expired; its slot comes back when it has closed
         return None
 
-    async def _wait(self) -> _Connection | None:
+    async def _wait(self, limit: float | None) -> _Connection | None:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[_Connection | None] = loop.create_future()
         self._waiters.append(waiter)
-        limit = self._timeout.pool
         timer = None if limit is None else loop.call_later(limit, _expire, waiter)
         try:
             return await waiter
@@ -230,16 +233,16 @@ class _Pool:
         else:
             self.release(connection)
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, limit: float | None) -> _Connection:
         # The caller holds a slot (self._open was counted for it). Once connected, the
         # connection gives it back when it closes (lost()).
         loop = asyncio.get_running_loop()
         _, host, port = self.origin
         connection = _Connection(self)
         try:
-            async with asyncio.timeout(self._timeout.connect):
-                addresses = await self._addresses()
-                for i, (family, address) in enumerate(addresses):
+            async with asyncio.timeout(limit):
+                found = await self._addresses()
+                for i, (family, address) in enumerate(found):
                     try:
                         await loop.create_connection(
                             lambda: connection,
@@ -251,7 +254,7 @@ class _Pool:
                         )
                         break
                     except OSError:
-                        if i + 1 == len(addresses):
+                        if i + 1 == len(found):
                             raise
         except BaseException as exc:
             if connection.transport is None:
@@ -269,7 +272,7 @@ class _Pool:
         return connection
 
     async def _addresses(self) -> list[tuple[int, str]]:
-        # Cached for _DNS_TTL, and one lookup shared by concurrent connects (as aiohttp
+        # Cached for DNS_TTL, and one lookup shared by concurrent connects (as aiohttp
         # does): the opening burst of hundreds of streams makes one getaddrinfo call, not
         # one per connection in the default executor.
         loop = asyncio.get_running_loop()
@@ -285,14 +288,9 @@ class _Pool:
         loop = asyncio.get_running_loop()
         _, host, port = self.origin
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        addresses: list[tuple[int, str]] = list(
-            dict.fromkeys((int(info[0]), str(info[4][0])) for info in infos)
-        )
-        if not addresses:
-            raise OSError(f"no address for {host}")
-        self._resolved = addresses
-        self._resolved_until = loop.time() + _DNS_TTL
-        return addresses
+        self._resolved = found = addresses(infos, host)
+        self._resolved_until = loop.time() + DNS_TTL
+        return found
 
     def release(self, connection: _Connection) -> None:
         """Take back a connection whose response was read to its end."""
@@ -307,7 +305,7 @@ class _Pool:
         connection.idle_since = asyncio.get_running_loop().time()
         self._idle.append(connection)
         if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().call_later(_KEEPALIVE_EXPIRY, self._sweep)
+            self._sweeper = asyncio.get_running_loop().call_later(KEEPALIVE_EXPIRY, self._sweep)
 
     def made(self, connection: _Connection) -> None:
         self._all.add(connection)
@@ -335,13 +333,13 @@ class _Pool:
         for connection in self._idle:
             if connection.closed:
                 continue
-            if now - connection.idle_since >= _KEEPALIVE_EXPIRY:
+            if now - connection.idle_since >= KEEPALIVE_EXPIRY:
                 connection.close()
             else:
                 keep.append(connection)
         self._idle = keep
         if keep:
-            delay = keep[0].idle_since + _KEEPALIVE_EXPIRY - now
+            delay = keep[0].idle_since + KEEPALIVE_EXPIRY - now
             self._sweeper = asyncio.get_running_loop().call_later(delay, self._sweep)
 
     def close(self) -> None:
@@ -403,6 +401,24 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def abort(self) -> None:
+        """Close without waiting for the event loop: the socket is shut down now, so the
+        peer sees the disconnect even if the caller blocks before the loop turns again."""
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            shutdown(sock)
+        transport.abort()
+
+    def get_extra_info(self, name: str) -> object:
+        """httpcore's network-stream names ("socket", "client_addr", "server_addr",
+        "ssl_object") answered from the transport."""
+        if self.transport is None:
+            return None
+        return self.transport.get_extra_info(_EXTRA_NAMES.get(name, name))
+
     def release(self) -> None:
         self.response = None
         if self.closed or self.transport is None or self.transport.is_closing():
@@ -410,7 +426,7 @@ class _Connection(asyncio.Protocol):
         self._pool.release(self)
 
 
-_HEADERS, _BODY, _COMPLETE, _FAILED = range(4)
+_EXTRA_NAMES = {"client_addr": "sockname", "server_addr": "peername"}
 
 
 def _expire_idle(idle: float, responses: list[tuple[HttpResponse, None]]) -> None:
@@ -421,38 +437,25 @@ def _expire_idle(idle: float, responses: list[tuple[HttpResponse, None]]) -> Non
     for response, _ in responses:
         since = response._waiting_since
         if since and now - since >= idle:
-            response._fail(httpx.ReadTimeout("the upstream sent nothing within the read timeout"))
+            response.fail(httpx.ReadTimeout("the upstream sent nothing within the read timeout"))
 
 
-class HttpResponse:
-    """An upstream response shaped like the parts of `httpx.Response` the relay reads.
+class HttpResponse(ResponseParser):
+    """An upstream response shaped like the parts of `httpx.Response` a reader uses.
 
     It is its own body iterator: `__anext__` returns a future that `data_received` sets
-    with everything that arrived in one read, so a chunk costs no coroutine of ours.
+    with everything that arrived in one read (`aiter_raw`) or one chunk body
+    (`aiter_batches`: lists of chunk bodies), so a chunk costs no coroutine of ours.
     """
 
     __slots__ = (
         "_connection",
-        "_error",
-        "_framed",
-        "_head_limit",
-        "_head_room",
-        "_informational",
-        "_join",
-        "_keep_alive",
         "_loop",
-        "_parser",
         "_paused",
-        "_pending",
-        "_pending_size",
-        "_repeated",
-        "_state",
+        "_transport",
         "_waiter",
-        "_watch",
         "_waiting_since",
-        "headers",
-        "is_stream_consumed",
-        "status_code",
+        "_watch",
     )
 
     def __init__(
@@ -460,42 +463,33 @@ class HttpResponse:
         connection: _Connection,
         watch: Sweep[HttpResponse, None] | None,
         max_head_bytes: int = DEFAULT_MAX_RESPONSE_HEAD_BYTES,
+        hold: bool = False,
     ) -> None:
+        super().__init__(max_head_bytes, hold)
         self._connection: _Connection | None = connection
+        self._transport = connection.transport  # kept for get_extra_info once released
         self._loop = asyncio.get_running_loop()
-        # Dropped once the response is settled: it holds this object (a reference cycle).
-        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._watch = watch
         self._waiter: asyncio.Future[bytes] | None = None
         self._waiting_since = 0.0  # loop time the reader began waiting; 0: not waiting
-        self._state = _HEADERS
-        self._error: Exception | None = None
-        self._pending: list[bytes] = []
-        self._pending_size = 0
         self._paused = False
-        self._framed = False
-        self._informational = False
-        self._join = True  # hand out everything one read delivered (aiter_raw)
-        self._keep_alive = False
-        self.status_code = 0
-        self.headers: dict[str, str] = {}
-        # Head bytes the parser may still be fed; a head that needs more is refused.
-        self._head_limit = self._head_room = max_head_bytes
-        # Values of header names seen more than once, joined at the end of the head.
-        self._repeated: dict[str, list[str]] | None = None
-        self.is_stream_consumed = False
         connection.response = self
-
-    def __repr__(self) -> str:
-        return f"<HttpResponse [{self.status_code}]>"
 
     @property
     def content(self) -> bytes:
         raise httpx.ResponseNotRead()
 
+    def get_extra_info(self, name: str) -> object:
+        """The connection's "socket", "client_addr", "server_addr" or "ssl_object" (as
+        httpcore's network stream names them), or None."""
+        transport = self._transport
+        if transport is None:
+            return None
+        return transport.get_extra_info(_EXTRA_NAMES.get(name, name))
+
     # --- the reader's side ------------------------------------------------------------------
 
-    async def start(self, head: bytes, content: bytes) -> None:
+    async def start(self, head: bytes, content: bytes, head_timeout: float | None = None) -> None:
         connection = self._connection
         assert connection is not None and connection.transport is not None
         connection.transport.write(head + content)
@@ -503,20 +497,47 @@ class HttpResponse:
         self._waiting_since = self._loop.time()
         if self._watch is not None:
             self._watch.add(self, None)
-        await waiter  # set (with b"") when the headers are in, or failed
+        timer = None
+        if head_timeout is not None:
+            timer = self._loop.call_later(head_timeout, self._head_expired)
+        try:
+            await waiter  # set (with b"") when the headers are in, or failed
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _head_expired(self) -> None:
+        if self.state == HEADERS:
+            self.fail(httpx.ReadTimeout("no response head within the read timeout"))
 
     def aiter_raw(self) -> HttpResponse:
-        if self.is_stream_consumed:
-            raise httpx.StreamConsumed()
-        self.is_stream_consumed = True
+        """The body, all that one read delivered at a time."""
+        self.consume(join=True)
         return self
 
-    def aiter_chunks(self) -> HttpResponse:
-        """The body one chunk body at a time (an HTTP chunk, or one read of a body that is
-        not chunked), where `aiter_raw` hands out all that one read delivered, joined: a
-        parser that takes whole events per chunk then takes its fast path."""
-        self._join = False
-        return self.aiter_raw()
+    def aiter_batches(self) -> AsyncIterator[list[bytes]]:
+        """The body as lists of chunk bodies (one per HTTP chunk, or per read of a body
+        that is not chunked): each list all that arrived since the last, so a reader that
+        takes one chunk body at a time (a parser whose fast path is one event per chunk)
+        awaits once per read, not once per chunk (see `consume`)."""
+        self.consume(join=False)
+        return self._batches()
+
+    async def _batches(self) -> AsyncIterator[list[bytes]]:
+        pending = self._pending
+        while True:
+            if pending:
+                batch = list(pending)
+                pending.clear()
+                self.pending_size = 0
+                if self._paused:
+                    self._resume()
+                yield batch
+            try:  # caught up: wait for the next read (or the end, or the failure)
+                chunk = await self.__anext__()
+            except StopAsyncIteration:
+                return
+            pending.appendleft(chunk)
 
     def __aiter__(self) -> HttpResponse:
         return self
@@ -527,7 +548,7 @@ class HttpResponse:
         waiter: asyncio.Future[bytes] = self._loop.create_future()
         if self._pending:
             waiter.set_result(self._take())
-        elif self._state == _BODY:
+        elif self.state == BODY:
             self._waiter = waiter
             self._waiting_since = self._loop.time()
         else:
@@ -543,90 +564,53 @@ class HttpResponse:
 
     def close(self) -> None:
         # Unfinished: the socket closes now, so the upstream sees the disconnect and stops
-        # generating. Finished: the connection is back in the pool already.
+        # generating. Finished: the connection is back in the pool (at once, or now when
+        # it was held until this close).
         self._settle()
         self._waiter = None
-        self._pending.clear()
         connection, self._connection = self._connection, None
-        if self._state in (_HEADERS, _BODY):
-            self._state = _FAILED
-            self._error = httpx.StreamClosed()
+        if self.shut():
             if connection is not None:
                 connection.response = None
-                connection.close()
+                connection.abort()
+        elif connection is not None:  # read to its end, and held until now
+            self._hand_back(connection)
 
     def _take(self) -> bytes:
-        pending = self._pending
-        if len(pending) == 1 or self._join:
-            data = pending[0] if len(pending) == 1 else b"".join(pending)
-            pending.clear()
-            self._pending_size = 0
-        else:
-            data = pending.pop(0)
-            self._pending_size -= len(data)
-        if self._paused and not pending:
-            self._paused = False
-            connection = self._connection
-            if connection is not None and connection.transport is not None:
-                connection.transport.resume_reading()
+        data = self.take()
+        if self._paused and not self._pending:
+            self._resume()
         return data
 
+    def _resume(self) -> None:
+        self._paused = False
+        connection = self._connection
+        if connection is not None and connection.transport is not None:
+            connection.transport.resume_reading()
+
     def _end(self) -> BaseException:
-        if self._state == _COMPLETE:
+        if self.state == COMPLETE:
             return StopAsyncIteration()
-        assert self._error is not None
-        return self._error
+        assert self.error is not None
+        return self.error
 
     # --- the connection's side --------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
-        parser = self._parser
-        if parser is None:
-            return
-        try:
-            if self._state == _HEADERS:
-                # The head is counted before the parser sees it (llhttp buffers nothing,
-                # but httptools grows a header value split across reads by concatenation):
-                # only the bytes the limit allows are parsed while the head is unfinished.
-                room = self._head_room
-                if len(data) > room:
-                    self._head_room = 0
-                    parser.feed_data(data[:room])
-                    if self._state == _HEADERS:
-                        self._fail(ResponseHeadTooLarge(self._head_limit))
-                        return
-                    data = data[room:]
-                else:
-                    self._head_room = room - len(data)
-            parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(httpx.RemoteProtocolError("the upstream switched protocols"))
-            return
-        except httptools.HttpParserError as exc:
-            if self._state != _COMPLETE:
-                self._fail(httpx.RemoteProtocolError(f"invalid HTTP response: {exc}"))
-                return
-            self._keep_alive = False  # bytes after the response: do not reuse
-        if self._state == _COMPLETE:
-            self._finish()
+        self.parse(data)
+        if self.pending_size > _HIGH_WATER and not self._paused and self.state == BODY:
+            connection = self._connection
+            if connection is not None and connection.transport is not None:
+                self._paused = True
+                connection.transport.pause_reading()
         self._wake()
 
     def lost(self, exc: Exception | None) -> None:
         self._connection = None
-        if self._state == _BODY and not self._framed and exc is None:
-            self._state = _COMPLETE  # a close-delimited body ends with the connection
-            self._settle()
-        elif self._state == _HEADERS:
-            self._fail(_broken(exc, "the upstream closed the connection without a response"))
-        elif self._state == _BODY:
-            self._fail(_broken(exc, "the upstream closed the connection mid-body"))
+        self.ended(exc)
         self._wake()
 
-    def _fail(self, error: Exception) -> None:
-        if self._state in (_COMPLETE, _FAILED):
-            return
-        self._state = _FAILED
-        self._error = error
+    def _failed(self) -> None:
         self._settle()
         connection, self._connection = self._connection, None
         if connection is not None:
@@ -634,24 +618,28 @@ class HttpResponse:
             connection.close()
         self._wake()
 
-    def _finish(self) -> None:
-        # Read to its end: the connection goes back to the pool (or closes).
+    def _completed(self) -> None:
+        # Read to its end: the connection goes back to the pool (or closes), unless the
+        # reader holds it until close().
         self._settle()
-        connection, self._connection = self._connection, None
-        if connection is None:
+        if self._hold:
             return
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            self._hand_back(connection)
+
+    def _hand_back(self, connection: _Connection) -> None:
         if self._paused:
             self._paused = False
-            assert connection.transport is not None
-            connection.transport.resume_reading()
-        if self._keep_alive:
+            if connection.transport is not None:
+                connection.transport.resume_reading()
+        if self.keep_alive:
             connection.release()
         else:
             connection.response = None
             connection.close()
 
     def _settle(self) -> None:
-        self._parser = None
         watch, self._watch = self._watch, None
         if watch is not None:
             watch.discard(self)
@@ -661,7 +649,7 @@ class HttpResponse:
         if waiter is None:
             return
         body = self.is_stream_consumed  # else start() is waiting for the headers
-        if self._state == (_BODY if body else _HEADERS) and not (body and self._pending):
+        if self.state == (BODY if body else HEADERS) and not (body and self._pending):
             return
         self._waiter = None
         self._waiting_since = 0.0
@@ -669,76 +657,9 @@ class HttpResponse:
             return
         if body and self._pending:
             waiter.set_result(self._take())
-        elif self._state == _FAILED:
+        elif self.state == FAILED:
             waiter.set_exception(self._end())
         elif body:
             waiter.set_exception(StopAsyncIteration())
         else:
             waiter.set_result(b"")
-
-    # --- httptools callbacks ----------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        if self._state == _COMPLETE:
-            raise httpx.RemoteProtocolError("bytes after the response")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        headers = self.headers
-        previous = headers.get(key)
-        if previous is None:
-            headers[key] = text
-            return
-        # Joined once at the end of the head: joining on every repeat is quadratic.
-        repeated = self._repeated
-        if repeated is None:
-            repeated = self._repeated = {}
-        values = repeated.get(key)
-        if values is None:
-            repeated[key] = [previous, text]
-        else:
-            values.append(text)
-
-    def on_headers_complete(self) -> None:
-        assert self._parser is not None
-        status = self._parser.get_status_code()
-        repeated, self._repeated = self._repeated, None
-        if 100 <= status < 200:  # an interim answer (103 Early Hints): the real one follows
-            self._informational = True
-            self.headers = {}
-            return
-        self.status_code = status
-        headers = self.headers
-        if repeated is not None:
-            for key, values in repeated.items():
-                headers[key] = ", ".join(values)
-        self._framed = (
-            "content-length" in headers or "chunked" in headers.get("transfer-encoding", "").lower()
-        )
-        self._state = _BODY
-
-    def on_body(self, body: bytes) -> None:
-        self._pending.append(body)
-        self._pending_size += len(body)
-        if self._pending_size > _HIGH_WATER and not self._paused:
-            connection = self._connection
-            if connection is not None and connection.transport is not None:
-                self._paused = True
-                connection.transport.pause_reading()
-
-    def on_message_complete(self) -> None:
-        if self._informational:
-            self._informational = False
-            return
-        assert self._parser is not None
-        self._keep_alive = self._parser.should_keep_alive()
-        self._state = _COMPLETE
-
-
-def _broken(exc: Exception | None, message: str) -> Exception:
-    if isinstance(exc, OSError):
-        error: Exception = httpx.ReadError(f"{message}: {exc.strerror or type(exc).__name__}")
-        error.__cause__ = exc
-        return error
-    return httpx.RemoteProtocolError(message)
