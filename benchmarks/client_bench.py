@@ -990,9 +990,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     wanted = set(args.only.split(",")) if args.only else None
     with contextlib.ExitStack() as stack:
         baselines = [(rev, stack.enter_context(checkout_of(rev))) for rev in args.baseline]
-        specs = [
-            s for s in all_specs(baselines, args.otel) if wanted is None or s.family in wanted
-        ]
+        specs = [s for s in all_specs(baselines, args.otel) if wanted is None or s.family in wanted]
         return _orchestrate(args, plan, specs)
 
 
