@@ -409,6 +409,7 @@ class Spec:
     json: str = ""  # tokenhub_stream only: stdlib | orjson
     src: str = ""  # tokenhub_stream only: another checkout's src/ (--baseline), else ours
     engine: str = ""  # tokenhub_stream only: "httpx" forces the httpx path
+    no_otel: bool = False  # tokenhub_stream only: opentelemetry made unimportable (--otel)
 
     @property
     def key(self) -> str:
@@ -431,7 +432,7 @@ SYNC_CONSUMERS: dict[str, Callable[[str], SyncConsumer]] = {
 }
 
 
-def all_specs(baselines: list[tuple[str, str]] | None = None) -> list[Spec]:
+def all_specs(baselines: list[tuple[str, str]] | None = None, otel: bool = False) -> list[Spec]:
     specs: list[Spec] = []
     for kind in ("async", "sync"):
         specs.append(Spec("raw-socket", "raw-socket", kind))
@@ -440,6 +441,12 @@ def all_specs(baselines: list[tuple[str, str]] | None = None) -> list[Spec]:
         specs.append(Spec("openai", "openai", kind))
         specs.append(Spec("tokenhub_stream (stdlib json)", "tokenhub_stream", kind, "stdlib"))
         specs.append(Spec("tokenhub_stream (orjson)", "tokenhub_stream", kind, "orjson"))
+        if otel:
+            # The rows above run with opentelemetry-api importable and no provider set
+            # (telemetry off); these without it at all (the otel extra not installed).
+            for json_name, shown in (("stdlib", "stdlib json"), ("orjson", "orjson")):
+                label = f"tokenhub_stream ({shown}, no opentelemetry)"
+                specs.append(Spec(label, "tokenhub_stream", kind, json_name, no_otel=True))
         for rev, src in baselines or ():
             for json_name, shown in (("stdlib", "stdlib json"), ("orjson", "orjson")):
                 label = f"tokenhub_stream@{rev} ({shown})"
@@ -571,6 +578,8 @@ def worker(spec: Spec, url: str, plan: Plan) -> dict[str, object]:
         if spec.json == "stdlib":
             # "Without the extra": orjson cannot be imported at all.
             sys.modules["orjson"] = None  # type: ignore[assignment]
+        if spec.no_otel:
+            sys.modules["opentelemetry"] = None  # type: ignore[assignment]
         try:
             import tokenhub_stream
         except ImportError as exc:
@@ -981,7 +990,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     wanted = set(args.only.split(",")) if args.only else None
     with contextlib.ExitStack() as stack:
         baselines = [(rev, stack.enter_context(checkout_of(rev))) for rev in args.baseline]
-        specs = [s for s in all_specs(baselines) if wanted is None or s.family in wanted]
+        specs = [s for s in all_specs(baselines, args.otel) if wanted is None or s.family in wanted]
         return _orchestrate(args, plan, specs)
 
 
@@ -1142,6 +1151,12 @@ def main(argv: list[str] | None = None) -> int:
         "--memory",
         action="store_true",
         help="tracemalloc figures instead: one idle pooled connection, one open stream",
+    )
+    parser.add_argument(
+        "--otel",
+        action="store_true",
+        help="also run tokenhub_stream with opentelemetry made unimportable; the usual rows "
+        "have it importable with no provider configured (telemetry off)",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)

@@ -13,7 +13,9 @@ chatproxy (its default: our HTTP/1.1 engine on httptools, mounted with `proxy.ro
 Starlette), chatproxy-mw (the same proxy as `proxy.middleware()` of a Starlette app) and
 chatproxy-asgi (the same proxy as uvicorn's whole app, no Starlette). (The aiohttp
 targets went with the aiohttp code, 2026-12-06; `--baseline` compares a revision with
-this one.) `--profile` and `--tracemalloc` slow the proxy
+this one.) A target named `NAME!nootel` is NAME with opentelemetry made unimportable in its
+process (without the `otel` extra); NAME itself runs with opentelemetry-api importable and
+no provider configured, telemetry off. `--profile` and `--tracemalloc` slow the proxy
 they watch, so their runs' columns are not comparable with plain runs.
 
 `--deciles` also prints, for the largest `--streams` step, the TTFB p50 of each tenth of the
@@ -516,9 +518,12 @@ def _start_target(
             shutil.rmtree(tmp, ignore_errors=True)
         return
     kind, _, rev = name.partition("@")
+    kind, _, without = kind.partition("!")
     env = None
     if rev:  # NAME@REV: the same target on another revision's src/ (--baseline)
         env = dict(os.environ, PYTHONPATH=_BASELINES[rev])
+    if without == "nootel":  # NAME!nootel: as if the otel extra were not installed
+        env = dict(env or os.environ, PROXY_BENCH_BLOCK="opentelemetry")
     cmd = [sys.executable, __file__, "_serve", kind, str(upstream_port), str(port), loop, http]
     cmd.append(probe)
     proc = subprocess.Popen(cmd, env=env)
@@ -1006,6 +1011,8 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_upstream":
         _run(_upstream_main(sys.argv[2]))
     elif len(sys.argv) > 1 and sys.argv[1] == "_serve":
+        for module in filter(None, os.environ.get("PROXY_BENCH_BLOCK", "").split(",")):
+            sys.modules[module] = None  # type: ignore[assignment]
         _, _, kind, up, port, loop, http, probe = sys.argv
         _serve_app(kind, f"http://127.0.0.1:{up}", int(port), loop, http, probe)
     else:

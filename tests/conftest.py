@@ -3,8 +3,12 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import ReadableSpan
 
 _BACKENDS = ["asyncio"] + (["trio"] if importlib.util.find_spec("trio") else [])
 
@@ -35,3 +39,68 @@ def pytest_runtest_makereport(
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
             report.longrepr = f"skipped under CI=true (not allowed): {reason}"
     return report
+
+
+class Telemetry:
+    """The OpenTelemetry SDK's in-memory span exporter and metric reader, given to
+    `tokenhub_stream.instrument()` (issue #18): `spans()`, `points(name)`."""
+
+    def __init__(self, capture_content: bool) -> None:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        self.exporter = InMemorySpanExporter()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.reader])
+        self.capture_content = capture_content
+
+    def spans(self, name: str | None = None) -> list[ReadableSpan]:
+        """Finished spans, oldest first (only those called `name`, if given)."""
+        spans = list(self.exporter.get_finished_spans())
+        return [s for s in spans if name is None or s.name == name]
+
+    def span(self, name: str | None = None) -> ReadableSpan:
+        """The one finished span (called `name`, if given)."""
+        spans = self.spans(name)
+        assert len(spans) == 1, [s.name for s in spans]
+        return spans[0]
+
+    @staticmethod
+    def attrs(span: ReadableSpan) -> dict[str, Any]:
+        """A span's attributes, as a plain dict."""
+        return dict(span.attributes or {})
+
+    def points(self, name: str) -> list[tuple[dict[str, Any], Any]]:
+        """(attributes, data point) of the metric `name` collected now."""
+        out: list[tuple[dict[str, Any], Any]] = []
+        data = self.reader.get_metrics_data()
+        for resource in data.resource_metrics if data is not None else ():
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == name:
+                        out += [(dict(p.attributes or {}), p) for p in metric.data.data_points]
+        return out
+
+
+@pytest.fixture
+def telemetry() -> Generator[Telemetry, None, None]:
+    """This library's spans and metrics into memory for one test (content not captured)."""
+    import tokenhub_stream
+
+    recorded = Telemetry(capture_content=False)
+    tokenhub_stream.instrument(
+        tracer_provider=recorded.tracer_provider,
+        meter_provider=recorded.meter_provider,
+        capture_content=False,
+    )
+    try:
+        yield recorded
+    finally:
+        tokenhub_stream.instrument()  # back to the default: the (unset) global providers
+        recorded.tracer_provider.shutdown()
+        recorded.meter_provider.shutdown()

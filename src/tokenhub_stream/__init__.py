@@ -41,6 +41,7 @@ from ._models import (
 )
 from ._sse import ServerSentEvent, SSEDecoder
 from ._sync_client import ChatStream, Client
+from ._telemetry import instrument, uninstrument
 from .tools import (
     MaxTurnsExceeded,
     Tool,
@@ -105,9 +106,11 @@ __all__ = [
     "Usage",
     "UsageEvent",
     "__version__",
+    "instrument",
     "stream_chat",
     "stream_chat_sync",
     "tool",
+    "uninstrument",
 ]
 
 # Public names report the public module, like httpx does.

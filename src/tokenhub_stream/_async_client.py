@@ -582,8 +582,20 @@ class AsyncClient(BaseClient):
             extra_headers=extra_headers,
             response_format=response_format,
         )
+        observer = call.observer
+        if observer is None:
+            return await self._complete(call)
+        try:
+            result = await self._complete(call)
+        except BaseException as exc:
+            observer.completion_ended(None, exc)
+            raise
+        observer.completion_ended(result, None)
+        return result
+
+    async def _complete(self, call: Call) -> ChatResult:
         deadline = CompletionDeadline(call)
-        retries = Retries(call.max_retries, self.max_retry_wait)
+        retries = Retries(call.max_retries, self.max_retry_wait, call.observer)
         response = await self._send_retrying(call, retries, deadline.restart)
         deadline.watch(response)
         try:

@@ -53,6 +53,7 @@ from ._exceptions import (
 from ._json import Redact, loads
 from ._models import ChatResult
 from ._structured import OutputSpec, StructuredOutput, output_spec
+from ._telemetry import ChatRecorder, current
 from ._watchdog import HasSocket, StreamTimer
 
 MessagesTypes: TypeAlias = Sequence[Mapping[str, object]]
@@ -112,6 +113,8 @@ class Call:
     redact: Redact = field(repr=False)  # hides the client's key in what the upstream says
     messages: list[Mapping[str, object]] = field(default_factory=list)
     output: OutputSpec | None = None  # what `response_format=` asked for, if structured
+    #: Its spans and metrics (`_telemetry.py`); None when telemetry is off.
+    observer: ChatRecorder | None = field(default=None, repr=False)
 
     def httpx_timeout(self) -> httpx.Timeout:
         t = self.timeout
@@ -273,8 +276,15 @@ def build_call(
     headers.update(client.headers)
     if extra_headers:
         headers.update(extra_headers)
+    url = client.base_url + "/chat/completions"
+    telemetry = current()  # None when off: the one check per request
+    observer = None
+    if telemetry is not None:
+        observer = telemetry.chat(
+            model=model_name, params=body, url=url, messages=messages, stream=stream
+        )
     return Call(
-        url=client.base_url + "/chat/completions",
+        url=url,
         headers=headers,
         # allow_nan=False, as httpx's json=: NaN and Infinity are not JSON (ValueError).
         body=json.dumps(body, separators=(",", ":"), allow_nan=False).encode(),
@@ -285,6 +295,7 @@ def build_call(
         redact=client._redact,
         messages=list(messages),
         output=output if output is not None and output.structured else None,
+        observer=observer,
     )
 
 
@@ -440,6 +451,9 @@ class CompletionDeadline:
     def restart(self) -> None:
         """The request is sent (again): the deadlines count from now."""
         self.sent_at = time.monotonic()
+        observer = self._call.observer
+        if observer is not None:
+            observer.sending(self._call.headers)
 
     def watch(self, response: httpx.Response | HasSocket) -> None:
         t = self._call.timeout

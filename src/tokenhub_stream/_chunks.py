@@ -169,6 +169,8 @@ class ChunkParser:
         "first_token_at",
         "last_event_at",
         "request_id",
+        "response_id",
+        "response_model",
         "role",
         "started_at",
         "stopped",
@@ -212,6 +214,10 @@ class ChunkParser:
         self.first_token_at: float | None = None
         self.last_event_at: float | None = None
         self.ended_at: float | None = None
+        #: The chunks' `id` and `model`, read once, from the chunk that carries the
+        #: finish_reason (or the usage): never per content chunk.
+        self.response_id: str | None = None
+        self.response_model: str | None = None
 
     @property
     def delivered(self) -> int:
@@ -479,6 +485,8 @@ class ChunkParser:
                 reason = choice.get("finish_reason")
                 if reason:
                     self.finish_reason = str(reason)
+                    if self.response_id is None:
+                        self._learn_ids(obj)
                     if self.first_token_at is None:
                         self.first_token_at = self.last_event_at
                     if events is not None:
@@ -490,10 +498,18 @@ class ChunkParser:
                 usage = x_groq.get("usage")
         if usage and type(usage) is dict and usage != self._usage_raw:
             self._usage_raw = usage
+            if self.response_id is None:
+                self._learn_ids(obj)
             self.usage = Usage.from_dict(usage)
             if events is not None:
                 events.append(UsageEvent(self.usage))
         return text
+
+    def _learn_ids(self, obj: dict[str, object]) -> None:
+        ident, model = obj.get("id"), obj.get("model")
+        self.response_id = ident if type(ident) is str else ""
+        if type(model) is str:
+            self.response_model = model
 
     def _apply_parts(self, parts: object, events: list[StreamEvent] | None) -> str | None:
         # `delta.content` as a list of typed parts (Mistral's magistral, directly and

@@ -15,10 +15,17 @@ after a failure before its first delta) and for `chat()`; they only sleep and re
 from __future__ import annotations
 
 import random
+from typing import Protocol
 
 from ._exceptions import TokenHubError
 
-__all__ = ["Retries"]
+__all__ = ["Retries", "RetryObserver"]
+
+
+class RetryObserver(Protocol):
+    """Told of each retry granted (the request's telemetry: `_telemetry.ChatRecorder`)."""
+
+    def retrying(self, error: BaseException, attempt: int, delay: float) -> None: ...
 
 
 class Retries:
@@ -37,11 +44,14 @@ class Retries:
     ```
     """
 
-    __slots__ = ("attempt", "max_retries", "max_wait")
+    __slots__ = ("attempt", "max_retries", "max_wait", "observer")
 
-    def __init__(self, max_retries: int, max_wait: float) -> None:
+    def __init__(
+        self, max_retries: int, max_wait: float, observer: RetryObserver | None = None
+    ) -> None:
         self.max_retries = max_retries
         self.max_wait = max_wait
+        self.observer = observer
         #: Retries granted so far.
         self.attempt = 0
 
@@ -64,4 +74,6 @@ class Retries:
         else:
             delay = min(8.0, 0.5 * 2.0**self.attempt) * (0.5 + random.random() / 2)
         self.attempt += 1
+        if self.observer is not None:
+            self.observer.retrying(error, self.attempt, delay)
         return delay

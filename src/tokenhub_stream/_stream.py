@@ -28,6 +28,7 @@ from ._exceptions import (
 from ._models import ChatMessage, Outcome, Timings, ToolCall, Usage
 from ._retry import Retries
 from ._structured import StructuredOutput
+from ._telemetry import ChatRecorder
 from ._watchdog import StreamTimer
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     #: A stream's answer: httpx's, or the engine's (asyncio or blocking).
     Response: TypeAlias = httpx.Response | HttpResponse | SyncResponse
 
-__all__ = ["ConsumeMode", "StreamState", "StreamView", "outcome_for"]
+__all__ = ["ConsumeMode", "StreamState", "StreamView", "observer_of", "outcome_for"]
 
 #: What a stream's consumer yields: text deltas, typed events, the partial value of a
 #: structured output each time it changes, or the completed elements of a list output.
@@ -69,7 +70,7 @@ class StreamState:
         made = _outside_frame(sys._getframe(1))
         self._made_at = (made.f_code.co_filename, made.f_lineno)
         self._total_deadline: float | None = None
-        self._retries = Retries(call.max_retries, client.max_retry_wait)
+        self._retries = Retries(call.max_retries, client.max_retry_wait, call.observer)
         self._claimed = False
         self._closed = False
         self._outcome: Outcome | None = None
@@ -148,6 +149,9 @@ class StreamState:
         self._sent_at = time.monotonic()
         if self._total_deadline is None and self._call.timeout.total is not None:
             self._total_deadline = self._sent_at + self._call.timeout.total
+        observer = self._call.observer
+        if observer is not None:
+            observer.sending(self._call.headers)
 
     @property
     def response(self) -> httpx.Response | None:
@@ -227,7 +231,8 @@ class StreamState:
             parser.ended_at = time.monotonic()
         if error is None:
             self._outcome = Outcome("completed", "done" if parser.done else "finish_reason")
-        else:
+            self._observed()
+        else:  # final unless _retry_after_failure grants a retry
             self._outcome = outcome_for(error, self._had_response)
         return error
 
@@ -235,10 +240,19 @@ class StreamState:
         delay = self._retries.next_delay(error, delivered=bool(self._parser.delivered))
         if delay is not None:
             self._outcome = None
+        else:
+            self._observed()
         return delay
 
     def _fail(self, error: TokenHubError) -> None:
         self._outcome = outcome_for(error, self._had_response)
+        self._observed()
+
+    def _observed(self) -> None:
+        # The outcome is final: the telemetry reads the stream's results once, now.
+        observer = self._call.observer
+        if observer is not None:
+            observer.stream_ended(self._parser, self._outcome)
 
     def _record_exit(self, exc: BaseException | None) -> None:
         if self._outcome is not None:
@@ -249,6 +263,7 @@ class StreamState:
             self._outcome = Outcome("cancelled", type(exc).__name__ if exc else None)
         if self._parser.ended_at is None:
             self._parser.ended_at = time.monotonic()
+        self._observed()
 
     # --- owners ------------------------------------------------------------------
 
@@ -417,3 +432,9 @@ def outcome_for(error: TokenHubError, had_response: bool) -> Outcome:
     if isinstance(error, TransportError):
         return Outcome("truncated" if had_response else "upstream_error", None, error)
     return Outcome("upstream_error", None, error)
+
+
+def observer_of(stream: object) -> ChatRecorder | None:
+    """The telemetry of a stream made by our clients (None for any other object, or when
+    telemetry is off). Used by the tool loop: a turn's tool calls get spans under it."""
+    return stream._state._call.observer if isinstance(stream, StreamView) else None

@@ -581,8 +581,20 @@ class Client(BaseClient):
             extra_headers=extra_headers,
             response_format=response_format,
         )
+        observer = call.observer
+        if observer is None:
+            return self._complete(call)
+        try:
+            result = self._complete(call)
+        except BaseException as exc:
+            observer.completion_ended(None, exc)
+            raise
+        observer.completion_ended(result, None)
+        return result
+
+    def _complete(self, call: Call) -> ChatResult:
         deadline = CompletionDeadline(call)
-        retries = Retries(call.max_retries, self.max_retry_wait)
+        retries = Retries(call.max_retries, self.max_retry_wait, call.observer)
         response = self._send_retrying(call, retries, deadline.restart)
         deadline.watch(response)
         try:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Mapping
-from typing import NamedTuple, Protocol, cast
+from collections.abc import AsyncGenerator, Coroutine, Mapping
+from typing import Any, NamedTuple, Protocol, cast
 
 import anyio
 import httpx
@@ -24,7 +24,7 @@ from .._engine import ResponseHeadTooLarge
 from ._buffers import ResumableStream
 from ._redact import KeyRedactor
 from ._relay import MAX_ERROR_BODY, Relay
-from ._turn import Send, Turn, log_upstream_failure, logger, send_simple
+from ._turn import Send, Turn, Watch, log_upstream_failure, logger, send_simple
 from ._upstream import UpstreamResponse, Upstreams
 from ._wire import (
     EventSplitter,
@@ -86,12 +86,33 @@ class Passthrough:
         self._redactor = redactor
         self._live = live_streams  # resumable streams relayed here, for DELETE
 
-    async def exchange(self, content: bytes, stream: bool, send: Send, turn: Turn) -> None:
-        """Send `content` upstream and relay the answer to `send`."""
+    def exchange(
+        self, content: bytes, stream: bool, send: Send, turn: Turn
+    ) -> Coroutine[Any, Any, None]:
+        """Send `content` upstream and relay the answer to `send` (await the coroutine
+        returned; not a coroutine itself, so a stream holds no extra frame for it)."""
+        watch = turn.watch
+        if watch is None:
+            return self._exchange(content, self._headers[stream], stream, send, turn)
+        return self._watched(content, stream, send, turn, watch)
+
+    async def _watched(
+        self, content: bytes, stream: bool, send: Send, turn: Turn, watch: Watch
+    ) -> None:
+        # The upstream call as a span of its own, its traceparent in a copy of the headers.
+        headers = watch.upstream_headers(self._headers[stream])
+        try:
+            await self._exchange(content, headers, stream, send, turn)
+        finally:
+            watch.upstream_ended(turn)
+
+    async def _exchange(
+        self, content: bytes, headers: Mapping[str, str], stream: bool, send: Send, turn: Turn
+    ) -> None:
         relay = self._relay
         upstreams = self.upstreams
         try:
-            response = await upstreams.get().send(self._url, self._headers[stream], content)
+            response = await upstreams.get().send(self._url, headers, content)
         except Exception as exc:
             log_upstream_failure(turn, exc)
             if isinstance(exc, ResponseHeadTooLarge):
@@ -104,6 +125,8 @@ class Passthrough:
                 message = "Could not reach the upstream."
                 await relay.fail_before(send, turn, 502, message, "upstream_unreachable")
             return
+        if turn.watch is not None:
+            turn.watch.upstream_status = response.status_code
         try:
             if not 200 <= response.status_code < 300:
                 await self._upstream_status(response, send, turn)

@@ -18,6 +18,7 @@ import httpx
 from ..__version__ import __version__
 from .._config import Timeout
 from .._engine import DEFAULT_MAX_RESPONSE_HEAD_BYTES
+from .._telemetry import provider_name, server_of
 from ..tools._core import DEFAULT_MAX_TURNS
 from ._admission import AuthorizeHook, Gate
 from ._body import (
@@ -35,6 +36,7 @@ from ._record import OnCompleteHook, TurnCollector
 from ._redact import KeyRedactor, check_api_key
 from ._relay import Relay
 from ._resume import ResumeRoute, wants_resumable
+from ._telemetry import PrincipalHook, ProxyObserver
 from ._turn import (
     Receive,
     Scope,
@@ -164,6 +166,13 @@ class ChatProxy:
             client address, may hold open at once in this process; more get 429. Resumes
             also pass `authorize` and take from `rate_limiter` like chats.
         resume_ttl: seconds a finished stream stays resumable.
+        stats: serve `GET <mount>/stats` (behind `authorize`): a JSON snapshot of this
+            process's counters (open streams, turns by outcome, p50/p95 time to first
+            token, tokens/s, bytes, keep-alives; docs/proxy.md, "Live stats"). Counting
+            tokens reads a copy of each stream, as `on_complete` does.
+        telemetry_principal: `principal -> str | None`, the `enduser.id` recorded on the
+            request's span and the per-turn metrics when OpenTelemetry is on
+            (docs/observability.md); without it no principal is recorded.
 
     Raises:
         ValueError: an invalid option, or an `api_key` with whitespace, control or
@@ -205,6 +214,8 @@ class ChatProxy:
         stream_buffer: StreamBuffer | None = None,
         max_resumes_per_principal: int = DEFAULT_MAX_RESUMES_PER_PRINCIPAL,
         resume_ttl: float = DEFAULT_RESUME_TTL,
+        stats: bool = False,
+        telemetry_principal: PrincipalHook | None = None,
     ) -> None:
         from .. import _config
 
@@ -327,6 +338,12 @@ class ChatProxy:
             redactor=redactor,
             live_streams=live_streams,
         )
+        self._observer = ProxyObserver(
+            stats=stats,
+            principal=telemetry_principal,
+            server=server_of(base),
+            provider=provider_name(server_of(base)[0]),
+        )
         self._resume = ResumeRoute(
             settings=self,
             gate=self._gate,
@@ -433,6 +450,8 @@ class ChatProxy:
                     return
             if path.rstrip("/") == "/models":
                 await self._models(scope, send)
+            elif path.rstrip("/") == "/stats" and self._observer.stats is not None:
+                await self._stats(scope, send)
             elif path.startswith("/streams/"):
                 await self._resume.serve(scope, receive, send, path[len("/streams/") :])
             else:
@@ -468,11 +487,26 @@ class ChatProxy:
         body = _json({"object": "list", "data": data})
         await send_simple(send, 200, body, [(b"content-type", b"application/json")])
 
+    async def _stats(self, scope: Scope, send: Send) -> None:
+        # GET <mount>/stats: this process's counters, behind the same gate as the chat.
+        stats = self._observer.stats
+        assert stats is not None
+        try:
+            if scope["method"] not in ("GET", "HEAD"):
+                raise method_not_allowed("GET")
+            await self._gate.authorize(Request(scope))
+        except ProxyRejection as rejection:
+            await send_error(send, rejection)
+            return
+        headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+        await send_simple(send, 200, _json(stats.snapshot()), headers)
+
     # --- POST <mount> -----------------------------------------------------------------------
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
         # POST <mount>: one chat turn.
         turn = Turn()
+        self._observer.begin(scope, turn)
         try:
             request_body, stream = await self._prepare(scope, receive, turn)
         except ProxyRejection as rejection:
@@ -493,7 +527,7 @@ class ChatProxy:
             log_turn(turn)
             return
         usage_limiter = self._gate.usage_limiter()
-        if self.on_complete is not None or usage_limiter is not None:
+        if self.on_complete is not None or usage_limiter is not None or turn.watch is not None:
             # The tool loop hands over its answer as one chat.completion object.
             turn.collector = TurnCollector(
                 stream=stream and self.tools is None, request_bytes=len(request_body)
@@ -586,6 +620,8 @@ class ChatProxy:
         content = outgoing_body(
             body, self.allowed_fields, stream, caps=caps, include_usage=include_usage
         )
+        if turn.watch is not None:
+            turn.watch.request(body, stream)
         return content, stream
 
     async def _read_body(self, receive: Receive) -> bytes:

@@ -12,13 +12,20 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from .._chunks import ChunkParser, parse_completion
 from .._exceptions import APIError
 from .._models import ChatMessage, Usage, add_usage
 
-__all__ = ["CompletionRecord", "TurnCollector", "TurnOutcome", "add_usage", "estimate_usage"]
+__all__ = [
+    "CompletionRecord",
+    "TurnCollector",
+    "TurnOutcome",
+    "TurnSummary",
+    "add_usage",
+    "estimate_usage",
+]
 
 #: How a forwarded turn ended (`CompletionRecord.outcome`).
 TurnOutcome = Literal["completed", "upstream_error", "client_disconnect", "timeout"]
@@ -94,10 +101,24 @@ def _text_chars(message: ChatMessage) -> int:
     return chars
 
 
+class TurnSummary(NamedTuple):
+    """What a turn's copy shows, for the telemetry (`TurnCollector.summary`)."""
+
+    message: ChatMessage
+    usage: Usage | None  # as reported; None if the upstream sent none
+    estimated: Usage | None  # the estimate when `usage` is None (as a UsageLimiter's)
+    response_id: str | None
+    response_model: str | None
+    first_token_at: float | None  # time.monotonic()
+    last_event_at: float | None
+    chunks: int  # deltas relayed (0 for a JSON answer)
+
+
 class TurnCollector:
     __slots__ = (
         "_broken",
         "_event_bytes",
+        "_ids",
         "_message",
         "_parser",
         "_request_bytes",
@@ -111,6 +132,7 @@ class TurnCollector:
         self._parser = ChunkParser() if stream else None
         self._message: ChatMessage | None = None
         self._usage: Usage | None = None
+        self._ids: tuple[str | None, str | None] = (None, None)
         self._broken = False
         self._request_bytes = request_bytes
         self._event_bytes = 0
@@ -141,6 +163,28 @@ class TurnCollector:
             return
         self._message = result.message
         self._usage = result.usage
+        self._ids = (result.id, result.model)
+
+    def summary(self) -> TurnSummary:
+        """What arrived so far (no estimate of a turn cut mid-way by the tool loop)."""
+        parser = self._parser
+        first: float | None = None
+        last: float | None = None
+        chunks = 0
+        if parser is not None:
+            message, usage = parser.message(), parser.usage
+            ids = (parser.response_id, parser.response_model)
+            first, last, chunks = parser.first_token_at, parser.last_event_at, parser.delta_count
+        else:
+            message, usage, ids = self._message or ChatMessage(), self._usage, self._ids
+        estimated = None
+        if usage is None and self._event_bytes:
+            estimated = estimate_usage(
+                request_bytes=self._request_bytes,
+                text_chars=_text_chars(message),
+                event_bytes=self._event_bytes,
+            )
+        return TurnSummary(message, usage, estimated, ids[0], ids[1], first, last, chunks)
 
     def record(
         self,

@@ -289,6 +289,7 @@ class Relay:
                 turn.ticker_writing = None
                 done.set()
             turn.bytes_sent += len(_KEEPALIVE)
+            turn.keepalives += 1
             turn.last_write = time.monotonic()
         except Exception as exc:  # a gone client: the race's watcher sees it
             logger.debug("keep-alive not sent: %s", type(exc).__name__)

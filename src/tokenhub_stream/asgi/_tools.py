@@ -230,6 +230,10 @@ class ToolExchange:
         )
         self._loop = loop
         completed = False
+        watch = turn.watch
+        # The loop's own spans (each turn's `chat`, each `execute_tool`) go under the
+        # request's span: it is current in this task while the loop runs.
+        token = None if watch is None else watch.attach()
         try:
             async with http, loop:
                 async for event in loop:
@@ -263,6 +267,8 @@ class ToolExchange:
         finally:
             # Also on a disconnect (cancellation): on_complete gets what the browser saw.
             self._record(completed)
+            if watch is not None:
+                watch.detach(token)
         if self._stream:
             await self._finish_stream()
         else:

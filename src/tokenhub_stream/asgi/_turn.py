@@ -11,7 +11,7 @@ import inspect
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Literal, Protocol
 
 import anyio
@@ -46,6 +46,26 @@ class Cancels(Protocol):
     def cancel(self) -> object: ...
 
 
+class Watch(Protocol):
+    """A turn's stats and telemetry (`_telemetry.TurnWatch`), fed at its lifecycle
+    points; it ends with the turn's log line (`log_turn`)."""
+
+    #: The upstream's HTTP status once its headers came (set by the passthrough).
+    upstream_status: int | None
+
+    def request(self, body: Mapping[str, object], stream: bool) -> None: ...
+
+    def upstream_headers(self, headers: Mapping[str, str]) -> Mapping[str, str]: ...
+
+    def upstream_ended(self, turn: Turn) -> None: ...
+
+    def attach(self) -> object: ...
+
+    def detach(self, token: object) -> None: ...
+
+    def ended(self, turn: Turn) -> None: ...
+
+
 class Turn:
     """Mutable state of one request, shared by the relay, the watcher and the timers."""
 
@@ -72,6 +92,8 @@ class Turn:
         "resume",
         "expired",
         "canceller",
+        "keepalives",
+        "watch",
     )
 
     def __init__(self) -> None:
@@ -99,6 +121,8 @@ class Turn:
         self.resume: ResumableStream | None = None
         self.expired = False  # cut by total_timeout
         self.canceller: Cancels | None = None  # set by the relay's race
+        self.keepalives = 0  # keep-alive comments sent
+        self.watch: Watch | None = None  # stats and telemetry; None when both are off
 
     def cancel(self) -> None:
         """Stop the exchange now (a deadline, a gone client): its upstream closes."""
@@ -178,7 +202,9 @@ async def send_error(send: Send, rejection: ProxyRejection, request_id: str | No
 
 
 def log_turn(turn: Turn) -> None:
-    """The one log line per chat request."""
+    """The one log line per chat request; also where its telemetry ends."""
+    if turn.watch is not None:
+        turn.watch.ended(turn)
     duration = time.perf_counter() - turn.started
     ttfb = "-" if turn.ttfb is None else f"{turn.ttfb * 1000:.1f}"
     logger.info(

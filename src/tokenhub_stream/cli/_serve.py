@@ -145,7 +145,8 @@ def create_app(
     allowed_hosts: Collection[str] | None = LOCAL_HOSTS,
     token: str | None = None,
 ) -> Starlette:
-    """Build the chat app: the page at `/` and `ChatProxy` at `/api/chat`.
+    """Build the chat app: the page at `/` and `ChatProxy` at `/api/chat` (with its
+    `/api/chat/stats`, which the page shows in a small panel).
 
     ```python
     with run_upstream() as running:
@@ -200,6 +201,7 @@ def create_app(
         # The page asks for resumable streams and resumes after a dropped connection.
         resumable=True,
         allowed_hosts=allowed_hosts,  # _Guard checks first; this holds wherever it is mounted
+        stats=True,  # GET /api/chat/stats, for the page's panel
     )
     files = _read_static()
     config = json.dumps({"default_model": default, "local": local}).encode()

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
@@ -32,6 +33,9 @@ from .._models import ChatMessage, ToolCall, ToolCallDelta, Usage
 from .._partial_json import PartialJSON, PartialJSONError
 from ._events import MaxTurnsExceeded, ToolResult, TurnFinished
 from ._tool import Tool, ToolSet, ToolsTypes
+
+if TYPE_CHECKING:
+    from .._telemetry import ChatRecorder, ToolRecorder
 
 __all__ = [
     "DEFAULT_MAX_TURNS",
@@ -71,18 +75,29 @@ class Invocation:
     kwargs: dict[str, object]
     turn: int
     started: float = field(default=0.0)
+    #: The telemetry of the turn that asked for this call (None when off).
+    trace: ChatRecorder | None = None
+    span: ToolRecorder | None = None
 
     def start(self) -> None:
+        if self.trace is not None:
+            self.span = self.trace.tool(self.call, self.tool.description)
         self.started = time.perf_counter()
 
     def succeeded(self, value: object) -> ToolResult:
-        return ToolResult(self.call, _output(value), False, self.turn, self._elapsed())
+        result = ToolResult(self.call, _output(value), False, self.turn, self._elapsed())
+        if self.span is not None:
+            self.span.ended(result.output, None)
+        return result
 
     def failed(self, exc: Exception) -> ToolResult:
         # The model reads this and can retry or explain; the developer gets the traceback.
         logger.warning("tool %r raised %s", self.call.name, type(exc).__name__, exc_info=exc)
         text = f"Error: {type(exc).__name__}: {exc}" if str(exc) else f"Error: {type(exc).__name__}"
-        return ToolResult(self.call, text, True, self.turn, self._elapsed())
+        result = ToolResult(self.call, text, True, self.turn, self._elapsed())
+        if self.span is not None:
+            self.span.ended(text, exc)
+        return result
 
     def _elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -150,6 +165,7 @@ class LoopCore:
         self.turn = 0
         self.final: ChatMessage | None = None
         self._pending: tuple[ToolCall, ...] = ()
+        self._trace: ChatRecorder | None = None  # the last turn's telemetry
         # Where the loop was made, for the warning if it is dropped mid-stream.
         self.made_at = _outside_place()
 
@@ -172,10 +188,15 @@ class LoopCore:
             return delta
         return dataclasses.replace(delta, partial_arguments=parser.value)
 
-    def end_turn(self, message: ChatMessage, usage: Usage | None) -> TurnFinished:
+    def end_turn(
+        self, message: ChatMessage, usage: Usage | None, trace: ChatRecorder | None = None
+    ) -> TurnFinished:
+        """The turn's stream ended with `message`; `trace` is its telemetry (its tool
+        calls' spans are children of its span)."""
         self._arguments.clear()
         self.turn += 1
         self.final = message
+        self._trace = trace
         # A turn with tool calls is a tool turn whatever finish_reason says: Gemini
         # ends them with "stop" (PROVIDER_QUIRKS.md item 6).
         self._pending = message.tool_calls
@@ -207,7 +228,7 @@ class LoopCore:
         except (TypeError, ValueError) as exc:
             text = f"Error: invalid arguments for {call.name!r}: {exc}. Arguments: {call.arguments}"
             return ToolResult(call, text, True, self.turn)
-        return Invocation(call, found, kwargs, self.turn)
+        return Invocation(call, found, kwargs, self.turn, trace=self._trace)
 
     def add_results(self, results: Sequence[ToolResult]) -> Sequence[ToolResult]:
         self.messages.extend(result.to_message() for result in results)

@@ -29,6 +29,7 @@ from .._models import (
     ToolCallDelta,
     Usage,
 )
+from .._stream import observer_of
 from ._core import DEFAULT_MAX_TURNS, LoopCore, StreamOptions, arun_calls, dropped_warning
 from ._events import ToolCallStarted, ToolLoopEvent
 from ._tool import ToolsTypes
@@ -229,7 +230,8 @@ async def _run(
                     yield event
                 elif isinstance(event, ToolCallDelta):
                     yield core.tool_call_delta(event)
-            finished = core.end_turn(reading.stream.message, reading.stream.usage)
+            turn = reading.stream
+            finished = core.end_turn(turn.message, turn.usage, observer_of(turn))
         finally:
             stream, reading.stream, reading.events = reading.stream, None, None
             if stream is not None:

@@ -414,6 +414,7 @@ async function ask(text) {
   }
   setBusy(false);
   if (historyOn) refreshHistory(written);
+  refreshStats();
 }
 
 function stopAnswer() {
@@ -716,6 +717,48 @@ async function loadModels() {
   }
   modelSelect.disabled = false;
 }
+
+// --- What the server is doing now ----------------------------------------------------------
+
+// GET /api/chat/stats (ChatProxy(stats=True)): open streams, the p50/p95 time to first
+// token and the median tokens/s of the recent answers, all this server process's. Polled
+// every few seconds while the page is visible, and after each answer; the panel stays
+// hidden when the server does not offer it. Not a live region: it changes too often to be
+// read out, and its numbers are there to look at.
+const STATS_INTERVAL_MS = 5000;
+const statsBox = $("stats");
+let statsOn = true; // false once the server says it has no stats
+
+function millis(seconds) {
+  return typeof seconds === "number" ? `${Math.round(seconds * 1000)} ms` : "–";
+}
+
+export function drawStats(stats) {
+  const ttft = stats.time_to_first_token || {};
+  const rate = stats.tokens_per_second || {};
+  $("stats-open").textContent = String(stats.open_streams ?? "–");
+  $("stats-ttft").textContent = ttft.samples ? `${millis(ttft.p50)} / ${millis(ttft.p95)}` : "–";
+  $("stats-rate").textContent = rate.samples ? String(Math.round(rate.p50)) : "–";
+  statsBox.hidden = false;
+}
+
+async function refreshStats() {
+  if (!statsOn || document.hidden) return;
+  try {
+    const response = await fetch("/api/chat/stats", { cache: "no-store" });
+    if (response.status === 404) {
+      statsOn = false; // this server does not count: no panel, no more polling
+      return;
+    }
+    if (response.ok) drawStats(await response.json());
+  } catch {
+    // the server is restarting, or the network dropped: try again at the next tick
+  }
+}
+
+refreshStats();
+setInterval(refreshStats, STATS_INTERVAL_MS);
+document.addEventListener("visibilitychange", refreshStats);
 
 loadModels();
 promptBox.focus();
