@@ -6,9 +6,12 @@ Run (inside the project's virtualenv, with Debian's chromium installed):
     python scripts/screenshots.py --out /tmp/img
 
 It serves `tokenhub-stream serve`'s app on a random loopback port in front of the local
-test upstream (no key, no network), has a short conversation in it with the keyboard, and
-saves a desktop (1280x800) and a phone-size (390x844) picture. The tests never write these
-files; run this by hand when the page changes, and commit the PNGs.
+test upstream (no key, no network), with a history store in a temporary SQLite file: it
+has a first short conversation, starts a new chat and has a second one with the keyboard,
+then saves a desktop (1280x800, the history panel open) and a phone-size (390x844)
+picture. Both show the server's stats panel (open streams, time to first token,
+tokens/s). The tests never write these files; run this by hand when the page changes,
+and commit the PNGs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import os
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +32,7 @@ from playwright.sync_api import Page, sync_playwright
 from starlette.applications import Starlette
 
 from tokenhub_stream.cli._serve import create_app
+from tokenhub_stream.store import ConversationStore
 from tokenhub_stream.testing import FakeChatUpstream, Script, run_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +55,7 @@ ANSWERS = [
     "are generated (or billed) for nobody.",
 ]
 QUESTIONS = ["How does the answer stream into the page?", "And if I stop it halfway?"]
+EARLIER = ("What is a keep-alive comment?", "A line starting with a colon: the browser skips it.")
 
 
 @contextlib.contextmanager
@@ -73,15 +79,26 @@ def serve(app: Starlette) -> Iterator[str]:
         sock.close()
 
 
-def converse(page: Page, url: str, upstream: FakeChatUpstream) -> None:
+def ask(page: Page, upstream: FakeChatUpstream, n: int, question: str, answer: str) -> None:
+    upstream.enqueue(Script(text=answer))  # about 50 deltas/s
+    box = page.get_by_label("Message")
+    box.fill(question)
+    box.press("Enter")
+    page.locator(".msg.assistant").nth(n).and_(page.locator('[data-state="done"]')).wait_for()
+
+
+def converse(page: Page, url: str, upstream: FakeChatUpstream, history: bool) -> None:
     page.goto(url)
     page.locator("#model:enabled").wait_for()
+    ask(page, upstream, 0, *EARLIER)
+    page.locator("#new-chat").click()
+    page.locator(".msg").first.wait_for(state="detached")
     for n, (question, answer) in enumerate(zip(QUESTIONS, ANSWERS, strict=True)):
-        upstream.enqueue(Script(text=answer))  # about 50 deltas/s
-        box = page.get_by_label("Message")
-        box.fill(question)
-        box.press("Enter")
-        page.locator(".msg.assistant").nth(n).and_(page.locator('[data-state="done"]')).wait_for()
+        ask(page, upstream, n, question, answer)
+    page.locator("#stats:not([hidden])").wait_for()
+    if history:
+        page.locator("#history-toggle").click()
+        page.locator("#history-list li").nth(1).wait_for()
     page.get_by_label("Message").fill("Tell me about keep-alive comments")
     page.evaluate("() => document.activeElement.blur()")
 
@@ -92,9 +109,17 @@ def main() -> int:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     upstream = FakeChatUpstream()
-    with run_upstream(upstream) as running, sync_playwright() as playwright:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        run_upstream(upstream) as running,
+        sync_playwright() as playwright,
+    ):
         app = create_app(
-            base_url=running.base_url, api_key=None, models=upstream.models, local=True
+            base_url=running.base_url,
+            api_key=None,
+            models=upstream.models,
+            local=True,
+            store=ConversationStore(f"sqlite+aiosqlite:///{tmp}/history.db"),
         )
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
@@ -112,7 +137,7 @@ def main() -> int:
                 )
                 context.set_default_timeout(15_000)
                 page = context.new_page()
-                converse(page, url, upstream)
+                converse(page, url, upstream, history=not phone)
                 path = args.out / name
                 page.screenshot(path=str(path))
                 print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
