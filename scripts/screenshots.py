@@ -8,7 +8,7 @@ Run (inside the project's virtualenv, with Debian's chromium installed):
 It serves `tokenhub-stream serve`'s app on a random loopback port in front of the local
 test upstream (no key, no network), with a history store in a temporary SQLite file: it
 has a first short conversation, starts a new chat and has a second one with the keyboard,
-then saves a desktop (1280x800, the history panel open) and a phone-size (390x844)
+then saves a desktop (1280x800, the history beside the chat) and a phone-size (390x844)
 picture. Both show the server's stats panel (open streams, time to first token,
 tokens/s). The tests never write these files; run this by hand when the page changes,
 and commit the PNGs.
@@ -87,7 +87,7 @@ def ask(page: Page, upstream: FakeChatUpstream, n: int, question: str, answer: s
     page.locator(".msg.assistant").nth(n).and_(page.locator('[data-state="done"]')).wait_for()
 
 
-def converse(page: Page, url: str, upstream: FakeChatUpstream, history: bool) -> None:
+def converse(page: Page, url: str, upstream: FakeChatUpstream, wide: bool) -> None:
     page.goto(url)
     page.locator("#model:enabled").wait_for()
     ask(page, upstream, 0, *EARLIER)
@@ -96,8 +96,7 @@ def converse(page: Page, url: str, upstream: FakeChatUpstream, history: bool) ->
     for n, (question, answer) in enumerate(zip(QUESTIONS, ANSWERS, strict=True)):
         ask(page, upstream, n, question, answer)
     page.locator("#stats:not([hidden])").wait_for()
-    if history:
-        page.locator("#history-toggle").click()
+    if wide:  # the list sits beside the chat; on a phone it folds behind "History"
         page.locator("#history-list li").nth(1).wait_for()
     page.get_by_label("Message").fill("Tell me about keep-alive comments")
     page.evaluate("() => document.activeElement.blur()")
@@ -137,7 +136,7 @@ def main() -> int:
                 )
                 context.set_default_timeout(15_000)
                 page = context.new_page()
-                converse(page, url, upstream, history=not phone)
+                converse(page, url, upstream, wide=not phone)
                 path = args.out / name
                 page.screenshot(path=str(path))
                 print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
