@@ -13,10 +13,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import assert_type
 
 import pytest
 from pydantic import BaseModel
-from typing_extensions import TypedDict, assert_type
+from typing_extensions import TypedDict
 
 import tokenhub_stream as ts
 from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, run_upstream
@@ -100,9 +101,13 @@ def test_issue_19_types_schema_and_none_sync(upstream: RunningUpstream) -> None:
     with ts.Client(base_url=upstream.base_url) as client:
         with client.stream_chat(MESSAGES, response_format=SCHEMA) as stream:
             assert_type(stream, ts.ChatStream[object])
-            assert_type(stream.elements(), Iterator[object])
+            assert "".join(stream)
         decoded = assert_type(stream.parsed, object)  # the decoded JSON: narrow it
         assert isinstance(decoded, dict) and isinstance(decoded["title"], str)
+        listed = {"type": "array", "items": SCHEMA}
+        with client.stream_chat(MESSAGES, response_format=listed) as items:
+            elements = [assert_type(item, object) for item in items.elements()]
+        assert elements and all(isinstance(item, dict) for item in elements)
 
         result = client.chat(MESSAGES)
         assert_type(result, ts.ChatResult[object])
