@@ -175,4 +175,5 @@ def test_issue_19_types_checked_by_mypy(monkeypatch: pytest.MonkeyPatch) -> None
             str(Path(__file__)),
         ]
     )
-    assert (status, stdout, stderr) == (0, "", "")
+    assert status == 0, stdout + stderr
+    assert stdout == stderr == ""
