@@ -337,7 +337,7 @@ def test_issue_19_request_chat_parses(mock: respx.MockRouter, sync: bool) -> Non
             result = client.chat(MESSAGES, response_format=list[Card])
     else:
 
-        async def main() -> ts.ChatResult:
+        async def main() -> ts.ChatResult[list[Card]]:
             async with ts.AsyncClient(base_url=URL) as client:
                 return await client.chat(MESSAGES, response_format=list[Card])
 

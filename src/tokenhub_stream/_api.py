@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from ._async_client import AsyncChatStream, AsyncClient
 from ._base import BaseClient, Call, HeaderTypes, MessagesTypes, TimeoutTypes, build_call
@@ -10,6 +10,45 @@ from ._config import DEFAULT_MAX_EVENT_BYTES, DEFAULT_MODEL, UNSET, UnsetType
 from ._sync_client import ChatStream, Client
 
 __all__ = ["stream_chat", "stream_chat_sync"]
+
+#: The type given as `response_format=`, and so the type of the stream's `parsed`.
+_T = TypeVar("_T")
+
+
+# The overloads type the stream's output as the clients' `stream_chat` do: a type as
+# `response_format` gives a stream of that type, anything else a stream of `object`.
+@overload
+def stream_chat(
+    messages: MessagesTypes,
+    *,
+    model: str = ...,
+    api_key: str | None = ...,
+    base_url: str | None = ...,
+    timeout: TimeoutTypes | UnsetType = ...,
+    max_retries: int | UnsetType = ...,
+    include_usage: bool = ...,
+    extra_headers: HeaderTypes | None = ...,
+    max_event_bytes: int = ...,
+    response_format: type[_T],
+    strict_schemas: bool = ...,
+    **params: object,
+) -> AsyncChatStream[_T]: ...
+@overload
+def stream_chat(
+    messages: MessagesTypes,
+    *,
+    model: str = ...,
+    api_key: str | None = ...,
+    base_url: str | None = ...,
+    timeout: TimeoutTypes | UnsetType = ...,
+    max_retries: int | UnsetType = ...,
+    include_usage: bool = ...,
+    extra_headers: HeaderTypes | None = ...,
+    max_event_bytes: int = ...,
+    response_format: object = ...,
+    strict_schemas: bool = ...,
+    **params: object,
+) -> AsyncChatStream[object]: ...
 
 
 def stream_chat(
@@ -26,7 +65,7 @@ def stream_chat(
     response_format: object = None,
     strict_schemas: bool = True,
     **params: object,
-) -> AsyncChatStream:
+) -> AsyncChatStream[object]:
     """Stream a chat completion's text deltas (async).
 
     ```python
@@ -57,7 +96,9 @@ def stream_chat(
         **params: other body fields (`temperature`, `max_tokens`, ...); not `stream`.
 
     Returns:
-        An `AsyncChatStream`: async-iterate it for `str` deltas.
+        An `AsyncChatStream`: async-iterate it for `str` deltas. For
+        `response_format=Model` it is an `AsyncChatStream[Model]` (`parsed` is a
+        `Model`), else an `AsyncChatStream[object]`.
 
     Raises:
         MissingAPIKeyError: the default URL and no key (before any request).
@@ -75,6 +116,38 @@ def stream_chat(
     return AsyncChatStream(client, call, owns_client=True)
 
 
+@overload
+def stream_chat_sync(
+    messages: MessagesTypes,
+    *,
+    model: str = ...,
+    api_key: str | None = ...,
+    base_url: str | None = ...,
+    timeout: TimeoutTypes | UnsetType = ...,
+    max_retries: int | UnsetType = ...,
+    include_usage: bool = ...,
+    extra_headers: HeaderTypes | None = ...,
+    max_event_bytes: int = ...,
+    response_format: type[_T],
+    strict_schemas: bool = ...,
+    **params: object,
+) -> ChatStream[_T]: ...
+@overload
+def stream_chat_sync(
+    messages: MessagesTypes,
+    *,
+    model: str = ...,
+    api_key: str | None = ...,
+    base_url: str | None = ...,
+    timeout: TimeoutTypes | UnsetType = ...,
+    max_retries: int | UnsetType = ...,
+    include_usage: bool = ...,
+    extra_headers: HeaderTypes | None = ...,
+    max_event_bytes: int = ...,
+    response_format: object = ...,
+    strict_schemas: bool = ...,
+    **params: object,
+) -> ChatStream[object]: ...
 def stream_chat_sync(
     messages: MessagesTypes,
     *,
@@ -89,7 +162,7 @@ def stream_chat_sync(
     response_format: object = None,
     strict_schemas: bool = True,
     **params: object,
-) -> ChatStream:
+) -> ChatStream[object]:
     """Stream a chat completion's text deltas (sync); the same arguments as `stream_chat`.
 
     ```python
@@ -99,7 +172,8 @@ def stream_chat_sync(
     ```
 
     Returns:
-        A `ChatStream`: iterate it for `str` deltas.
+        A `ChatStream`: iterate it for `str` deltas; a `ChatStream[Model]` for
+        `response_format=Model`, else a `ChatStream[object]`.
 
     Raises:
         MissingAPIKeyError: the default URL and no key (before any request).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeAlias
+from typing import TYPE_CHECKING, Any, Self, TypeAlias, TypeVar, overload
 
 import httpx
 
@@ -47,9 +47,9 @@ from ._config import (
     UnsetType,
 )
 from ._exceptions import TokenHubError
-from ._models import ChatResult, StreamEvent
+from ._models import ChatResult, OutputT, StreamEvent
 from ._retry import Retries
-from ._stream import ConsumeMode, StreamState, StreamView
+from ._stream import ConsumeMode, ElementT, StreamState, StreamView
 from .tools import ToolsTypes
 from .tools._loop import DEFAULT_MAX_TURNS, AsyncToolLoop, arun_tools
 
@@ -61,8 +61,11 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncChatStream", "AsyncClient"]
 
+#: The type given as `response_format=`, and so the type of the stream's `parsed`.
+_T = TypeVar("_T")
 
-class AsyncChatStream(StreamView):
+
+class AsyncChatStream(StreamView[OutputT]):
     """One streamed chat completion: an async iterator of text deltas and an async
     context manager. The request is sent on enter, or on first iteration.
 
@@ -75,6 +78,10 @@ class AsyncChatStream(StreamView):
 
     Iterate it once, either directly (text deltas) or through `events()` (typed
     events); `message`, `usage`, `timings` and `outcome` are filled either way.
+    Generic in the type of its structured output: `stream_chat(...,
+    response_format=Card)` makes an `AsyncChatStream[Card]`, whose `parsed` is a `Card`;
+    a JSON schema or no `response_format` makes an `AsyncChatStream[object]`
+    (docs/structured.md#types).
     Leaving the `async with` block, `aclose()`, or cancelling the task closes the
     upstream connection at once. So does dropping an unfinished stream (a bare `break`
     with no `async with`), with a `ResourceWarning`, as for an unclosed file.
@@ -134,6 +141,10 @@ class AsyncChatStream(StreamView):
         it to keep a snapshot), strings as they grow, numbers once complete; for a
         `list[...]` output, the list (see docs/structured.md).
 
+        Typed `object`, whatever the stream's output type: a partial value is JSON that
+        is not complete yet (a `Card` with no `moons` so far), never an instance of the
+        type; narrow it with `isinstance` (a dict, a list, ...).
+
         At the end `parsed` holds the validated value; a bad output raises here.
 
         Raises:
@@ -145,9 +156,14 @@ class AsyncChatStream(StreamView):
         self._consumer = self._state._consumer("partials")
         return self._consumer
 
+    @overload
+    def elements(self: AsyncChatStream[list[ElementT]]) -> AsyncIterator[ElementT]: ...
+    @overload
+    def elements(self) -> AsyncIterator[object]: ...
     def elements(self) -> AsyncIterator[object]:
         """Iterate the elements of a `list[...]` output, each once complete and validated
-        (a model instance for `list[Model]`).
+        (a model instance for `list[Model]`, typed so: the stream is an
+        `AsyncChatStream[list[Model]]`; `object` for a JSON schema).
 
         Raises:
             TypeError: no `response_format`, or its output is not a list (at the call).
@@ -452,6 +468,35 @@ class AsyncClient(BaseClient):
         )
         return self._engine
 
+    # A type as `response_format` (a model, `list[Model]`, a dataclass, `int`, ...) types
+    # the stream's `parsed`; anything else (a JSON schema, None, a union, `Annotated`) is
+    # `object`. A `TypeForm` (PEP 747) would take the unions too, once type checkers do.
+    @overload
+    def stream_chat(
+        self,
+        messages: MessagesTypes,
+        *,
+        model: str | UnsetType = ...,
+        timeout: TimeoutTypes | UnsetType = ...,
+        max_retries: int | UnsetType = ...,
+        include_usage: bool | UnsetType = ...,
+        extra_headers: HeaderTypes | None = ...,
+        response_format: type[_T],
+        **params: object,
+    ) -> AsyncChatStream[_T]: ...
+    @overload
+    def stream_chat(
+        self,
+        messages: MessagesTypes,
+        *,
+        model: str | UnsetType = ...,
+        timeout: TimeoutTypes | UnsetType = ...,
+        max_retries: int | UnsetType = ...,
+        include_usage: bool | UnsetType = ...,
+        extra_headers: HeaderTypes | None = ...,
+        response_format: object = ...,
+        **params: object,
+    ) -> AsyncChatStream[object]: ...
     def stream_chat(
         self,
         messages: MessagesTypes,
@@ -463,7 +508,7 @@ class AsyncClient(BaseClient):
         extra_headers: HeaderTypes | None = None,
         response_format: object = None,
         **params: object,
-    ) -> AsyncChatStream:
+    ) -> AsyncChatStream[object]:
         """Start a streamed chat completion (sent on enter or first iteration).
 
         Args:
@@ -479,7 +524,8 @@ class AsyncClient(BaseClient):
             **params: other body fields (`temperature`, `max_tokens`, `tools`, ...).
 
         Returns:
-            An `AsyncChatStream`.
+            An `AsyncChatStream`: an `AsyncChatStream[Model]` for `response_format=Model`
+            (`parsed` is a `Model`), else an `AsyncChatStream[object]`.
 
         Raises:
             TypeError: `stream` given in `params`, messages not a list, or a
@@ -550,6 +596,30 @@ class AsyncClient(BaseClient):
             **params,
         )
 
+    @overload
+    async def chat(
+        self,
+        messages: MessagesTypes,
+        *,
+        model: str | UnsetType = ...,
+        timeout: TimeoutTypes | UnsetType = ...,
+        max_retries: int | UnsetType = ...,
+        extra_headers: HeaderTypes | None = ...,
+        response_format: type[_T],
+        **params: object,
+    ) -> ChatResult[_T]: ...
+    @overload
+    async def chat(
+        self,
+        messages: MessagesTypes,
+        *,
+        model: str | UnsetType = ...,
+        timeout: TimeoutTypes | UnsetType = ...,
+        max_retries: int | UnsetType = ...,
+        extra_headers: HeaderTypes | None = ...,
+        response_format: object = ...,
+        **params: object,
+    ) -> ChatResult[object]: ...
     async def chat(
         self,
         messages: MessagesTypes,
@@ -560,9 +630,10 @@ class AsyncClient(BaseClient):
         extra_headers: HeaderTypes | None = None,
         response_format: object = None,
         **params: object,
-    ) -> ChatResult:
+    ) -> ChatResult[object]:
         """A non-streaming completion (`stream: false`): the assembled message and usage;
-        with `response_format=` (as `stream_chat`), the validated value in `.parsed`.
+        with `response_format=` (as `stream_chat`), the validated value in `.parsed`: a
+        `ChatResult[Model]` for `response_format=Model`, else a `ChatResult[object]`.
 
         Raises:
             APIError: the upstream refused (subclass by status).

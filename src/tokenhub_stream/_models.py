@@ -4,9 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from typing import TYPE_CHECKING, Generic, Literal, TypeAlias
 
 from ._exceptions import TimeoutKind, TokenHubError
+
+if TYPE_CHECKING:
+    # A TypeVar default (PEP 696) is in `typing` from Python 3.13 only, and typing_extensions
+    # is not one of our dependencies; the default matters to a type checker only.
+    from typing_extensions import TypeVar
+
+    #: The value of a structured output (`response_format=`): the type asked for, or
+    #: `object` for a JSON schema or none (also what a bare `ChatStream` means).
+    #: Covariant: it is only ever read, so a `ChatStream[Card]` is a `ChatStream[object]`.
+    OutputT = TypeVar("OutputT", covariant=True, default=object)
+else:
+    from typing import TypeVar
+
+    OutputT = TypeVar("OutputT", covariant=True)
 
 __all__ = [
     "ChatMessage",
@@ -210,12 +224,17 @@ StreamEvent: TypeAlias = ContentDelta | ReasoningDelta | ToolCallDelta | FinishE
 
 
 @dataclass(frozen=True, slots=True)
-class ChatResult:
+class ChatResult(Generic[OutputT]):
     """The answer of a non-streaming `chat()` call; `parsed` is the validated structured
-    output when the call had a `response_format` (else None)."""
+    output when the call had a `response_format` (else None).
+
+    Generic in that output's type: `chat(..., response_format=Card)` returns a
+    `ChatResult[Card]`, whose `parsed` a type checker knows is a `Card`; without a type
+    (a JSON schema, or no `response_format`) it is a `ChatResult[object]`.
+    """
 
     message: ChatMessage
     usage: Usage | None
     model: str | None = None
     id: str | None = None
-    parsed: object = None
+    parsed: OutputT = None  # type: ignore[assignment]  # None is an `object`: no output

@@ -11,7 +11,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import TYPE_CHECKING, Literal, Self, TypeAlias
+from typing import TYPE_CHECKING, Generic, Literal, Self, TypeAlias, TypeVar, cast
 
 import httpx
 
@@ -25,7 +25,7 @@ from ._exceptions import (
     TransportError,
     TruncatedStreamError,
 )
-from ._models import ChatMessage, Outcome, Timings, ToolCall, Usage
+from ._models import ChatMessage, Outcome, OutputT, Timings, ToolCall, Usage
 from ._retry import Retries
 from ._structured import StructuredOutput
 from ._telemetry import ChatRecorder
@@ -38,7 +38,17 @@ if TYPE_CHECKING:
     #: A stream's answer: httpx's, or the engine's (asyncio or blocking).
     Response: TypeAlias = httpx.Response | HttpResponse | SyncResponse
 
-__all__ = ["ConsumeMode", "StreamState", "StreamView", "observer_of", "outcome_for"]
+__all__ = [
+    "ConsumeMode",
+    "ElementT",
+    "StreamState",
+    "StreamView",
+    "observer_of",
+    "outcome_for",
+]
+
+#: An element of a `list[...]` structured output, as `elements()` yields it.
+ElementT = TypeVar("ElementT")
 
 #: What a stream's consumer yields: text deltas, typed events, the partial value of a
 #: structured output each time it changes, or the completed elements of a list output.
@@ -346,8 +356,11 @@ def _outside_stacklevel() -> int:
     return level
 
 
-class StreamView:
-    """The results of a stream, as its public object shows them (read from its state)."""
+class StreamView(Generic[OutputT]):
+    """The results of a stream, as its public object shows them (read from its state).
+
+    Generic in the type of its structured output (`parsed`), as the public streams are.
+    """
 
     _state: StreamState
 
@@ -375,10 +388,13 @@ class StreamView:
         return self._state._parser.message().tool_calls
 
     @property
-    def parsed(self) -> object:
+    def parsed(self) -> OutputT:
         """The validated value of a structured output (`response_format=`), once the stream
         has been read to its end: an instance of the type asked for (a model, a dataclass,
         a list of models, ...), or the decoded JSON for a JSON schema.
+
+        Typed as what was asked for: a `Card` on the `ChatStream[Card]` that
+        `response_format=Card` makes, `object` for a JSON schema (docs/structured.md#types).
 
         Raises:
             TypeError: the stream has no `response_format`.
@@ -387,7 +403,8 @@ class StreamView:
             IncompleteOutputError: finish_reason `length` or `content_filter` cut it short.
             TokenHubError: the error the stream ended with (`TruncatedStreamError`, ...).
         """
-        return self._state._parsed()
+        # The value was validated into the type the stream was made generic in.
+        return cast(OutputT, self._state._parsed())
 
     @property
     def outcome(self) -> Outcome | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeAlias
+from typing import TYPE_CHECKING, Any, Self, TypeAlias, TypeVar, overload
 
 import httpx
 
@@ -47,9 +47,9 @@ from ._config import (
     UnsetType,
 )
 from ._exceptions import TokenHubError
-from ._models import ChatResult, StreamEvent
+from ._models import ChatResult, OutputT, StreamEvent
 from ._retry import Retries
-from ._stream import ConsumeMode, StreamState, StreamView
+from ._stream import ConsumeMode, ElementT, StreamState, StreamView
 from .tools import ToolsTypes
 from .tools._loop_sync import DEFAULT_MAX_TURNS, ToolLoop, run_tools_sync
 
@@ -61,8 +61,11 @@ if TYPE_CHECKING:
 
 __all__ = ["ChatStream", "Client"]
 
+#: The type given as `response_format=`, and so the type of the stream's `parsed`.
+_T = TypeVar("_T")
 
-class ChatStream(StreamView):
+
+class ChatStream(StreamView[OutputT]):
     """One streamed chat completion: an iterator of text deltas and a
     context manager. The request is sent on enter, or on first iteration.
 
@@ -75,6 +78,10 @@ class ChatStream(StreamView):
 
     Iterate it once, either directly (text deltas) or through `events()` (typed
     events); `message`, `usage`, `timings` and `outcome` are filled either way.
+    Generic in the type of its structured output: `stream_chat(...,
+    response_format=Card)` makes an `ChatStream[Card]`, whose `parsed` is a `Card`;
+    a JSON schema or no `response_format` makes an `ChatStream[object]`
+    (docs/structured.md#types).
     Leaving the `with` block, `close()`, or Ctrl-C closes the
     upstream connection at once. So does dropping an unfinished stream (a bare `break`
     with no `with`), with a `ResourceWarning`, as for an unclosed file.
@@ -134,6 +141,10 @@ class ChatStream(StreamView):
         it to keep a snapshot), strings as they grow, numbers once complete; for a
         `list[...]` output, the list (see docs/structured.md).
 
+        Typed `object`, whatever the stream's output type: a partial value is JSON that
+        is not complete yet (a `Card` with no `moons` so far), never an instance of the
+        type; narrow it with `isinstance` (a dict, a list, ...).
+
         At the end `parsed` holds the validated value; a bad output raises here.
 
         Raises:
@@ -145,9 +156,14 @@ class ChatStream(StreamView):
         self._consumer = self._state._consumer("partials")
         return self._consumer
 
+    @overload
+    def elements(self: ChatStream[list[ElementT]]) -> Iterator[ElementT]: ...
+    @overload
+    def elements(self) -> Iterator[object]: ...
     def elements(self) -> Iterator[object]:
         """Iterate the elements of a `list[...]` output, each once complete and validated
-        (a model instance for `list[Model]`).
+        (a model instance for `list[Model]`, typed so: the stream is an
+        `ChatStream[list[Model]]`; `object` for a JSON schema).
 
         Raises:
             TypeError: no `response_format`, or its output is not a list (at the call).
@@ -451,6 +467,35 @@ class Client(BaseClient):
         )
         return self._engine
 
+    # A type as `response_format` (a model, `list[Model]`, a dataclass, `int`, ...) types
+    # the stream's `parsed`; anything else (a JSON schema, None, a union, `Annotated`) is
+    # `object`. A `TypeForm` (PEP 747) would take the unions too, once type checkers do.
+    @overload
+    def stream_chat(
+        self,
+        messages: MessagesTypes,
+        *,
+        model: str | UnsetType = ...,
+        timeout: TimeoutTypes | UnsetType = ...,
+        max_retries: int | UnsetType = ...,
+        include_usage: bool | UnsetType = ...,
+        extra_headers: HeaderTypes | None = ...,
+        response_format: type[_T],
+        **params: object,
+    ) -> ChatStream[_T]: ...
+    @overload
+    def stream_chat(
+        self,
+        messages: MessagesTypes,
+        *,
+        model: str | UnsetType = ...,
+        timeout: TimeoutTypes | UnsetType = ...,
+        max_retries: int | UnsetType = ...,
+        include_usage: bool | UnsetType = ...,
+        extra_headers: HeaderTypes | None = ...,
+        response_format: object = ...,
+        **params: object,
+    ) -> ChatStream[object]: ...
     def stream_chat(
         self,
         messages: MessagesTypes,
@@ -462,7 +507,7 @@ class Client(BaseClient):
         extra_headers: HeaderTypes | None = None,
         response_format: object = None,
         **params: object,
-    ) -> ChatStream:
+    ) -> ChatStream[object]:
         """Start a streamed chat completion (sent on enter or first iteration).
 
         Args:
@@ -478,7 +523,8 @@ class Client(BaseClient):
             **params: other body fields (`temperature`, `max_tokens`, `tools`, ...).
 
         Returns:
-            An `ChatStream`.
+            An `ChatStream`: an `ChatStream[Model]` for `response_format=Model`
+            (`parsed` is a `Model`), else an `ChatStream[object]`.
 
         Raises:
             TypeError: `stream` given in `params`, messages not a list, or a
@@ -549,6 +595,30 @@ class Client(BaseClient):
             **params,
         )
 
+    @overload
+    def chat(
+        self,
+        messages: MessagesTypes,
+        *,
+        model: str | UnsetType = ...,
+        timeout: TimeoutTypes | UnsetType = ...,
+        max_retries: int | UnsetType = ...,
+        extra_headers: HeaderTypes | None = ...,
+        response_format: type[_T],
+        **params: object,
+    ) -> ChatResult[_T]: ...
+    @overload
+    def chat(
+        self,
+        messages: MessagesTypes,
+        *,
+        model: str | UnsetType = ...,
+        timeout: TimeoutTypes | UnsetType = ...,
+        max_retries: int | UnsetType = ...,
+        extra_headers: HeaderTypes | None = ...,
+        response_format: object = ...,
+        **params: object,
+    ) -> ChatResult[object]: ...
     def chat(
         self,
         messages: MessagesTypes,
@@ -559,9 +629,10 @@ class Client(BaseClient):
         extra_headers: HeaderTypes | None = None,
         response_format: object = None,
         **params: object,
-    ) -> ChatResult:
+    ) -> ChatResult[object]:
         """A non-streaming completion (`stream: false`): the assembled message and usage;
-        with `response_format=` (as `stream_chat`), the validated value in `.parsed`.
+        with `response_format=` (as `stream_chat`), the validated value in `.parsed`: a
+        `ChatResult[Model]` for `response_format=Model`, else a `ChatResult[object]`.
 
         Raises:
             APIError: the upstream refused (subclass by status).

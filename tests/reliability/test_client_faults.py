@@ -42,7 +42,7 @@ async def collect(
     c: ts.AsyncClient, leaks: LeakScanner, **kw: object
 ) -> tuple[list[str], ts.TokenHubError | None, ts.AsyncChatStream]:
     got: list[str] = []
-    stream = c.stream_chat(MESSAGES, **kw)  # type: ignore[arg-type]
+    stream = c.stream_chat(MESSAGES, **kw)  # type: ignore[call-overload]
     try:
         async with stream:
             async for text in stream:

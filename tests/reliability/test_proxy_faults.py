@@ -53,7 +53,7 @@ async def through(
 ) -> tuple[list[str], ts.TokenHubError | None, ts.AsyncChatStream]:
     got: list[str] = []
     async with ts.AsyncClient(base_url=proxy.base_url, max_retries=0) as c:
-        stream = c.stream_chat(MESSAGES, **kw)  # type: ignore[arg-type]
+        stream = c.stream_chat(MESSAGES, **kw)  # type: ignore[call-overload]
         try:
             async with stream:
                 async for text in stream:
