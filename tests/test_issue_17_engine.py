@@ -651,3 +651,41 @@ def test_issue_17_chunk_bodies_split_anywhere_reach_the_parser_intact() -> None:
                 texts.extend(parser.feed_text(reader.take_chunk()))
         assert reader.keep_alive and reader.error is None, offset
         assert "".join(texts) == "héllo wörld" and parser.done, offset
+
+
+def test_issue_17_sync_engine_body_outlasts_the_head_wait() -> None:
+    # The sync engine leaves the head's socket timeout on through a body with no read
+    # limit (no settimeout calls per request): a body read that outlasts it reads again.
+    from tokenhub_stream._engine._sync import SyncEngine
+
+    events = [b'data: {"n": 1}\n\n', b'data: {"n": 2}\n\n']
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                answer = chunked(b"200 OK", SSE_HEADERS, events)
+                cut = answer.index(events[1]) - 4  # before the second chunk's size line
+                conn.sendall(answer[:cut])
+                time.sleep(0.5)  # longer than the head wait below
+                conn.sendall(answer[cut:])
+                conn.recv(1)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        engine = SyncEngine(4, httpx.Timeout(None))
+        try:
+            response = engine.send(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                {},
+                b"{}",
+                httpx.Timeout(5.0, read=0.2),
+            )
+            got = [chunk for batch in response.iter_batches() for chunk in batch]
+            response.close()
+        finally:
+            engine.close()
+        thread.join(5)
+    assert got == events

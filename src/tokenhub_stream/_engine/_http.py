@@ -537,7 +537,7 @@ class HttpResponse(ResponseParser):
                 chunk = await self.__anext__()
             except StopAsyncIteration:
                 return
-            pending.appendleft(chunk)
+            pending.insert(0, chunk)
 
     def __aiter__(self) -> HttpResponse:
         return self

@@ -240,13 +240,16 @@ def _readable(sock: socket.socket) -> bool:
 class _SyncConnection:
     """One upstream socket."""
 
-    __slots__ = ("_info", "_pool", "closed", "idle_since", "sock")
+    __slots__ = ("_info", "_pool", "closed", "idle_since", "sock", "timeout")
 
     def __init__(self, pool: _SyncPool, sock: socket.socket) -> None:
         self._pool = pool
         self.sock = sock
         self.closed = False
         self.idle_since = 0.0
+        # The socket's timeout as last set: `settimeout` is a system call (ioctl), so it
+        # is made only when a request needs another one.
+        self.timeout = sock.gettimeout()
         self._info: dict[str, object] = {
             "socket": sock,
             "client_addr": sock.getsockname(),
@@ -304,8 +307,12 @@ class SyncResponse(ResponseParser):
 
     def start(self, request: bytes, head_timeout: float | None = None) -> None:
         sock = self._sock
+        connection = self._connection
+        assert connection is not None
         try:
-            sock.settimeout(head_timeout)
+            if connection.timeout != head_timeout:
+                sock.settimeout(head_timeout)
+                connection.timeout = head_timeout
             sock.sendall(request)
         except TimeoutError as exc:
             raise httpx.WriteTimeout("timed out sending the request") from exc
@@ -316,8 +323,12 @@ class SyncResponse(ResponseParser):
         if self.state == FAILED:
             assert self.error is not None
             raise self.error
-        if self.state == BODY and head_timeout != self._read_timeout:
-            sock.settimeout(self._read_timeout)
+        read_timeout = self._read_timeout
+        if self.state == BODY and read_timeout is not None and head_timeout != read_timeout:
+            sock.settimeout(read_timeout)
+            connection.timeout = read_timeout
+        # With no read limit the socket keeps the head's (two system calls per request
+        # saved): a body read that times out just reads again (`_receive`).
 
     def iter_raw(self) -> SyncResponse:
         """The body, all that one read delivered at a time."""
@@ -377,6 +388,8 @@ class SyncResponse(ResponseParser):
         try:
             data = self._sock.recv(_READ_SIZE)
         except TimeoutError:
+            if self.state == BODY and self._read_timeout is None:
+                return  # the head's limit, still on the socket: no limit for the body
             self.fail(httpx.ReadTimeout("the upstream sent nothing within the read timeout"))
             return
         except OSError as exc:
