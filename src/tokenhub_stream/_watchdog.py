@@ -87,7 +87,10 @@ class StreamTimer:
     def __init__(
         self, parser: ChunkParser, *, first_token: float | None, idle: float | None
     ) -> None:
-        self.parser = parser
+        # None once stopped: the watchdog's heap keeps a stopped timer until its next
+        # check comes due (up to `idle` later), and must not keep the stream's parser,
+        # with all the text it assembled, alive with it.
+        self.parser: ChunkParser | None = parser
         self.first_token = first_token
         self.idle = idle
         self.drain_deadline: float | None = None
@@ -129,6 +132,7 @@ class StreamTimer:
         with watchdog.lock:
             self._stopped = True
             self._sock = None
+            self.parser = None
 
     def release(self) -> None:
         """The response is closed or back in the pool: its socket is no longer ours."""
@@ -147,6 +151,8 @@ class StreamTimer:
 
     def next_deadline(self, total_deadline: float | None) -> tuple[float, str] | None:
         parser = self.parser
+        if parser is None:  # stopped: no deadline any more
+            return None
         best: tuple[float, str] | None = None
         if self.drain_deadline is not None:
             best = (self.drain_deadline, "drain")
@@ -166,7 +172,8 @@ class StreamTimer:
         sleep longer than `idle` in that phase."""
         nxt = self.next_deadline(total_deadline)
         when = None if nxt is None else nxt[0]
-        if self.parser.first_token_at is None and self.idle is not None:
+        parser = self.parser
+        if parser is not None and parser.first_token_at is None and self.idle is not None:
             soon = now + self.idle
             when = soon if when is None else min(when, soon)
         return when
