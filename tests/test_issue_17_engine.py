@@ -737,3 +737,38 @@ def test_issue_17_sync_engine_sends_a_body_larger_than_the_socket_buffer() -> No
         thread.join(5)
     assert answer == b"ok"
     assert received == [body]
+
+
+@both
+def test_issue_17_a_stream_received_whole_is_not_drained_under_a_deadline(sync: bool) -> None:
+    # The whole answer came with the last read: draining after [DONE] waits for nothing,
+    # so no drain deadline goes to the watchdog; the connection still goes back to the pool.
+    def answer(head: bytes, body: bytes) -> bytes:
+        return chunked(b"200 OK", SSE_HEADERS, [sse("hi", " there")])
+
+    with raw_server(answer) as server:
+        options: dict[str, Any] = {"base_url": server.url, "api_key": KEY, "max_retries": 0}
+        if sync:
+            with ts.Client(**options) as client:
+                streams = []
+                for _ in range(2):
+                    with client.stream_chat(MESSAGES) as stream:
+                        assert "".join(stream) == "hi there"
+                    streams.append(stream)
+        else:
+
+            async def main() -> list[ts.AsyncChatStream]:
+                made = []
+                async with ts.AsyncClient(**options) as client:
+                    for _ in range(2):
+                        async with client.stream_chat(MESSAGES) as stream:
+                            assert "".join([t async for t in stream]) == "hi there"
+                        made.append(stream)
+                return made
+
+            streams = anyio.run(main)  # type: ignore[arg-type]
+    for stream in streams:
+        assert stream.outcome is not None and stream.outcome.ok
+        timer = stream._state._timer
+        assert timer is not None and timer.drain_deadline is None
+    assert server.connections == 1
