@@ -689,3 +689,86 @@ def test_issue_17_sync_engine_body_outlasts_the_head_wait() -> None:
             engine.close()
         thread.join(5)
     assert got == events
+
+
+def test_issue_17_sync_engine_sends_a_body_larger_than_the_socket_buffer() -> None:
+    # The sync engine writes a request to the descriptor without polling first; what one
+    # write does not take (a body over the socket's buffer, a server slow to read) goes
+    # on through sendall and its timeout, every byte in order.
+    from tokenhub_stream._engine._sync import SyncEngine
+
+    body = bytes(range(256)) * (16 * 1024)  # 4 MiB
+    received: list[bytes] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(10)
+                time.sleep(0.2)  # the client's first write fills the buffers meanwhile
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, rest = data.partition(b"\r\n\r\n")
+                while len(rest) < len(body):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    rest += chunk
+                received.append(rest)
+                conn.sendall(sized(b"200 OK", {}, b"ok"))
+                conn.recv(1)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        engine = SyncEngine(4, httpx.Timeout(None))
+        try:
+            response = engine.send(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                {},
+                body,
+                httpx.Timeout(5.0),
+            )
+            answer = response.read()
+            response.close()
+        finally:
+            engine.close()
+        thread.join(5)
+    assert answer == b"ok"
+    assert received == [body]
+
+
+@both
+def test_issue_17_a_stream_received_whole_is_not_drained_under_a_deadline(sync: bool) -> None:
+    # The whole answer came with the last read: draining after [DONE] waits for nothing,
+    # so no drain deadline goes to the watchdog; the connection still goes back to the pool.
+    def answer(head: bytes, body: bytes) -> bytes:
+        return chunked(b"200 OK", SSE_HEADERS, [sse("hi", " there")])
+
+    with raw_server(answer) as server:
+        options: dict[str, Any] = {"base_url": server.url, "api_key": KEY, "max_retries": 0}
+        if sync:
+            with ts.Client(**options) as client:
+                streams = []
+                for _ in range(2):
+                    with client.stream_chat(MESSAGES) as stream:
+                        assert "".join(stream) == "hi there"
+                    streams.append(stream)
+        else:
+
+            async def main() -> list[ts.AsyncChatStream]:
+                made = []
+                async with ts.AsyncClient(**options) as client:
+                    for _ in range(2):
+                        async with client.stream_chat(MESSAGES) as stream:
+                            assert "".join([t async for t in stream]) == "hi there"
+                        made.append(stream)
+                return made
+
+            streams = anyio.run(main)  # type: ignore[arg-type]
+    for stream in streams:
+        assert stream.outcome is not None and stream.outcome.ok
+        timer = stream._state._timer
+        assert timer is not None and timer.drain_deadline is None
+    assert server.connections == 1

@@ -520,3 +520,36 @@ def test_issue_18_provider_name_follows_the_api_host() -> None:
     assert telemetry_module.provider_name("api.sandboxclaw.com") == "openai"  # the API flavour
     assert telemetry_module.server_of("https://api.groq.com/openai/v1") == ("api.groq.com", 443)
     assert telemetry_module.server_of("http://127.0.0.1:8000/v1") == ("127.0.0.1", 8000)
+
+
+def test_issue_17_the_off_check_is_two_reads_and_sees_a_meter_provider_set_later(
+    upstream: RunningUpstream,
+) -> None:
+    # Off, `current()` reads the API's two globals (no environment look-up per request);
+    # a global provider set later still turns the telemetry on at once.
+    out = _run(
+        """
+        import os
+        import tokenhub_stream
+        from tokenhub_stream import _telemetry
+        from opentelemetry import metrics
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        client = tokenhub_stream.Client(api_key=os.environ["KEY"], base_url=os.environ["BASE_URL"])
+        client.chat([{"role": "user", "content": "before"}])
+        print("fast", _telemetry._unset_globals is not None)
+        reader = InMemoryMetricReader()
+        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        client.chat([{"role": "user", "content": "after"}])
+        client.close()
+        data = reader.get_metrics_data()
+        names = sorted(
+            m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+        )
+        print(names)
+        """,
+        upstream,
+    )
+    assert "fast True" in out
+    assert "gen_ai.client.operation.duration" in out

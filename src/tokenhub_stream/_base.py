@@ -286,8 +286,7 @@ def build_call(
     return Call(
         url=url,
         headers=headers,
-        # allow_nan=False, as httpx's json=: NaN and Infinity are not JSON (ValueError).
-        body=json.dumps(body, separators=(",", ":"), allow_nan=False).encode(),
+        body=_BODY_ENCODER.encode(body).encode(),
         timeout=client.timeout if timeout is UNSET else Timeout.coerce(timeout),
         max_retries=client.max_retries if max_retries is UNSET else max_retries,
         model=model_name,
@@ -297,6 +296,11 @@ def build_call(
         output=output if output is not None and output.structured else None,
         observer=observer,
     )
+
+
+# allow_nan=False, as httpx's json=: NaN and Infinity are not JSON (ValueError). Made
+# once: `json.dumps` with any option builds an encoder per call (0.6 µs of 2.2).
+_BODY_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 def parsed_result(call: Call, result: ChatResult) -> ChatResult:

@@ -215,7 +215,16 @@ class StreamState:
         return read_error(exc, "stream", timeout)
 
     def _start_drain(self) -> bool:
-        """After [DONE]: drain only if a watchdog can bound the time it takes."""
+        """After [DONE]: drain only if a watchdog can bound the time it takes, or if there
+        is nothing left to wait for (the engine's response came in whole with the last
+        read, as a short stream's mostly does: draining reads only what it holds)."""
+        response = self._response
+        if (
+            response is not None
+            and not isinstance(response, httpx.Response)
+            and response.is_complete
+        ):
+            return True
         return self._timer is not None and self._timer.drain(self._base.drain_timeout)
 
     def _settle(self) -> TokenHubError | None:

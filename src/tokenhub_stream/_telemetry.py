@@ -111,6 +111,13 @@ _chosen: Telemetry | None = None
 _seen: tuple[object, object, Telemetry | None] | None = None
 _apis: tuple[object, object] | None = None  # the opentelemetry.trace and .metrics modules
 _installed: bool | None = None
+# The modules holding the API's global providers (`_TRACER_PROVIDER`, `_METER_PROVIDER`:
+# None until the application sets one), when the API keeps them there and no environment
+# variable names a provider to load: then `current()` reads two module attributes instead
+# of asking `get_tracer_provider()` and `get_meter_provider()`, which look the variables
+# up in `os.environ` on every call while no provider is set (~1 µs a request).
+_unset_globals: tuple[object, object] | None = None
+_PROVIDER_ENVS = ("OTEL_PYTHON_TRACER_PROVIDER", "OTEL_PYTHON_METER_PROVIDER")
 
 
 def current() -> Telemetry | None:
@@ -120,6 +127,13 @@ def current() -> Telemetry | None:
         return chosen
     if _mode is not _AUTO:
         return None
+    unset = _unset_globals
+    if (
+        unset is not None
+        and unset[0]._TRACER_PROVIDER is None  # type: ignore[attr-defined]
+        and unset[1]._METER_PROVIDER is None  # type: ignore[attr-defined]
+    ):
+        return None  # neither global provider set yet: as `_from_globals` would find
     return _from_globals()
 
 
@@ -136,6 +150,7 @@ def _from_globals() -> Telemetry | None:
                 return None
             _installed = True
             apis = _apis = (opentelemetry.trace, opentelemetry.metrics)
+            _watch_unset_globals()
         else:
             return None
     tracer_provider = apis[0].get_tracer_provider()  # type: ignore[attr-defined]
@@ -152,6 +167,25 @@ def _from_globals() -> Telemetry | None:
     if real_tracer is not None and real_meter is not None:
         _chosen = telemetry  # neither can change any more
     return telemetry
+
+
+def _watch_unset_globals() -> None:
+    """Set `_unset_globals` when the fast check in `current()` means the same as a look
+    through the API's getters: the API keeps its globals where this version does, and no
+    variable names a provider for the getters to load (opentelemetry-instrument and the
+    SDK's configurator set them before the process starts, and loading one sets the
+    global, which the fast check sees)."""
+    global _unset_globals
+    import opentelemetry.metrics._internal
+    import opentelemetry.trace
+
+    trace_module, meter_module = opentelemetry.trace, opentelemetry.metrics._internal
+    if (
+        hasattr(trace_module, "_TRACER_PROVIDER")
+        and hasattr(meter_module, "_METER_PROVIDER")
+        and not any(name in os.environ for name in _PROVIDER_ENVS)
+    ):
+        _unset_globals = (trace_module, meter_module)
 
 
 def _is_real(provider: object) -> bool:

@@ -282,6 +282,11 @@ class ResponseParser:
     def has_pending(self) -> bool:
         return bool(self._pending)
 
+    @property
+    def is_complete(self) -> bool:
+        """Whether the whole response has been received (its unread part is pending)."""
+        return self.state == COMPLETE
+
     def take_chunk(self) -> bytes:
         """The oldest chunk body not handed out yet (there must be one)."""
         pending = self._pending

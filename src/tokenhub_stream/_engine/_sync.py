@@ -20,6 +20,7 @@ shutting the socket down, which ends a blocked `recv` at once).
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import ssl
@@ -145,7 +146,7 @@ class _SyncPool:
             connection = idle.pop()
             if connection.closed:
                 continue  # its slot came back when it closed
-            if now - connection.idle_since < KEEPALIVE_EXPIRY and not _readable(connection.sock):
+            if now - connection.idle_since < KEEPALIVE_EXPIRY and not connection.readable():
                 return connection
             # Expired, or readable while idle: the server closed it (or sent bytes nobody
             # asked for). Its slot comes back as it closes.
@@ -224,23 +225,39 @@ def _remaining(deadline: float | None) -> float | None:
     return left
 
 
-def _readable(sock: socket.socket) -> bool:
-    # What httpcore asks of an idle socket before reusing it; poll where there is one
-    # (select cannot take a descriptor past FD_SETSIZE).
-    try:
-        if hasattr(select, "poll"):
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            return bool(poller.poll(0))
-        return bool(select.select([sock], [], [], 0)[0])
-    except (OSError, ValueError):
-        return True
+def _send(connection: _SyncConnection, request: bytes) -> None:
+    """`sendall`, without the `poll` CPython makes before each send on a socket with a
+    timeout: a plain socket's descriptor is then non-blocking, and one `write` mostly
+    takes the whole request (the rest, if any, goes through `sendall` and its timeout).
+
+    Raises:
+        OSError: as `sendall` (TimeoutError: the rest did not go within the timeout).
+    """
+    sent = 0
+    if connection.plain:
+        try:
+            sent = os.write(connection.fd, request)
+        except BlockingIOError:
+            pass
+        if sent == len(request):
+            return
+    connection.sock.sendall(memoryview(request)[sent:] if sent else request)
 
 
 class _SyncConnection:
     """One upstream socket."""
 
-    __slots__ = ("_info", "_pool", "closed", "idle_since", "sock", "timeout")
+    __slots__ = (
+        "_info",
+        "_poller",
+        "_pool",
+        "closed",
+        "fd",
+        "idle_since",
+        "plain",
+        "sock",
+        "timeout",
+    )
 
     def __init__(self, pool: _SyncPool, sock: socket.socket) -> None:
         self._pool = pool
@@ -250,6 +267,9 @@ class _SyncConnection:
         # The socket's timeout as last set: `settimeout` is a system call (ioctl), so it
         # is made only when a request needs another one.
         self.timeout = sock.gettimeout()
+        self.fd = sock.fileno()
+        self.plain = not isinstance(sock, ssl.SSLSocket)  # `_send` writes to `fd` directly
+        self._poller: select.poll | None = None  # for `readable`, made once
         self._info: dict[str, object] = {
             "socket": sock,
             "client_addr": sock.getsockname(),
@@ -264,6 +284,21 @@ class _SyncConnection:
         """httpcore's network-stream names: "socket", "client_addr", "server_addr",
         "ssl_object"."""
         return self._info.get(name)
+
+    def readable(self) -> bool:
+        """Whether the idle socket has something to read (or was closed by the server):
+        what httpcore asks of an idle socket before reusing it. Poll where there is one
+        (select cannot take a descriptor past FD_SETSIZE)."""
+        try:
+            if hasattr(select, "poll"):
+                poller = self._poller
+                if poller is None:
+                    poller = self._poller = select.poll()
+                    poller.register(self.fd, select.POLLIN)
+                return bool(poller.poll(0))
+            return bool(select.select([self.sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
 
     def close(self) -> None:
         if self.closed:
@@ -313,7 +348,7 @@ class SyncResponse(ResponseParser):
             if connection.timeout != head_timeout:
                 sock.settimeout(head_timeout)
                 connection.timeout = head_timeout
-            sock.sendall(request)
+            _send(connection, request)
         except TimeoutError as exc:
             raise httpx.WriteTimeout("timed out sending the request") from exc
         except OSError as exc:
