@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from operator import length_hint
 from typing import Any
 
 from ._config import DEFAULT_MAX_EVENT_BYTES
@@ -149,8 +150,10 @@ class ChunkParser:
     """
 
     __slots__ = (
+        "_batch_base",
         "_content",
         "_decoder",
+        "_handout",
         "_last_tc",
         "_reasoning",
         "_redact",
@@ -202,6 +205,10 @@ class ChunkParser:
         # literal; see `_learn_template`.
         self._template: tuple[bytes, bytes] | None = None
         self._template_next = 0
+        # The deltas of the last `feed_text_batch` run, as handed out, and the length of
+        # `_content` before the run's template deltas: see `_content_out`.
+        self._handout: Iterator[str] | None = None
+        self._batch_base = 0
         self._usage_raw: Mapping[str, object] | None = None
         self.usage: Usage | None = None
         self.role = "assistant"
@@ -222,12 +229,24 @@ class ChunkParser:
     @property
     def delivered(self) -> int:
         """Non-zero once `feed_*` handed out anything: from then on, no retry."""
-        return self._events_out or len(self._content)
+        return self._events_out or len(self._content_out())
 
     @property
     def delta_count(self) -> int:
         """Deltas of every kind so far: content, reasoning and tool-call fragments."""
-        return len(self._content) + len(self._reasoning) + self._tool_fragments
+        return len(self._content_out()) + len(self._reasoning) + self._tool_fragments
+
+    def _content_out(self) -> list[str]:
+        # The content deltas so far, but for the template deltas of the last
+        # `feed_text_batch` run not taken from its iterator yet (a consumer that stops
+        # part-way through a run has the message it would have had chunk by chunk).
+        content = self._content
+        handout = self._handout
+        if handout is not None:
+            left = length_hint(handout)
+            if left:
+                return content[: max(self._batch_base, len(content) - left)]
+        return content
 
     @property
     def finished(self) -> bool:
@@ -314,6 +333,85 @@ class ChunkParser:
             return self._feed_datas((data,), obj)
         datas = self._decode(chunk)
         return self._feed_datas(datas) if datas else []
+
+    def feed_text_batch(self, chunks: Sequence[bytes], start: int = 0) -> tuple[Iterator[str], int]:
+        """Decode a run of `chunks` from `chunks[start]` in one call, exactly as `feed_text`
+        would chunk by chunk; return an iterator over the run's content deltas and the
+        index of the first chunk not decoded yet.
+
+        A run is `chunks[start]`, then every chunk after it that repeats the last plain
+        content chunk but for its content (the template fast path, done in one loop for
+        the run, with one clock reading: they arrived together). It ends before any other
+        chunk, at the end of `chunks`, or once the parser `stopped`: call again from the
+        returned index while it is below `len(chunks)` and the parser is not `stopped`.
+
+        Until the iterator is exhausted, `message()`, `delivered` and `delta_count` count
+        the run's first chunk and only the deltas taken from the iterator after it: a
+        consumer that stops part-way through a run sees the message it would have had
+        chunk by chunk (only a run's first chunk changes anything but the content). Take
+        every delta before feeding the parser more, or feed it nothing more.
+        """
+        handout = self._handout
+        if handout is not None and length_hint(handout):
+            # The last run was not handed out in full: what was not is gone.
+            content = self._content
+            del content[max(self._batch_base, len(content) - length_hint(handout)) :]
+        out: list[str] = []
+        end = self._template_run(chunks, start, out)
+        if end == start and end < len(chunks):
+            out = self.feed_text(chunks[start])
+            end += 1
+            self._batch_base = len(self._content)
+            if not self.stopped:
+                end = self._template_run(chunks, end, out)
+        else:
+            self._batch_base = len(self._content) - len(out)
+        self._handout = handout = iter(out)
+        return handout, end
+
+    def _template_run(self, chunks: Sequence[bytes], start: int, out: list[str]) -> int:
+        # `feed_text`'s template path for each chunk from `chunks[start]` while it applies
+        # (its checks of the parser's state hold for the whole run: a template hit changes
+        # no state but the content); returns the index of the first chunk it did not take.
+        template = self._template
+        decoder = self._decoder
+        if template is None or self.stopped or not decoder.at_event_start:
+            return start
+        prefix, suffix = template
+        head = len(prefix)
+        tail = len(suffix) - 1  # the closing quote stays with the literal
+        limit = decoder.max_event_bytes + 8
+        u_escapes = _TEMPLATE_U_ESCAPES
+        before = len(out)
+        append = out.append
+        todo = iter(chunks if start == 0 else chunks[start:])
+        end = len(chunks)
+        for chunk in todo:
+            size = len(chunk)
+            if not (chunk.startswith(prefix) and chunk.endswith(suffix)) or size > limit:
+                break
+            stop = size - tail
+            if stop <= head:
+                break
+            try:
+                literal = chunk[head:stop].decode()
+                content, closed = scanstring(literal, 0)
+            except ValueError:  # invalid UTF-8, a control character, a bad escape
+                break  # feed_text's other paths report it, or decode it as the spec says
+            if closed != len(literal) or not (u_escapes or "\\u" not in literal):
+                break
+            if content:
+                append(content)
+        else:
+            end += 1  # no chunk refused: with the line below, `end` stays len(chunks)
+        end -= length_hint(todo) + 1  # the refused chunk and those after it stay
+        if end > start:
+            self.last_event_at = now = self.clock()
+            if len(out) > before:
+                self._content.extend(out[before:] if before else out)
+                if self.first_token_at is None:
+                    self.first_token_at = now
+        return end
 
     def _learn_template(self, chunk: bytes, content: str) -> None:
         # `chunk` is one whole event that parsed as a plain content delta for choice 0.
@@ -634,7 +732,7 @@ class ChunkParser:
         """The assistant message assembled so far."""
         return ChatMessage(
             role=self.role,
-            content="".join(self._content),
+            content="".join(self._content_out()),
             reasoning="".join(self._reasoning) if self._reasoning else None,
             tool_calls=tuple(b.build() for b in self._tool_calls),
             finish_reason=self.finish_reason,

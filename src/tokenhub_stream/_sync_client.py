@@ -185,6 +185,11 @@ class ChatStream(StreamView[OutputT]):
         state._release()
 
 
+#: The fewest chunks in one read that `_consume` parses with `feed_text_batch` (measured:
+#: from 4 chunks a run is cheaper per delta than `feed_text` chunk by chunk).
+_BATCH_MIN = 4
+
+
 class _StreamCore(StreamState):
     """What the public stream (`ChatStream`) and its consuming generators share:
     the response, the parser and the I/O that reads it."""
@@ -225,15 +230,39 @@ class _StreamCore(StreamState):
                 feed = self._feed(mode)
                 assert self._chunks is not None
                 try:
-                    for batch in self._chunks:
-                        for chunk in batch:
-                            yield from feed(chunk)
+                    if mode == "text":
+                        # A batch of several chunks is parsed in runs (`feed_text_batch`:
+                        # one call for all the chunks that differ only in their content);
+                        # below _BATCH_MIN chunks, a run costs more than it saves.
+                        feed_batch = parser.feed_text_batch
+                        for batch in self._chunks:
+                            if len(batch) < _BATCH_MIN:
+                                for chunk in batch:
+                                    for item in feed(chunk):
+                                        yield item
+                                    if parser.stopped:
+                                        break
+                            else:
+                                end = 0
+                                while end < len(batch) and not parser.stopped:
+                                    deltas, end = feed_batch(batch, end)
+                                    for item in deltas:
+                                        yield item
                             if parser.stopped:
                                 break
-                        if parser.stopped:
-                            break
+                        else:
+                            parser.feed_eof()
                     else:
-                        parser.feed_eof()
+                        for batch in self._chunks:
+                            for chunk in batch:
+                                for item in feed(chunk):
+                                    yield item
+                                if parser.stopped:
+                                    break
+                            if parser.stopped:
+                                break
+                        else:
+                            parser.feed_eof()
                 except httpx.HTTPError as exc:
                     parser.error = self._read_error(exc)
                 if parser.done and self._start_drain():
