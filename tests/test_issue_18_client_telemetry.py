@@ -24,6 +24,7 @@ from tokenhub_stream import (
     Client,
     StreamTimeout,
     Timeout,
+    _genai,
     stream_chat,
     tool,
 )
@@ -386,7 +387,7 @@ def test_issue_18_content_is_recorded_when_the_application_opts_in(
     upstream: RunningUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The conventions' switch, read when the telemetry is set up.
-    monkeypatch.setenv(telemetry_module.CAPTURE_CONTENT_ENV, "true")
+    monkeypatch.setenv(_genai.CAPTURE_CONTENT_ENV, "true")
     recorded = Telemetry(capture_content=True)
     tokenhub_stream.instrument(
         tracer_provider=recorded.tracer_provider, meter_provider=recorded.meter_provider
@@ -514,12 +515,12 @@ def test_issue_18_global_providers_are_used_once_configured(upstream: RunningUps
 
 
 def test_issue_18_provider_name_follows_the_api_host() -> None:
-    assert telemetry_module.provider_name("api.openai.com") == "openai"
-    assert telemetry_module.provider_name("api.deepseek.com") == "deepseek"
-    assert telemetry_module.provider_name("x.openai.azure.com") == "azure.ai.openai"
-    assert telemetry_module.provider_name("api.sandboxclaw.com") == "openai"  # the API flavour
-    assert telemetry_module.server_of("https://api.groq.com/openai/v1") == ("api.groq.com", 443)
-    assert telemetry_module.server_of("http://127.0.0.1:8000/v1") == ("127.0.0.1", 8000)
+    assert _genai.provider_name("api.openai.com") == "openai"
+    assert _genai.provider_name("api.deepseek.com") == "deepseek"
+    assert _genai.provider_name("x.openai.azure.com") == "azure.ai.openai"
+    assert _genai.provider_name("api.sandboxclaw.com") == "openai"  # the API flavour
+    assert _genai.server_of("https://api.groq.com/openai/v1") == ("api.groq.com", 443)
+    assert _genai.server_of("http://127.0.0.1:8000/v1") == ("127.0.0.1", 8000)
 
 
 def test_issue_17_the_off_check_is_two_reads_and_sees_a_meter_provider_set_later(

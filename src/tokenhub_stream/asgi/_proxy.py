@@ -18,7 +18,7 @@ import httpx
 from ..__version__ import __version__
 from .._config import Timeout
 from .._engine import DEFAULT_MAX_RESPONSE_HEAD_BYTES
-from .._telemetry import provider_name, server_of
+from .._genai import provider_name, server_of
 from ..tools._core import DEFAULT_MAX_TURNS
 from ._admission import AuthorizeHook, Gate
 from ._body import (

@@ -28,15 +28,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from .._telemetry import (
+from .._genai import (
     FIRST_CHUNK_BUCKETS,
-    Telemetry,
-    current,
     input_messages,
     output_messages,
     request_attributes,
     usage_attributes,
 )
+from .._telemetry import Telemetry, current
 from ._stats import ProxyStats
 
 if TYPE_CHECKING:
