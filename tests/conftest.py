@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import faulthandler
 import importlib.util
 import os
+import tempfile
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 import pytest
 
@@ -39,6 +42,63 @@ def pytest_runtest_makereport(
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
             report.longrepr = f"skipped under CI=true (not allowed): {reason}"
     return report
+
+
+# A test that hangs until pytest-timeout ends it takes its worker process down with it
+# (timeout_method = "thread" ends the process), and the stacks that plugin prints go to
+# the worker's captured stderr, which dies with it: xdist then reports only "worker
+# crashed". So a few seconds before a test's timeout every thread's stack is written to a
+# file of this run (one per process, the test's id on top), and the terminal summary
+# prints the files that got one.
+_HANG_DIR = "TOKENHUB_TEST_HANG_DIR"
+_hang_file: IO[str] | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput") and _HANG_DIR not in os.environ:
+        os.environ[_HANG_DIR] = tempfile.mkdtemp(prefix="tokenhub-test-hangs-")
+
+
+def _timeout_of(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("timeout")
+    value = marker.args[0] if marker is not None and marker.args else None
+    if value is None:
+        value = item.config.getini("timeout") or 0
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None]:
+    global _hang_file
+    directory = os.environ.get(_HANG_DIR)
+    limit = _timeout_of(item)
+    if directory is None or limit <= 5:
+        return (yield)
+    if _hang_file is None:
+        _hang_file = open(os.path.join(directory, f"{os.getpid()}.txt"), "w+")
+    _hang_file.seek(0)
+    _hang_file.truncate()
+    _hang_file.write(f"{item.nodeid} was still running after {limit - 3:.0f} s:\n")
+    _hang_file.flush()
+    faulthandler.dump_traceback_later(limit - 3, file=_hang_file)
+    try:
+        return (yield)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    directory = os.environ.get(_HANG_DIR)
+    if directory is None or not os.path.isdir(directory):
+        return
+    for path in sorted(Path(directory).glob("*.txt")):
+        text = path.read_text(errors="replace")
+        if "Thread 0x" in text or "Current thread" in text:
+            terminalreporter.section("a test that hung (stacks before its timeout)")
+            terminalreporter.write(text)
 
 
 class Telemetry:
