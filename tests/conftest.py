@@ -90,6 +90,13 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         faulthandler.cancel_dump_traceback_later()
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    global _hang_file
+    if _hang_file is not None:
+        _hang_file.close()
+        _hang_file = None
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     directory = os.environ.get(_HANG_DIR)
     if directory is None or not os.path.isdir(directory):
