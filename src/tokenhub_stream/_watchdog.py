@@ -181,7 +181,13 @@ class StreamTimer:
 
 class _Watchdog:
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        # Re-entrant: a stream dropped without being closed shuts its socket down from a
+        # weakref callback (`StreamTimer.shutdown` -> `stop`, which takes this lock), and
+        # such callbacks run wherever the garbage collector happens to run, also inside
+        # this lock, in the watchdog's own thread or in a client's (`watch`, `reschedule`
+        # allocate while holding it). With a plain lock that thread deadlocked, and every
+        # stream of the process after it.
+        self.lock = threading.RLock()
         self._wake = threading.Condition(self.lock)
         self._heap: list[tuple[float, int, StreamTimer, float | None]] = []
         self._counter = itertools.count()
