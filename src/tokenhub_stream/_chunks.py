@@ -5,8 +5,8 @@ the stream is read. It never raises from `feed_*`: an error (bad frame, error fr
 oversized event) is stored in `.error` and processing stops, so the I/O shell can first
 hand out the deltas decoded before it, then raise.
 
-`parse_completion` reads a whole non-streaming `chat.completion` body the same way: the
-one reader of it, for the client's `chat()` and for the proxy's turn record.
+A whole non-streaming `chat.completion` body is read by `_completion.py`'s
+`parse_completion` (re-exported here for the modules that take it from here).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from operator import length_hint
 from typing import Any
 
+from ._completion import content_text, parse_completion, thinking_text
 from ._config import DEFAULT_MAX_EVENT_BYTES
 from ._errors import error_from_frame
 from ._exceptions import ProtocolError, TokenHubError, TruncatedStreamError
 from ._json import JSON_BACKEND, Redact, loads, redact_json
 from ._models import (
     ChatMessage,
-    ChatResult,
     ContentDelta,
     FinishEvent,
     ReasoningDelta,
@@ -35,7 +35,9 @@ from ._models import (
 )
 from ._sse import SSEDecoder
 
-# `redact_json` (now `_json.py`'s) is re-exported for asgi/_wire.py, which takes it from here.
+# `redact_json` (now `_json.py`'s) is re-exported for asgi/_wire.py, and `parse_completion`
+# and `content_text` (now `_completion.py`'s) for asgi/_record.py and the clients, which take
+# them from here.
 __all__ = ["ChunkParser", "content_text", "parse_completion", "redact_json"]
 
 
@@ -76,46 +78,6 @@ def _is_blank(data: str | bytes) -> bool:
     # the JSON parser has refused the data, so well-formed events never pay for it. (The
     # hot path's raw bytes start with "{": never blank.)
     return isinstance(data, str) and not data.strip(" \t\n\r")
-
-
-def _thinking_text(value: object) -> str | None:
-    # A `thinking` part holds a list of `text` parts. Read tolerantly: a plain string, or
-    # strings and untyped `{"text": ...}` items in the list, are text too.
-    if type(value) is str:
-        return value
-    if type(value) is not list:
-        return None
-    pieces: list[str] = []
-    for item in value:
-        if type(item) is str:
-            pieces.append(item)
-        elif type(item) is dict and item.get("type", "text") == "text":
-            piece = item.get("text")
-            if type(piece) is str:
-                pieces.append(piece)
-    return "".join(pieces)
-
-
-def content_text(content: object) -> tuple[str, str | None]:
-    """(text, reasoning) of a whole message's `content` (a non-streaming answer): a
-    string, or a list of typed parts read as `ChunkParser` reads streamed ones."""
-    if isinstance(content, str):
-        return content, None
-    texts: list[str] = []
-    thoughts: list[str] = []
-    if isinstance(content, list):
-        for part in content:
-            if type(part) is not dict:
-                continue
-            if part.get("type") == "text":
-                piece = part.get("text")
-                if type(piece) is str:
-                    texts.append(piece)
-            elif part.get("type") == "thinking":
-                thought = _thinking_text(part.get("thinking"))
-                if thought:
-                    thoughts.append(thought)
-    return "".join(texts), "".join(thoughts) if thoughts else None
 
 
 class _ToolCallBuilder:
@@ -626,7 +588,7 @@ class ChunkParser:
             if part_type == "text":
                 piece = part.get("text")
             elif part_type == "thinking":
-                piece = _thinking_text(part.get("thinking"))
+                piece = thinking_text(part.get("thinking"))
             else:
                 continue
             if type(piece) is not str or not piece:
@@ -737,60 +699,3 @@ class ChunkParser:
             tool_calls=tuple(b.build() for b in self._tool_calls),
             finish_reason=self.finish_reason,
         )
-
-
-def parse_completion(body: bytes, redact: Redact | None = None) -> ChatResult:
-    """Parse a non-streaming `chat.completion` JSON body: the one reader of it, for
-    `chat()` and for the proxy's turn record (`asgi/_record.py`).
-
-    Raises:
-        ProtocolError: not JSON, not an object, no choices or message, a malformed tool call.
-        APIError: the body is an error (`{"error": ...}`), `redact` applied to its text.
-    """
-    try:
-        obj = loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise ProtocolError(f"invalid JSON in the response: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ProtocolError("the response is not a JSON object")
-    if "error" in obj or obj.get("object") == "error":
-        raise error_from_frame(obj, redact=redact)
-    choices = obj.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise ProtocolError("the response has no choices")
-    choice = choices[0]
-    raw = choice.get("message")
-    if not isinstance(raw, dict):
-        raise ProtocolError("the response's choice has no message")
-    calls = []
-    for item in raw.get("tool_calls") or ():
-        if not isinstance(item, dict) or not isinstance(item.get("function"), dict):
-            raise ProtocolError("malformed tool call in the response")
-        function = item["function"]
-        extra = {k: v for k, v in item.items() if k not in ("id", "type", "function", "index")}
-        calls.append(
-            ToolCall(
-                str(item.get("id") or ""),
-                str(function.get("name") or ""),
-                str(function.get("arguments") or ""),
-                str(item.get("type") or "function"),
-                extra,
-            )
-        )
-    reasoning = raw.get("reasoning_content") or raw.get("reasoning")
-    # Mistral's magistral answers `content` as a list of typed parts (docs/streaming.md#quirks).
-    content, thinking = content_text(raw.get("content") or "")
-    message = ChatMessage(
-        role=str(raw.get("role") or "assistant"),
-        content=content,
-        reasoning=reasoning if isinstance(reasoning, str) else thinking,
-        tool_calls=tuple(calls),
-        finish_reason=choice.get("finish_reason"),
-    )
-    usage = obj.get("usage")
-    return ChatResult(
-        message,
-        Usage.from_dict(usage) if isinstance(usage, dict) else None,
-        obj.get("model") if isinstance(obj.get("model"), str) else None,
-        obj.get("id") if isinstance(obj.get("id"), str) else None,
-    )
