@@ -27,6 +27,7 @@ from ._models import (
     ContentDelta,
     FinishEvent,
     ReasoningDelta,
+    RefusalDelta,
     StreamEvent,
     ToolCall,
     ToolCallDelta,
@@ -119,6 +120,7 @@ class ChunkParser:
         "_last_tc",
         "_reasoning",
         "_redact",
+        "_refusal",
         "_tc_by_index",
         "_template",
         "_template_next",
@@ -159,6 +161,7 @@ class ChunkParser:
         self._redact = redact
         self._content: list[str] = []
         self._reasoning: list[str] = []
+        self._refusal: list[str] = []
         self._tool_calls: list[_ToolCallBuilder] = []
         self._tc_by_index: dict[int, _ToolCallBuilder] = {}
         self._last_tc: _ToolCallBuilder | None = None
@@ -195,8 +198,18 @@ class ChunkParser:
 
     @property
     def delta_count(self) -> int:
-        """Deltas of every kind so far: content, reasoning and tool-call fragments."""
-        return len(self._content_out()) + len(self._reasoning) + self._tool_fragments
+        """Deltas of every kind so far: content, reasoning, refusal and tool-call fragments."""
+        return (
+            len(self._content_out())
+            + len(self._reasoning)
+            + len(self._refusal)
+            + self._tool_fragments
+        )
+
+    @property
+    def refusal(self) -> str | None:
+        """The model's refusal so far (`delta.refusal` fragments), or None if it sent none."""
+        return "".join(self._refusal) if self._refusal else None
 
     def _content_out(self) -> list[str]:
         # The content deltas so far, but for the template deltas of the last
@@ -619,7 +632,8 @@ class ChunkParser:
             self.first_token_at = self.last_event_at
 
     def _apply_rare(self, delta: dict[str, object], events: list[StreamEvent] | None) -> None:
-        # Everything but plain content: role, reasoning, tool calls. Off the hot path.
+        # Everything but plain content: role, reasoning, refusal, tool calls. Off the hot
+        # path: a delta with any key but `content` never takes feed_text's fast ones.
         role = delta.get("role")
         if isinstance(role, str) and role:
             self.role = role
@@ -632,6 +646,17 @@ class ChunkParser:
                 self.first_token_at = self.last_event_at
             if events is not None:
                 events.append(ReasoningDelta(reasoning))
+        refusal = delta.get("refusal")
+        if refusal:
+            # OpenAI's structured outputs: the model declined, in place of the content
+            # (kept apart from it, so a refusal is never parsed as the output).
+            if type(refusal) is not str:
+                raise ProtocolError("refusal delta is not a string")
+            self._refusal.append(refusal)
+            if self.first_token_at is None:
+                self.first_token_at = self.last_event_at
+            if events is not None:
+                events.append(RefusalDelta(refusal))
         tool_calls = delta.get("tool_calls")
         if tool_calls:
             if type(tool_calls) is not list:
@@ -698,4 +723,5 @@ class ChunkParser:
             reasoning="".join(self._reasoning) if self._reasoning else None,
             tool_calls=tuple(b.build() for b in self._tool_calls),
             finish_reason=self.finish_reason,
+            refusal=self.refusal,
         )

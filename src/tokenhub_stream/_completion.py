@@ -97,6 +97,7 @@ def parse_completion(body: bytes, redact: Redact | None = None) -> ChatResult:
             )
         )
     reasoning = raw.get("reasoning_content") or raw.get("reasoning")
+    refusal = raw.get("refusal")
     # Mistral's magistral answers `content` as a list of typed parts (docs/streaming.md#quirks).
     content, thinking = content_text(raw.get("content") or "")
     message = ChatMessage(
@@ -105,6 +106,8 @@ def parse_completion(body: bytes, redact: Redact | None = None) -> ChatResult:
         reasoning=reasoning if isinstance(reasoning, str) else thinking,
         tool_calls=tuple(calls),
         finish_reason=choice.get("finish_reason"),
+        # OpenAI's structured outputs: the model declined (`null` when it did not).
+        refusal=refusal if isinstance(refusal, str) and refusal else None,
     )
     usage = obj.get("usage")
     return ChatResult(
