@@ -151,6 +151,7 @@ class AsyncChatStream(StreamView[OutputT]):
             TypeError: no `response_format` (at the call).
             OutputValidationError: not valid JSON (at once), or not the type (at the end).
             IncompleteOutputError: finish_reason `length` or `content_filter`.
+            OutputRefusedError: the model refused (at the end; nothing was yielded).
         """
         self._state._structured("partials")
         self._consumer = self._state._consumer("partials")
@@ -169,6 +170,7 @@ class AsyncChatStream(StreamView[OutputT]):
             TypeError: no `response_format`, or its output is not a list (at the call).
             OutputValidationError: not valid JSON, or an element not the type.
             IncompleteOutputError: finish_reason `length` or `content_filter`.
+            OutputRefusedError: the model refused (at the end; nothing was yielded).
         """
         self._state._structured("elements")
         self._consumer = self._state._consumer("elements")
@@ -667,6 +669,7 @@ class AsyncClient(BaseClient):
             APIError: the upstream refused (subclass by status).
             TransportError: the upstream could not be reached.
             ProtocolError: the response was not a chat completion.
+            OutputRefusedError: the model refused (`message.refusal`).
             OutputValidationError, IncompleteOutputError: a bad structured output.
         """
         call = build_call(

@@ -308,12 +308,14 @@ def parsed_result(call: Call, result: ChatResult) -> ChatResult:
     has a `response_format`.
 
     Raises:
+        OutputRefusedError: the model refused (`message.refusal`).
         OutputValidationError, IncompleteOutputError: a bad structured output.
     """
     if call.output is None:
         return result
     message = result.message
-    value = StructuredOutput(call.output).finish_text(message.content, message.finish_reason)
+    output = StructuredOutput(call.output)
+    value = output.finish_text(message.content, message.finish_reason, message.refusal)
     return dataclasses.replace(result, parsed=value)
 
 

@@ -5,8 +5,8 @@ the stream is read. It never raises from `feed_*`: an error (bad frame, error fr
 oversized event) is stored in `.error` and processing stops, so the I/O shell can first
 hand out the deltas decoded before it, then raise.
 
-`parse_completion` reads a whole non-streaming `chat.completion` body the same way: the
-one reader of it, for the client's `chat()` and for the proxy's turn record.
+A whole non-streaming `chat.completion` body is read by `_completion.py`'s
+`parse_completion` (re-exported here for the modules that take it from here).
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from operator import length_hint
 from typing import Any
 
+from ._completion import content_text, parse_completion, thinking_text
 from ._config import DEFAULT_MAX_EVENT_BYTES
 from ._errors import error_from_frame
 from ._exceptions import ProtocolError, TokenHubError, TruncatedStreamError
 from ._json import JSON_BACKEND, Redact, loads, redact_json
 from ._models import (
     ChatMessage,
-    ChatResult,
     ContentDelta,
     FinishEvent,
     ReasoningDelta,
+    RefusalDelta,
     StreamEvent,
     ToolCall,
     ToolCallDelta,
@@ -35,7 +36,9 @@ from ._models import (
 )
 from ._sse import SSEDecoder
 
-# `redact_json` (now `_json.py`'s) is re-exported for asgi/_wire.py, which takes it from here.
+# `redact_json` (now `_json.py`'s) is re-exported for asgi/_wire.py, and `parse_completion`
+# and `content_text` (now `_completion.py`'s) for asgi/_record.py and the clients, which take
+# them from here.
 __all__ = ["ChunkParser", "content_text", "parse_completion", "redact_json"]
 
 
@@ -78,46 +81,6 @@ def _is_blank(data: str | bytes) -> bool:
     return isinstance(data, str) and not data.strip(" \t\n\r")
 
 
-def _thinking_text(value: object) -> str | None:
-    # A `thinking` part holds a list of `text` parts. Read tolerantly: a plain string, or
-    # strings and untyped `{"text": ...}` items in the list, are text too.
-    if type(value) is str:
-        return value
-    if type(value) is not list:
-        return None
-    pieces: list[str] = []
-    for item in value:
-        if type(item) is str:
-            pieces.append(item)
-        elif type(item) is dict and item.get("type", "text") == "text":
-            piece = item.get("text")
-            if type(piece) is str:
-                pieces.append(piece)
-    return "".join(pieces)
-
-
-def content_text(content: object) -> tuple[str, str | None]:
-    """(text, reasoning) of a whole message's `content` (a non-streaming answer): a
-    string, or a list of typed parts read as `ChunkParser` reads streamed ones."""
-    if isinstance(content, str):
-        return content, None
-    texts: list[str] = []
-    thoughts: list[str] = []
-    if isinstance(content, list):
-        for part in content:
-            if type(part) is not dict:
-                continue
-            if part.get("type") == "text":
-                piece = part.get("text")
-                if type(piece) is str:
-                    texts.append(piece)
-            elif part.get("type") == "thinking":
-                thought = _thinking_text(part.get("thinking"))
-                if thought:
-                    thoughts.append(thought)
-    return "".join(texts), "".join(thoughts) if thoughts else None
-
-
 class _ToolCallBuilder:
     __slots__ = ("arguments", "extra", "id", "name", "type")
 
@@ -157,6 +120,7 @@ class ChunkParser:
         "_last_tc",
         "_reasoning",
         "_redact",
+        "_refusal",
         "_tc_by_index",
         "_template",
         "_template_next",
@@ -197,6 +161,7 @@ class ChunkParser:
         self._redact = redact
         self._content: list[str] = []
         self._reasoning: list[str] = []
+        self._refusal: list[str] = []
         self._tool_calls: list[_ToolCallBuilder] = []
         self._tc_by_index: dict[int, _ToolCallBuilder] = {}
         self._last_tc: _ToolCallBuilder | None = None
@@ -233,8 +198,18 @@ class ChunkParser:
 
     @property
     def delta_count(self) -> int:
-        """Deltas of every kind so far: content, reasoning and tool-call fragments."""
-        return len(self._content_out()) + len(self._reasoning) + self._tool_fragments
+        """Deltas of every kind so far: content, reasoning, refusal and tool-call fragments."""
+        return (
+            len(self._content_out())
+            + len(self._reasoning)
+            + len(self._refusal)
+            + self._tool_fragments
+        )
+
+    @property
+    def refusal(self) -> str | None:
+        """The model's refusal so far (`delta.refusal` fragments), or None if it sent none."""
+        return "".join(self._refusal) if self._refusal else None
 
     def _content_out(self) -> list[str]:
         # The content deltas so far, but for the template deltas of the last
@@ -626,7 +601,7 @@ class ChunkParser:
             if part_type == "text":
                 piece = part.get("text")
             elif part_type == "thinking":
-                piece = _thinking_text(part.get("thinking"))
+                piece = thinking_text(part.get("thinking"))
             else:
                 continue
             if type(piece) is not str or not piece:
@@ -657,7 +632,8 @@ class ChunkParser:
             self.first_token_at = self.last_event_at
 
     def _apply_rare(self, delta: dict[str, object], events: list[StreamEvent] | None) -> None:
-        # Everything but plain content: role, reasoning, tool calls. Off the hot path.
+        # Everything but plain content: role, reasoning, refusal, tool calls. Off the hot
+        # path: a delta with any key but `content` never takes feed_text's fast ones.
         role = delta.get("role")
         if isinstance(role, str) and role:
             self.role = role
@@ -670,6 +646,17 @@ class ChunkParser:
                 self.first_token_at = self.last_event_at
             if events is not None:
                 events.append(ReasoningDelta(reasoning))
+        refusal = delta.get("refusal")
+        if refusal:
+            # OpenAI's structured outputs: the model declined, in place of the content
+            # (kept apart from it, so a refusal is never parsed as the output).
+            if type(refusal) is not str:
+                raise ProtocolError("refusal delta is not a string")
+            self._refusal.append(refusal)
+            if self.first_token_at is None:
+                self.first_token_at = self.last_event_at
+            if events is not None:
+                events.append(RefusalDelta(refusal))
         tool_calls = delta.get("tool_calls")
         if tool_calls:
             if type(tool_calls) is not list:
@@ -736,61 +723,5 @@ class ChunkParser:
             reasoning="".join(self._reasoning) if self._reasoning else None,
             tool_calls=tuple(b.build() for b in self._tool_calls),
             finish_reason=self.finish_reason,
+            refusal=self.refusal,
         )
-
-
-def parse_completion(body: bytes, redact: Redact | None = None) -> ChatResult:
-    """Parse a non-streaming `chat.completion` JSON body: the one reader of it, for
-    `chat()` and for the proxy's turn record (`asgi/_record.py`).
-
-    Raises:
-        ProtocolError: not JSON, not an object, no choices or message, a malformed tool call.
-        APIError: the body is an error (`{"error": ...}`), `redact` applied to its text.
-    """
-    try:
-        obj = loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise ProtocolError(f"invalid JSON in the response: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ProtocolError("the response is not a JSON object")
-    if "error" in obj or obj.get("object") == "error":
-        raise error_from_frame(obj, redact=redact)
-    choices = obj.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise ProtocolError("the response has no choices")
-    choice = choices[0]
-    raw = choice.get("message")
-    if not isinstance(raw, dict):
-        raise ProtocolError("the response's choice has no message")
-    calls = []
-    for item in raw.get("tool_calls") or ():
-        if not isinstance(item, dict) or not isinstance(item.get("function"), dict):
-            raise ProtocolError("malformed tool call in the response")
-        function = item["function"]
-        extra = {k: v for k, v in item.items() if k not in ("id", "type", "function", "index")}
-        calls.append(
-            ToolCall(
-                str(item.get("id") or ""),
-                str(function.get("name") or ""),
-                str(function.get("arguments") or ""),
-                str(item.get("type") or "function"),
-                extra,
-            )
-        )
-    reasoning = raw.get("reasoning_content") or raw.get("reasoning")
-    # Mistral's magistral answers `content` as a list of typed parts (docs/streaming.md#quirks).
-    content, thinking = content_text(raw.get("content") or "")
-    message = ChatMessage(
-        role=str(raw.get("role") or "assistant"),
-        content=content,
-        reasoning=reasoning if isinstance(reasoning, str) else thinking,
-        tool_calls=tuple(calls),
-        finish_reason=choice.get("finish_reason"),
-    )
-    usage = obj.get("usage")
-    return ChatResult(
-        message,
-        Usage.from_dict(usage) if isinstance(usage, dict) else None,
-        obj.get("model") if isinstance(obj.get("model"), str) else None,
-        obj.get("id") if isinstance(obj.get("id"), str) else None,
-    )

@@ -17,7 +17,8 @@ TokenHubError            base for everything we raise on purpose
 │   └── TruncatedStreamError   EOF with neither [DONE] nor a finish_reason
 ├── OutputValidationError  a structured output (response_format) is not valid JSON or does
 │   │                    not fit its type (also a ValueError); .text .errors
-│   └── PartialJSONError   the JSON went wrong mid-stream; .msg .pos
+│   ├── PartialJSONError   the JSON went wrong mid-stream; .msg .pos
+│   └── OutputRefusedError  the model refused (OpenAI's `refusal`); .refusal .text
 ├── IncompleteOutputError  finish_reason length or content_filter cut a structured output
 │                        short; .finish_reason .partial .text
 └── StoreError           the conversation store (defined in tokenhub_stream.store)
@@ -44,6 +45,7 @@ __all__ = [
     "IncompleteOutputError",
     "MissingAPIKeyError",
     "NotFoundError",
+    "OutputRefusedError",
     "OutputValidationError",
     "ProtocolError",
     "RateLimitError",
@@ -182,6 +184,23 @@ class OutputValidationError(TokenHubError, ValueError):
         super().__init__(message)
         self.text = text
         self.errors: list[Mapping[str, object]] = list(errors)
+
+
+class OutputRefusedError(OutputValidationError):
+    """Raised instead of a structured output when the model refused to give one (OpenAI's
+    `refusal`, streamed in place of the content): there is no output to validate.
+
+    A subclass of `OutputValidationError`, so code that catches a bad output catches a
+    refusal too (before refusals were read, one failed as invalid JSON).
+
+    Attributes:
+        refusal: the model's refusal text.
+        text: the output text the model sent besides (usually empty).
+    """
+
+    def __init__(self, refusal: str, *, text: str = "") -> None:
+        super().__init__(f"the model refused to answer: {refusal}", text=text)
+        self.refusal = refusal
 
 
 class IncompleteOutputError(TokenHubError):

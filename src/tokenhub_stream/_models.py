@@ -30,6 +30,7 @@ __all__ = [
     "Outcome",
     "OutcomeKind",
     "ReasoningDelta",
+    "RefusalDelta",
     "StreamEvent",
     "Timings",
     "ToolCall",
@@ -116,21 +117,29 @@ class ToolCall:
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
-    """The assembled assistant message of a stream (or of a non-streaming call)."""
+    """The assembled assistant message of a stream (or of a non-streaming call).
+
+    `refusal` is the model's refusal text when it declined to answer a structured output
+    (OpenAI's `delta.refusal` / `message.refusal`; docs/structured.md#refusals), else None.
+    """
 
     role: str = "assistant"
     content: str = ""
     reasoning: str | None = None
     tool_calls: tuple[ToolCall, ...] = ()
     finish_reason: str | None = None
+    refusal: str | None = None
 
     def to_dict(self) -> dict[str, object]:
-        """The OpenAI request shape, to append to the conversation history."""
+        """The OpenAI request shape, to append to the conversation history (with the
+        `refusal` only when there was one: only a server that sends it knows the key)."""
         out: dict[str, object] = {"role": self.role, "content": self.content}
         if self.tool_calls:
             out["tool_calls"] = [call.to_dict() for call in self.tool_calls]
             if not self.content:
                 out["content"] = None
+        if self.refusal is not None:
+            out["refusal"] = self.refusal
         return out
 
 
@@ -190,6 +199,14 @@ class ReasoningDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class RefusalDelta:
+    """A piece of the model's refusal (`choices[0].delta.refusal`, OpenAI's structured
+    outputs): the model declined to answer; never part of the content."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class ToolCallDelta:
     """A fragment of a tool call; `index` is the call's position in `message.tool_calls`.
 
@@ -220,7 +237,9 @@ class UsageEvent:
     usage: Usage
 
 
-StreamEvent: TypeAlias = ContentDelta | ReasoningDelta | ToolCallDelta | FinishEvent | UsageEvent
+StreamEvent: TypeAlias = (
+    ContentDelta | ReasoningDelta | RefusalDelta | ToolCallDelta | FinishEvent | UsageEvent
+)
 
 
 @dataclass(frozen=True, slots=True)

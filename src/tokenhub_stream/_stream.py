@@ -133,10 +133,12 @@ class StreamState:
         """The stream completed: check a structured output read delta by delta.
 
         Raises:
+            OutputRefusedError: the model refused.
             OutputValidationError, IncompleteOutputError: the output is bad.
         """
         if mode == "partials" or mode == "elements":
-            self._structured(mode).finish(self._parser.finish_reason)
+            parser = self._parser
+            self._structured(mode).finish(parser.finish_reason, parser.refusal)
 
     def _parsed(self) -> object:
         output = self._structured("text")
@@ -147,8 +149,8 @@ class StreamState:
             if outcome.error is not None:
                 raise outcome.error
             raise RuntimeError(f"the stream did not complete ({outcome.kind}): nothing parsed")
-        parser = self._parser
-        return output.finish_text(parser.message().content, parser.finish_reason)
+        message = self._parser.message()
+        return output.finish_text(message.content, message.finish_reason, message.refusal)
 
     def _claim(self) -> None:
         if self._claimed:
@@ -408,6 +410,7 @@ class StreamView(Generic[OutputT]):
         Raises:
             TypeError: the stream has no `response_format`.
             RuntimeError: the stream has not been read to its end yet, or was left early.
+            OutputRefusedError: the model refused (`message.refusal`); checked first.
             OutputValidationError: the output is not valid JSON or does not fit the type.
             IncompleteOutputError: finish_reason `length` or `content_filter` cut it short.
             TokenHubError: the error the stream ended with (`TruncatedStreamError`, ...).

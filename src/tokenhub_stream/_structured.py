@@ -29,7 +29,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Annotated, get_args, get_origin
 
-from ._exceptions import IncompleteOutputError, OutputValidationError
+from ._exceptions import IncompleteOutputError, OutputRefusedError, OutputValidationError
 from ._partial_json import PartialJSON, PartialJSONError
 from ._pydantic import TypeCheck, type_check
 from ._strict import StrictSchema, resolve_ref, strict_schema, wrap_root
@@ -288,15 +288,23 @@ class StructuredOutput:
             self._elements += 1
         return out
 
-    def finish(self, finish_reason: str | None) -> object:
+    def finish(self, finish_reason: str | None, refusal: str | None = None) -> object:
         """The final value, validated (the same value, or error, on every call).
 
+        Args:
+            finish_reason: the stream's finish_reason.
+            refusal: the model's refusal (`message.refusal`), if it refused: then there is
+                no output, whatever text came besides and however it ended.
+
         Raises:
+            OutputRefusedError: the model refused (`refusal` given).
             IncompleteOutputError: `finish_reason` is `length` or `content_filter`.
             OutputValidationError: not valid JSON (`PartialJSONError`), or not the type.
         """
         if self._result is None:
             try:
+                if refusal is not None:
+                    raise OutputRefusedError(refusal, text=self.text)
                 if finish_reason in _INCOMPLETE:
                     assert finish_reason is not None
                     raise IncompleteOutputError(finish_reason, self.partial, self.text)
@@ -313,8 +321,13 @@ class StructuredOutput:
             raise error
         return value
 
-    def finish_text(self, text: str, finish_reason: str | None) -> object:
+    def finish_text(
+        self, text: str, finish_reason: str | None, refusal: str | None = None
+    ) -> object:
         """`finish` for an output whose text was not fed delta by delta (read whole)."""
+        if refusal is not None and self._result is None:
+            self._texts = [text]  # the refusal's `.text`; the text is not parsed
+            return self.finish(finish_reason, refusal)
         if not self._texts and self._result is None:
             try:
                 self.feed(text)

@@ -95,7 +95,8 @@ def estimate_usage(*, request_bytes: int, text_chars: int, event_bytes: int) -> 
 
 
 def _text_chars(message: ChatMessage) -> int:
-    chars = len(message.content) + len(message.reasoning or "")
+    # A refusal is output the upstream bills like content.
+    chars = len(message.content) + len(message.reasoning or "") + len(message.refusal or "")
     for call in message.tool_calls:
         chars += len(call.name) + len(call.arguments)
     return chars

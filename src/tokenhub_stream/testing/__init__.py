@@ -18,7 +18,8 @@ the schema and the user's words (see `FakeChatUpstream`). Scripts reproduce
 the upstream quirks listed in
 `PROVIDER_QUIRKS.md`: keep-alive comments, stalls, cut bodies, in-band error frames,
 tool-call fragments without `index`, `reasoning` vs `reasoning_content`, Azure's empty
-`choices`, Groq's `x_groq.usage` and raw byte streams.
+`choices`, Groq's `x_groq.usage`, OpenAI's structured-output refusals (`Script(refusal=...)`)
+and raw byte streams.
 
 `run_upstream` serves it with uvicorn (the `cli` extra) on a random loopback port in a
 daemon thread, so it works from sync tests and from asyncio or trio tests alike.

@@ -75,11 +75,12 @@ class Reply:
             self.deltas = list(script.deltas)
         elif script.text is not None:
             self.deltas = split_wordish(script.text)
-        elif script.tool_calls:
-            self.deltas = []  # a tool turn, not a reply with calls after it
+        elif script.tool_calls or script.refusal is not None:
+            self.deltas = []  # a tool turn or a refusal, not a reply with it after
         else:
             self.deltas = split_wordish(default_reply(body))
         self.reasoning = split_wordish(script.reasoning) if script.reasoning else []
+        self.refusal = split_wordish(script.refusal) if script.refusal else []
         self.finish_reason = script.finish_reason
         if self.finish_reason == "auto":
             self.finish_reason = "tool_calls" if script.tool_calls else "stop"
@@ -176,13 +177,18 @@ class Reply:
         await self.idle(script.first_delay)
         if script.empty_choices:
             await self.send_frame(_azure_prompt_filter_chunk())
-        await self.send_frame(self.delta_chunk({"role": "assistant", "content": ""}))
+        first: dict[str, object] = {"role": "assistant", "content": ""}
+        if script.refusal is not None:
+            first = {"role": "assistant", "content": None if not self.deltas else "", "refusal": ""}
+        await self.send_frame(self.delta_chunk(first))
         for piece in self.reasoning:
             await self.send_delta({script.reasoning_field: piece})
         for piece in self.deltas:
             await self.send_delta({"content": piece})
             if script.empty_choices:
                 await self.send_frame(_azure_filter_chunk(self))
+        for piece in self.refusal:
+            await self.send_delta({"refusal": piece})
         for n, call in enumerate(script.tool_calls):
             for fragment in self.tool_call_fragments(n, call):
                 await self.send_delta({"tool_calls": [fragment]})
@@ -225,6 +231,11 @@ class Reply:
         self.completion_tokens = len(self.deltas) + len(self.reasoning)
         if self.reasoning:
             message[script.reasoning_field] = "".join(self.reasoning)
+        if script.refusal is not None:
+            self.completion_tokens += len(self.refusal)
+            message["refusal"] = script.refusal
+            if not self.deltas:
+                message["content"] = None
         if script.tool_calls:
             calls: list[dict[str, object]] = []
             for n, call in enumerate(script.tool_calls):

@@ -51,12 +51,13 @@ class Script:
     upstream.enqueue(Script(status=429, headers={"Retry-After": "2"}))
     upstream.enqueue(Script(text="thinking...", keepalive=0.01, end="stall"))
     upstream.enqueue(Script(raw=[b"data: {}\\r\\n", b"\\r\\n"]))
+    upstream.enqueue(Script(refusal="I can't help with that."))  # OpenAI's refusal
     ```
 
     Args:
         text: the reply, split into small word-ish deltas. Without `text` or `deltas` the
-            reply is the default one, or none at all when `tool_calls` are given (a tool
-            turn with text before its calls says so: `text="Let me look."`).
+            reply is the default one, or none at all when `tool_calls` or `refusal` are
+            given (a tool turn with text before its calls says so: `text="Let me look."`).
         deltas: the reply as explicit content deltas; overrides `text`.
         delay: seconds before each content-bearing chunk; `None` uses the upstream default.
         first_delay: seconds after the headers and before the first chunk.
@@ -74,6 +75,10 @@ class Script:
         tool_call_index: `False` drops `index` from tool-call fragments (Gemini, Ollama).
         reasoning: reasoning text, streamed as deltas before the content.
         reasoning_field: the delta key for reasoning; vLLM uses `reasoning`.
+        refusal: the model refuses, as OpenAI's structured outputs do: this text is
+            streamed as `delta.refusal` word-ish deltas after any content (the first
+            chunk says `"content": null, "refusal": ""`), or sent as `message.refusal`
+            (with `"content": null` when there is no content); finish_reason `stop`.
         usage: overrides the computed usage object.
         usage_style: `final` a `choices: []` chunk when `stream_options.include_usage` is
             true; `every_chunk` cumulative usage on every chunk (Gemini, vLLM continuous
@@ -101,6 +106,7 @@ class Script:
     tool_call_index: bool = True
     reasoning: str | None = None
     reasoning_field: str = "reasoning_content"
+    refusal: str | None = None
     usage: Mapping[str, object] | None = None
     usage_style: UsageStyle = "final"
     empty_choices: bool = False
