@@ -257,6 +257,26 @@ def test_issue_19_refusal_chat_sync(upstream: RunningUpstream) -> None:
     assert upstream.app.requests[-1].json.get("stream") is not True
 
 
+def test_issue_19_refusal_reaches_the_tool_loop_sync(upstream: RunningUpstream) -> None:
+    @ts.tool
+    def lookup(city: str) -> str:
+        """Look a city up.
+
+        Args:
+            city: the city.
+        """
+        return city
+
+    upstream.app.enqueue(Script(refusal=REFUSAL))
+    with ts.Client(base_url=upstream.base_url) as client:
+        events = list(client.run_tools(MESSAGES, tools=[lookup]))
+    refused = [e.text for e in events if isinstance(e, ts.RefusalDelta)]
+    assert "".join(refused) == REFUSAL
+    assert not [e for e in events if isinstance(e, ts.ContentDelta)]
+    (finished,) = [e for e in events if isinstance(e, ts.TurnFinished)]
+    assert finished.message.refusal == REFUSAL
+
+
 @pytest.mark.anyio
 async def test_issue_19_refusal_chat_async(upstream: RunningUpstream) -> None:
     upstream.app.enqueue(Script(refusal=REFUSAL))

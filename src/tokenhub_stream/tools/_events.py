@@ -6,7 +6,15 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 from .._exceptions import TokenHubError
-from .._models import ChatMessage, ContentDelta, ReasoningDelta, ToolCall, ToolCallDelta, Usage
+from .._models import (
+    ChatMessage,
+    ContentDelta,
+    ReasoningDelta,
+    RefusalDelta,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
 
 __all__ = ["MaxTurnsExceeded", "ToolCallStarted", "ToolLoopEvent", "ToolResult", "TurnFinished"]
 
@@ -53,7 +61,13 @@ class TurnFinished:
 
 
 ToolLoopEvent: TypeAlias = (
-    ContentDelta | ReasoningDelta | ToolCallDelta | ToolCallStarted | ToolResult | TurnFinished
+    ContentDelta
+    | ReasoningDelta
+    | RefusalDelta
+    | ToolCallDelta
+    | ToolCallStarted
+    | ToolResult
+    | TurnFinished
 )
 
 

@@ -25,6 +25,7 @@ from .._models import (
     ChatMessage,
     ContentDelta,
     ReasoningDelta,
+    RefusalDelta,
     StreamEvent,
     ToolCallDelta,
     Usage,
@@ -104,8 +105,8 @@ class AsyncToolLoop:
     messages = loop.messages  # the whole conversation, to continue it
     ```
 
-    Events, in order, per turn: `ContentDelta`/`ReasoningDelta`/`ToolCallDelta` as they
-    stream (a `ToolCallDelta` carries the call's arguments decoded so far in
+    Events, in order, per turn: `ContentDelta`/`ReasoningDelta`/`RefusalDelta`/
+    `ToolCallDelta` as they stream (a `ToolCallDelta` carries the call's arguments decoded so far in
     `partial_arguments`), `TurnFinished`, then for a tool turn one `ToolCallStarted` per
     call and, once all calls of the turn are done, one `ToolResult` per call (in call
     order).
@@ -226,7 +227,7 @@ async def _run(
                     event = await reading.events.__anext__()
                 except StopAsyncIteration:
                     break
-                if isinstance(event, ContentDelta | ReasoningDelta):
+                if isinstance(event, ContentDelta | ReasoningDelta | RefusalDelta):
                     yield event
                 elif isinstance(event, ToolCallDelta):
                     yield core.tool_call_delta(event)
