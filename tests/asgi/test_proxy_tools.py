@@ -21,7 +21,7 @@ import pytest
 from openai.types.chat import ChatCompletionUserMessageParam
 from starlette.applications import Starlette
 
-from tokenhub_stream import AsyncClient, Usage
+from tokenhub_stream import AsyncClient, RefusalDelta, Usage
 from tokenhub_stream.asgi import ChatProxy, CompletionRecord
 from tokenhub_stream.testing import (
     FakeChatUpstream,
@@ -248,6 +248,22 @@ async def test_our_client_reads_one_ordinary_answer(upstream: Upstream) -> None:
     assert len(received) == 2
     assert all(r.json is not None and r.json["model"] == "gpt-4o" for r in received)
     assert "browser-token" not in received[0].headers["authorization"]
+
+
+async def test_a_refusal_reaches_the_browser_through_the_tool_loop(upstream: Upstream) -> None:
+    # A model declining a structured output streams `delta.refusal`, not content: the
+    # proxy's own loop passes it on as it came, streamed and in a whole answer.
+    refusal = "I can't help with that."
+    upstream[0].enqueue(Script(refusal=refusal), Script(refusal=refusal))
+    with proxied(upstream) as url, anyio.fail_after(10):
+        async with AsyncClient(base_url=f"{url}/v1", api_key="browser-token") as client:
+            async with client.stream_chat(MESSAGES, model="gpt-4o") as stream:
+                events = [event async for event in stream.events()]
+            whole = await client.chat(MESSAGES, model="gpt-4o")
+    refused = [e.text for e in events if isinstance(e, RefusalDelta)]
+    assert "".join(refused) == refusal
+    assert stream.message.refusal == refusal and stream.message.content == ""
+    assert whole.message.refusal == refusal and whole.message.content == ""
 
 
 # The SDK's async streams are written for asyncio (under trio they leak async generators).

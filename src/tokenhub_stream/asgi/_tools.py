@@ -47,7 +47,7 @@ from .._exceptions import (
     TransportError,
     TruncatedStreamError,
 )
-from .._models import ContentDelta, ReasoningDelta, Usage
+from .._models import ContentDelta, ReasoningDelta, RefusalDelta, Usage
 from ..tools import MaxTurnsExceeded, ToolCallStarted, ToolResult, ToolSet, TurnFinished
 from ..tools._loop import arun_tools
 from ._record import add_usage, estimate_usage
@@ -175,6 +175,7 @@ class ToolExchange:
         )
         self._params = {k: v for k, v in body.items() if k not in _NOT_FOR_THE_LOOP}
         self._parts: list[str] = []
+        self._refusal: list[str] = []  # a structured output the model declined
         self._usage: Usage | None = None
         self._finish_reason: str | None = None
         self._started = False
@@ -244,6 +245,11 @@ class ToolExchange:
                             await self._frame([{"index": 0, "delta": {"content": event.text}}])
                     elif isinstance(event, ReasoningDelta):
                         self._turn_chars += len(event.text)
+                    elif isinstance(event, RefusalDelta):
+                        self._refusal.append(event.text)
+                        self._turn_chars += len(event.text)
+                        if self._stream:
+                            await self._frame([{"index": 0, "delta": {"refusal": event.text}}])
                     elif isinstance(event, TurnFinished):
                         self._in_turn = False
                         self._turn_chars = 0
@@ -348,6 +354,9 @@ class ToolExchange:
 
     def _completion(self, request_id: str, completed: bool) -> dict[str, object]:
         reason = (self._finish_reason or "stop") if completed else None
+        message: dict[str, object] = {"role": "assistant", "content": "".join(self._parts)}
+        if self._refusal:
+            message["refusal"] = "".join(self._refusal)
         out: dict[str, object] = {
             "id": f"chatcmpl-{request_id}",
             "object": "chat.completion",
@@ -356,7 +365,7 @@ class ToolExchange:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": "".join(self._parts)},
+                    "message": message,
                     "logprobs": None,
                     "finish_reason": reason,
                 }
