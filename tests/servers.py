@@ -10,7 +10,8 @@ with serve(proxy) as base_url:
 
 The conftests re-export it under their old names (`from .conftest import serve` keeps
 working), with the options their tests rely on. The local upstream has its own
-`tokenhub_stream.testing.run_upstream`, a public API built the same way.
+`tokenhub_stream.testing.run_upstream`, a public API on the same server
+(`wakeable_server`: stopped at once instead of at uvicorn's next 0.1 s tick).
 
 Importable as `servers`: pytest puts `tests/` on `sys.path` (tests/conftest.py sits there
 without an `__init__.py`), as mypy does for the `tests` files.
@@ -18,12 +19,13 @@ without an `__init__.py`), as mypy does for the `tests` files.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Literal
+
+from tokenhub_stream.testing._server import stop_server, wakeable_server
 
 #: Anything uvicorn serves as an ASGI 3 app: ChatProxy, Starlette, FastAPI, a plain callable.
 ASGIApp = Callable[..., Awaitable[None]]
@@ -63,33 +65,6 @@ def serve(
     """
     import uvicorn
 
-    class _Server(uvicorn.Server):
-        # Events instead of polls: the test waits for "serving" on an event, and `stop()`
-        # wakes the server's loop instead of leaving it to see `should_exit` at its next
-        # 0.1 s tick (the suite starts and stops hundreds of servers).
-        _wake: asyncio.Event | None = None
-        _wake_loop: asyncio.AbstractEventLoop | None = None
-
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().startup(sockets=sockets)
-            serving.set()
-
-        async def main_loop(self) -> None:
-            self._wake = asyncio.Event()
-            self._wake_loop = asyncio.get_running_loop()
-            ticks = 0
-            while not await self.on_tick(ticks):
-                ticks += 1
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 0.1)
-
-        def stop(self) -> None:
-            self.should_exit = True
-            loop, wake = self._wake_loop, self._wake
-            if loop is not None and wake is not None:
-                with contextlib.suppress(RuntimeError):  # its loop has already closed
-                    loop.call_soon_threadsafe(wake.set)
-
     def run() -> None:
         try:
             server.run(sockets=[sock])
@@ -112,7 +87,7 @@ def serve(
             access_log=False,
             timeout_graceful_shutdown=timeout_graceful_shutdown,
         )
-        server = _Server(config)
+        server = wakeable_server(config, serving)
         thread = threading.Thread(target=run, name=f"test-server-{port}", daemon=True)
         thread.start()
         try:
@@ -120,7 +95,7 @@ def serve(
                 raise RuntimeError("uvicorn did not start")
             yield f"http://127.0.0.1:{port}"
         finally:
-            server.stop()
+            stop_server(server)
             thread.join(stop_timeout)
     finally:
         sock.close()

@@ -11,8 +11,12 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ._upstream import FakeChatUpstream, closing_event
+
+if TYPE_CHECKING:
+    import uvicorn
 
 _CUT_LOG_MESSAGE = "ASGI callable returned without completing response."
 
@@ -53,6 +57,47 @@ class _DropCutLog(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.thread == self.thread_id and record.msg == _CUT_LOG_MESSAGE)
+
+
+def wakeable_server(
+    config: uvicorn.Config, serving: threading.Event | None = None
+) -> uvicorn.Server:
+    """A uvicorn server that `stop_server()` stops at once, and that sets `serving` (if
+    given) once it serves.
+
+    uvicorn looks at `should_exit` every 0.1 s; a test suite starts and stops hundreds of
+    servers, so its loop waits on an event that `stop_server()` sets. (The subclass is
+    made here, not at import: uvicorn is optional, and it derives from whatever
+    `uvicorn.Server` is at call time.) The tests' own `serve()` uses it too.
+    """
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if serving is not None:
+                serving.set()
+
+        async def main_loop(self) -> None:
+            wake = asyncio.Event()
+            self._wake = (asyncio.get_running_loop(), wake)
+            ticks = 0
+            while not await self.on_tick(ticks):
+                ticks += 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), 0.1)
+
+    return _Server(config)
+
+
+def stop_server(server: uvicorn.Server) -> None:
+    """Ask `server` (from `wakeable_server`) to exit, and wake its loop now."""
+    server.should_exit = True
+    found: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = getattr(server, "_wake", None)
+    if found is not None:
+        loop, wake = found
+        with contextlib.suppress(RuntimeError):  # its loop has already closed
+            loop.call_soon_threadsafe(wake.set)
 
 
 @contextlib.contextmanager
@@ -101,29 +146,6 @@ def run_upstream(
             "run_upstream needs uvicorn; install it with: pip install 'tokenhub_stream[cli]'"
         ) from exc
 
-    class _Server(uvicorn.Server):
-        # uvicorn looks at `should_exit` every 0.1 s; a test suite starts and stops hundreds
-        # of upstreams, so `stop()` also wakes its loop. (A subclass made here, not at
-        # import, so that it derives from whatever `uvicorn.Server` is at call time.)
-        _wake: asyncio.Event | None = None
-        _wake_loop: asyncio.AbstractEventLoop | None = None
-
-        async def main_loop(self) -> None:
-            self._wake = asyncio.Event()
-            self._wake_loop = asyncio.get_running_loop()
-            ticks = 0
-            while not await self.on_tick(ticks):
-                ticks += 1
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 0.1)
-
-        def stop(self) -> None:
-            self.should_exit = True
-            loop, wake = self._wake_loop, self._wake
-            if loop is not None and wake is not None:
-                with contextlib.suppress(RuntimeError):  # its loop has already closed
-                    loop.call_soon_threadsafe(wake.set)
-
     upstream = FakeChatUpstream() if app is None else app
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose protocol says TCP.
@@ -146,7 +168,7 @@ def run_upstream(
             access_log=False,
             timeout_graceful_shutdown=max(1, math.ceil(shutdown_timeout / 2)),
         )
-        server = _Server(config)
+        server = wakeable_server(config)
         thread = threading.Thread(
             target=server.run,
             kwargs={"sockets": [sock]},
@@ -168,7 +190,7 @@ def run_upstream(
             yield RunningUpstream(app=upstream, host=host, port=bound_port)
         finally:
             closing_event(upstream).set()
-            server.stop()
+            stop_server(server)
             thread.join(shutdown_timeout)
             if thread.is_alive():  # pragma: no cover - only when a handler ignores shutdown
                 server.force_exit = True
