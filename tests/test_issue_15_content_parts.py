@@ -502,7 +502,7 @@ def test_issue_15_unusable_parts_are_skipped(parts: list[object]) -> None:
 
 
 def test_issue_15_content_text_of_a_whole_message() -> None:
-    from tokenhub_stream._chunks import content_text
+    from tokenhub_stream._completion import content_text
 
     assert content_text("plain") == ("plain", None)
     assert content_text(None) == ("", None)

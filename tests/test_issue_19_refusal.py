@@ -17,7 +17,8 @@ import pytest
 from pydantic import BaseModel
 
 import tokenhub_stream as ts
-from tokenhub_stream._chunks import ChunkParser, parse_completion
+from tokenhub_stream._chunks import ChunkParser
+from tokenhub_stream._completion import parse_completion
 from tokenhub_stream._structured import StructuredOutput, output_spec
 from tokenhub_stream.asgi._record import TurnCollector
 from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, Script, run_upstream

@@ -6,7 +6,7 @@ oversized event) is stored in `.error` and processing stops, so the I/O shell ca
 hand out the deltas decoded before it, then raise.
 
 A whole non-streaming `chat.completion` body is read by `_completion.py`'s
-`parse_completion` (re-exported here for the modules that take it from here).
+`parse_completion`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from operator import length_hint
 from typing import Any
 
-from ._completion import content_text, parse_completion, thinking_text
+from ._completion import thinking_text
 from ._config import DEFAULT_MAX_EVENT_BYTES
 from ._errors import error_from_frame
 from ._exceptions import ProtocolError, TokenHubError, TruncatedStreamError
-from ._json import JSON_BACKEND, Redact, loads, redact_json
+from ._json import JSON_BACKEND, Redact, loads
 from ._models import (
     ChatMessage,
     ContentDelta,
@@ -36,10 +36,7 @@ from ._models import (
 )
 from ._sse import SSEDecoder
 
-# `redact_json` (now `_json.py`'s) is re-exported for asgi/_wire.py, and `parse_completion`
-# and `content_text` (now `_completion.py`'s) for asgi/_record.py and the clients, which take
-# them from here.
-__all__ = ["ChunkParser", "content_text", "parse_completion", "redact_json"]
+__all__ = ["ChunkParser"]
 
 
 def _stdlib_loads_event(data: str | bytes) -> Any:

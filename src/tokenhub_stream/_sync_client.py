@@ -34,7 +34,7 @@ from ._base import (
     status_error,
     sync_sleep,
 )
-from ._chunks import parse_completion
+from ._completion import parse_completion
 from ._config import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_MAX_EVENT_BYTES,

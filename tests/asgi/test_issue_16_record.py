@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from tokenhub_stream import ChatMessage
-from tokenhub_stream._chunks import parse_completion
+from tokenhub_stream._completion import parse_completion
 from tokenhub_stream.asgi._record import CompletionRecord, TurnCollector
 
 

@@ -14,7 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from .._chunks import ChunkParser, parse_completion
+from .._chunks import ChunkParser
+from .._completion import parse_completion
 from .._exceptions import APIError
 from .._models import ChatMessage, Usage, add_usage
 
