@@ -232,39 +232,27 @@ class _StreamCore(StreamState):
                 feed = self._feed(mode)
                 assert self._chunks is not None
                 try:
-                    if mode == "text":
-                        # A batch of several chunks is parsed in runs (`feed_text_batch`:
-                        # one call for all the chunks that differ only in their content);
-                        # below _BATCH_MIN chunks, a run costs more than it saves.
-                        feed_batch = parser.feed_text_batch
-                        for batch in self._chunks:
-                            if len(batch) < _BATCH_MIN:
-                                for chunk in batch:
-                                    for item in feed(chunk):
-                                        yield item
-                                    if parser.stopped:
-                                        break
-                            else:
-                                end = 0
-                                while end < len(batch) and not parser.stopped:
-                                    deltas, end = feed_batch(batch, end)
-                                    for item in deltas:
-                                        yield item
-                            if parser.stopped:
-                                break
-                        else:
-                            parser.feed_eof()
-                    else:
-                        for batch in self._chunks:
+                    # In text mode a read of several chunks is parsed in runs
+                    # (`feed_text_batch`: one call for all the chunks that differ only in
+                    # their content); below _BATCH_MIN chunks a run costs more than it saves.
+                    runs = parser.feed_text_batch if mode == "text" else None
+                    for batch in self._chunks:
+                        if runs is None or len(batch) < _BATCH_MIN:
                             for chunk in batch:
                                 for item in feed(chunk):
                                     yield item
                                 if parser.stopped:
                                     break
-                            if parser.stopped:
-                                break
                         else:
-                            parser.feed_eof()
+                            end = 0
+                            while end < len(batch) and not parser.stopped:
+                                deltas, end = runs(batch, end)
+                                for item in deltas:
+                                    yield item
+                        if parser.stopped:
+                            break
+                    else:
+                        parser.feed_eof()
                 except httpx.HTTPError as exc:
                     parser.error = self._read_error(exc)
                 if parser.done and self._start_drain():
