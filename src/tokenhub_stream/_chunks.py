@@ -357,7 +357,7 @@ class ChunkParser:
         before = len(out)
         append = out.append
         todo = iter(chunks if start == 0 else chunks[start:])
-        end = len(chunks)
+        refused = 1  # the chunk the loop stopped at stays, with those after it
         for chunk in todo:
             size = len(chunk)
             if not (chunk.startswith(prefix) and chunk.endswith(suffix)) or size > limit:
@@ -375,8 +375,8 @@ class ChunkParser:
             if content:
                 append(content)
         else:
-            end += 1  # no chunk refused: with the line below, `end` stays len(chunks)
-        end -= length_hint(todo) + 1  # the refused chunk and those after it stay
+            refused = 0
+        end = len(chunks) - length_hint(todo) - refused
         if end > start:
             self.last_event_at = now = self.clock()
             if len(out) > before:
