@@ -154,6 +154,25 @@ async def test_serve_history_lists_reads_and_isolates_browsers(
 
 
 @pytest.mark.anyio
+async def test_issue_19_history_shows_a_refusal(app: object, upstream: RunningUpstream) -> None:
+    # A model that declined (a structured output) answers with a refusal, no content: the
+    # reopened conversation says so instead of showing an empty answer.
+    refusal = "I can't help with that."
+    async with browser(app) as client:
+        await client.get("/")
+        upstream.app.enqueue(Script(refusal=refusal))
+        response = await chat(client, "Describe Mars", "refused-1")
+        assert response.status_code == 200
+        assert response.text.endswith("data: [DONE]\n\n")
+        full = await client.get("/api/conversations/refused-1")
+    assert full.status_code == 200
+    question, answer = full.json()["messages"]
+    assert question == {"role": "user", "content": "Describe Mars"}  # no refusal key
+    assert answer["refusal"] == refusal
+    assert (answer["content"], answer["outcome"]) == ("", "completed")
+
+
+@pytest.mark.anyio
 async def test_serve_history_needs_the_browser_cookie(app: object) -> None:
     async with browser(app) as client:
         for method, path in [

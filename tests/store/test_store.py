@@ -52,13 +52,13 @@ async def _tables(url: str) -> tuple[set[str], list[int]]:
 
 async def test_store_migrate_creates_schema_and_is_idempotent(store_url: str) -> None:
     async with ConversationStore(store_url) as store:
-        assert await store.migrate() == SCHEMA_VERSION == 1
+        assert await store.migrate() == SCHEMA_VERSION == 2
         assert await store.migrate() == SCHEMA_VERSION
     async with ConversationStore(store_url) as again:  # another process, same database
         assert await again.migrate() == SCHEMA_VERSION
     names, versions = await _tables(store_url)
     assert {"tokenhub_schema", "tokenhub_conversations", "tokenhub_messages"} <= names
-    assert versions == [1]
+    assert versions == [1, 2]
 
 
 async def test_store_migrates_lazily_on_first_use(store_url: str) -> None:
@@ -66,7 +66,7 @@ async def test_store_migrates_lazily_on_first_use(store_url: str) -> None:
         assert await store.list_conversations("alice") == []
     names, versions = await _tables(store_url)
     assert "tokenhub_messages" in names
-    assert versions == [1]
+    assert versions == [1, 2]
 
 
 async def test_store_concurrent_first_use_migrates_once(store_url: str) -> None:
@@ -79,7 +79,7 @@ async def test_store_concurrent_first_use_migrates_once(store_url: str) -> None:
     finally:
         for s in stores:
             await s.aclose()
-    assert (await _tables(store_url))[1] == [1]
+    assert (await _tables(store_url))[1] == [1, 2]
 
 
 async def test_store_refuses_a_newer_schema(store_url: str) -> None:

@@ -479,6 +479,8 @@ def _message(message: Message) -> dict[str, object]:
             error=message.error,
             finish_reason=message.finish_reason,
         )
+        if message.refusal is not None:  # a declined structured output (#19)
+            out["refusal"] = message.refusal
     return out
 
 

@@ -45,6 +45,7 @@ _SCALARS: tuple[str, ...] = (
     "outcome",
     "error",
     "request_id",
+    "refusal",
 )
 
 
@@ -71,7 +72,9 @@ class Message:
     Only `role` is required. The assistant message of a proxied turn also carries `model`,
     `finish_reason`, `usage`, the timings `ttfb` and `duration` (seconds), the `outcome`
     (`completed`, `error`, `client-disconnected`), the `error` text and the proxy's
-    `request_id`. `position` and `created` are set by the store and ignored on append.
+    `request_id`; `refusal` is the model's refusal of a structured output
+    (`ChatMessage.refusal`), else None. `position` and `created` are set by the store and
+    ignored on append.
     """
 
     role: str
@@ -88,6 +91,8 @@ class Message:
     request_id: str | None = None
     position: int | None = None
     created: datetime | None = None
+    # Last, so that no positional construction written before it existed changes meaning.
+    refusal: str | None = None
 
     def __repr__(self) -> str:
         text = self.content or ""
@@ -98,12 +103,15 @@ class Message:
         )
 
     def to_dict(self) -> dict[str, object]:
-        """The OpenAI request shape, to send the history again on the next turn."""
+        """The OpenAI request shape, to send the history again on the next turn (with the
+        `refusal` only when there was one, as `ChatMessage.to_dict()`)."""
         out: dict[str, object] = {"role": self.role, "content": self.content}
         if self.tool_calls:
             out["tool_calls"] = [dict(call) for call in self.tool_calls]
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
+        if self.refusal is not None:
+            out["refusal"] = self.refusal
         return out
 
     def to_json_dict(self) -> dict[str, object]:
@@ -138,6 +146,7 @@ class Message:
             outcome=outcome_from_json(outcome),
             error=_opt_str(raw.get("error")),
             request_id=_opt_str(raw.get("request_id")),
+            refusal=_opt_str(raw.get("refusal")),
         )
 
 

@@ -65,11 +65,11 @@ class ConversationRecorder:
     header or a `conversation_id` body field (removed before forwarding); without one, each
     turn starts a new conversation. It writes the request's messages after its last
     assistant message (the new user message; the system prompt too on a first turn) and
-    the assistant's answer, with the partial text when the client went away. A turn that
-    cannot be written is logged (logger `tokenhub_stream.store`, level ERROR) with its
-    `Turn.to_json()` to replay, on one line (the record's `tokenhub_turn` and
-    `tokenhub_error` attributes hold the replay JSON and the error text too); the hooks
-    never raise into the proxy.
+    the assistant's answer, with the partial text when the client went away (and the
+    model's `refusal`, when it declined a structured output). A turn that cannot be written
+    is logged (logger `tokenhub_stream.store`, level ERROR) with its `Turn.to_json()` to
+    replay, on one line (the record's `tokenhub_turn` and `tokenhub_error` attributes hold
+    the replay JSON and the error text too); the hooks never raise into the proxy.
 
     Args:
         store: where to write (a `ConversationStore`).
@@ -149,6 +149,7 @@ class ConversationRecorder:
                 outcome=_OUTCOMES.get(record.outcome, "error"),
                 error=record.error,
                 request_id=record.request_id,
+                refusal=answer.refusal,
             )
         )
         return Turn(

@@ -451,6 +451,7 @@ def _row(conversation_id: str, message: Message) -> dict[str, object]:
         "outcome": message.outcome,
         "error": message.error,
         "request_id": message.request_id,
+        "refusal": message.refusal,
         "created": message.created,
     }
 
@@ -472,6 +473,7 @@ def _message(row: Row[tuple[object, ...]]) -> Message:
         request_id=cast("str | None", m["request_id"]),
         position=cast(int, m["position"]),
         created=cast(datetime, m["created"]),
+        refusal=cast("str | None", m["refusal"]),
     )
 
 
