@@ -35,6 +35,7 @@ from ._models import (
     UsageEvent,
 )
 from ._sse import SSEDecoder
+from ._template import bulk_contents, scanstring, template_loop
 
 __all__ = ["ChunkParser"]
 
@@ -57,16 +58,16 @@ _loads_event: Callable[[str | bytes], Any] = (
 
 _UNPARSED: Any = object()  # `_feed_datas`: the first event is not parsed yet
 
-# The C string scanner `json.loads` itself uses (`json.decoder.scanstring`, missing from
-# typeshed): (text after an opening quote, 0) -> (decoded string, index after its
-# closing quote); ValueError on a control character or a bad escape, as json.loads.
-scanstring: Callable[[str, int], tuple[str, int]] = json.decoder.scanstring  # type: ignore[attr-defined]
 
 # orjson rejects a lone surrogate escape (`\ud800`) where the stdlib keeps it: with
 # orjson, a template hit whose content has a `\u` escape is parsed in full instead.
 _TEMPLATE_U_ESCAPES = JSON_BACKEND == "stdlib"
 _TEMPLATE_PROBE = "tokenhub-probe"
 _TEMPLATE_EVERY = 16  # content deltas between two attempts to learn a template
+# The fewest chunks `_template_run` hands to `bulk_contents` (below, the loop is cheaper),
+# and the content deltas it waits after a run `bulk_contents` did not take.
+_BULK_MIN = 5
+_BULK_BACKOFF = 64
 
 
 def _is_blank(data: str | bytes) -> bool:
@@ -111,6 +112,7 @@ class ChunkParser:
 
     __slots__ = (
         "_batch_base",
+        "_bulk_next",
         "_content",
         "_decoder",
         "_handout",
@@ -167,6 +169,7 @@ class ChunkParser:
         # literal; see `_learn_template`.
         self._template: tuple[bytes, bytes] | None = None
         self._template_next = 0
+        self._bulk_next = 0
         # The deltas of the last `feed_text_batch` run, as handed out, and the length of
         # `_content` before the run's template deltas: see `_content_out`.
         self._handout: Iterator[str] | None = None
@@ -350,33 +353,13 @@ class ChunkParser:
         if template is None or self.stopped or not decoder.at_event_start:
             return start
         prefix, suffix = template
-        head = len(prefix)
-        tail = len(suffix) - 1  # the closing quote stays with the literal
         limit = decoder.max_event_bytes + 8
-        u_escapes = _TEMPLATE_U_ESCAPES
         before = len(out)
-        append = out.append
-        todo = iter(chunks if start == 0 else chunks[start:])
-        refused = 1  # the chunk the loop stopped at stays, with those after it
-        for chunk in todo:
-            size = len(chunk)
-            if not (chunk.startswith(prefix) and chunk.endswith(suffix)) or size > limit:
-                break
-            stop = size - tail
-            if stop <= head:
-                break
-            try:
-                literal = chunk[head:stop].decode()
-                content, closed = scanstring(literal, 0)
-            except ValueError:  # invalid UTF-8, a control character, a bad escape
-                break  # feed_text's other paths report it, or decode it as the spec says
-            if closed != len(literal) or not (u_escapes or "\\u" not in literal):
-                break
-            if content:
-                append(content)
-        else:
-            refused = 0
-        end = len(chunks) - length_hint(todo) - refused
+        end = start
+        if len(chunks) - start >= _BULK_MIN and len(self._content) >= self._bulk_next:
+            end = self._bulk_run(prefix, suffix, chunks, start, out, limit)
+        if end == start:
+            end = template_loop(prefix, suffix, chunks, start, out, limit, _TEMPLATE_U_ESCAPES)
         if end > start:
             self.last_event_at = now = self.clock()
             if len(out) > before:
@@ -384,6 +367,36 @@ class ChunkParser:
                 if self.first_token_at is None:
                     self.first_token_at = now
         return end
+
+    def _bulk_run(
+        self,
+        prefix: bytes,
+        suffix: bytes,
+        chunks: Sequence[bytes],
+        start: int,
+        out: list[str],
+        limit: int,
+    ) -> int:
+        # `bulk_contents` over the longest run from `chunks[start]` that could be template
+        # hits (its first and last chunk look like one); returns where the run ended, or
+        # `start` if it did not take it. Then it waits _BULK_BACKOFF content deltas before
+        # it tries again: its cost grows with the read, so a stream whose reads mix other
+        # chunks in (a non-hit inside the run) keeps the per-chunk loop.
+        first = chunks[start]
+        if not (first.startswith(prefix) and first.endswith(suffix)):
+            return start
+        stop = len(chunks)
+        while not chunks[stop - 1].endswith(suffix):  # the finish chunk, [DONE], ...
+            stop -= 1
+        if stop - start < _BULK_MIN:
+            return start
+        run = chunks[start:stop] if start or stop < len(chunks) else chunks
+        contents = bulk_contents(prefix, suffix, run, limit, _TEMPLATE_U_ESCAPES)
+        if contents is None:
+            self._bulk_next = len(self._content) + _BULK_BACKOFF
+            return start
+        out.extend(contents)
+        return stop
 
     def _learn_template(self, chunk: bytes, content: str) -> None:
         # `chunk` is one whole event that parsed as a plain content delta for choice 0.
