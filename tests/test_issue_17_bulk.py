@@ -152,6 +152,17 @@ def test_issue_17_bulk_takes_the_benchmark_stream(
     assert spy.taken >= 2_000 - 20
 
 
+def test_issue_17_bulk_cuts_a_long_read_into_runs_of_bulk_max(
+    json_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = Spy(monkeypatch)
+    monkeypatch.setattr(_chunks, "_BULK_MAX", 100)
+    out, _, runs = same([bench_stream(450)])
+    assert len(out) == 450
+    # role, first content chunk, then runs of at most 100 (the 5th ends at the finish chunk)
+    assert (spy.calls, spy.taken, runs) == (5, 449, 8)
+
+
 def test_issue_17_bulk_backs_off_after_a_run_it_could_not_take(
     json_backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
