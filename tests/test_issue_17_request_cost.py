@@ -2,12 +2,17 @@
 request does.
 
 These pin the behaviour that the cheaper mechanisms must keep: the response head's wait
-(one timer per pool instead of one per request) fails each request at its own deadline.
+(one timer per pool instead of one per request) fails each request at its own deadline;
+the watchdog, which now heaps a stream's timer only when its thread wakes (and not at all
+when the stream ended by then), still wakes for a deadline due before that.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -15,7 +20,10 @@ import anyio
 import httpx
 import pytest
 
+from tokenhub_stream import _watchdog
+from tokenhub_stream._chunks import ChunkParser
 from tokenhub_stream._engine._http import HttpEngine
+from tokenhub_stream._watchdog import StreamTimer, watchdog
 
 pytestmark = pytest.mark.anyio
 
@@ -119,3 +127,106 @@ async def test_issue_17_closing_the_engine_disarms_the_head_timer(server: str) -
         for handle in asyncio.get_running_loop()._scheduled  # type: ignore[attr-defined]
         if not handle.cancelled() and getattr(handle._callback, "__self__", None) in pools
     ]
+
+
+# --- the watchdog ----------------------------------------------------------------------------
+
+
+class _HasSocket:
+    """What the engine's responses give the watchdog: their socket, by name."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def get_extra_info(self, name: str) -> object:
+        return self._sock if name == "socket" else None
+
+
+def _in_heap(timer: StreamTimer) -> bool:
+    with watchdog.lock:
+        return any(entry[2] is timer for entry in watchdog._heap)
+
+
+def test_issue_17_a_stream_that_ended_before_its_first_check_leaves_no_timer() -> None:
+    # A short stream's timer is stopped long before its first check (the idle timeout
+    # later): the watchdog forgets it when it next wakes, instead of keeping it in its
+    # heap until then (a minute of a busy client's streams, by default).
+    left, right = socket.socketpair()
+    try:
+        timer = StreamTimer(ChunkParser(), first_token=60.0, idle=60.0)
+        assert timer.watch(_HasSocket(left), None)
+        timer.stop()
+        alive = StreamTimer(ChunkParser(), first_token=60.0, idle=60.0)
+        assert alive.watch(_HasSocket(left), None)
+        deadline = time.monotonic() + 5
+        while not _in_heap(alive):  # the thread woke and looked at both
+            assert time.monotonic() < deadline, "the watchdog never looked"
+            time.sleep(0.01)
+        assert not _in_heap(timer)
+        alive.stop()
+    finally:
+        left.close()
+        right.close()
+
+
+@pytest.mark.timing
+def test_issue_17_a_deadline_before_the_watchdogs_wake_up_wakes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The thread sleeps until its next tick (made long here); a stream whose first check
+    # falls before that must wake it, not wait for the tick.
+    monkeypatch.setattr(_watchdog, "_TICK", 2.0)
+    left, right = socket.socketpair()
+    keeper = StreamTimer(ChunkParser(), first_token=60.0, idle=60.0)
+    try:
+        assert keeper.watch(_HasSocket(left), None)  # the thread runs, sleeping in ticks
+        time.sleep(0.1)  # ...now in a tick of 2 s
+        parser = ChunkParser(started_at=time.monotonic())
+        timer = StreamTimer(parser, first_token=0.1, idle=60.0)
+        assert timer.watch(_HasSocket(left), None)
+        right.settimeout(5)
+        assert right.recv(1) == b""  # shut down by the watchdog
+        elapsed = time.monotonic() - parser.started_at
+        assert timer.fired == "first_token" and 0.1 <= elapsed < 0.1 + SLACK
+    finally:
+        keeper.stop()
+        left.close()
+        right.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_issue_17_a_forked_child_starts_its_own_watchdog() -> None:
+    # The watchdog no longer asks its thread whether it is alive on every stream: a forked
+    # child, where the parent's thread does not run, is told so at the fork.
+    left, right = socket.socketpair()
+    keeper = StreamTimer(ChunkParser(), first_token=60.0, idle=60.0)
+    try:
+        assert keeper.watch(_HasSocket(left), None)  # the parent's thread runs
+        with watchdog.lock:  # not held by the parent's thread as it forks
+            pid = os.fork()
+        if pid == 0:  # the child: a deadline must fire here too
+            code = 1
+            try:
+                timer = StreamTimer(
+                    ChunkParser(started_at=time.monotonic()), first_token=0.05, idle=None
+                )
+                timer.watch(_HasSocket(left), None)
+                right.settimeout(5)
+                code = 0 if right.recv(1) == b"" and timer.fired == "first_token" else 1
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 10
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the child's deadline never fired")
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        keeper.stop()
+        left.close()
+        right.close()
