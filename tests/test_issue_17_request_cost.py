@@ -4,7 +4,8 @@ request does.
 These pin the behaviour that the cheaper mechanisms must keep: the response head's wait
 (one timer per pool instead of one per request) fails each request at its own deadline;
 the watchdog, which now heaps a stream's timer only when its thread wakes (and not at all
-when the stream ended by then), still wakes for a deadline due before that.
+when the stream ended by then), still wakes for a deadline due before that; request
+headers encoded once per client and set of headers still follow every change.
 """
 
 from __future__ import annotations
@@ -14,20 +15,24 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import httpx
 import pytest
 
+import tokenhub_stream as ts
 from tokenhub_stream import _watchdog
 from tokenhub_stream._chunks import ChunkParser
 from tokenhub_stream._engine._http import HttpEngine
 from tokenhub_stream._watchdog import StreamTimer, watchdog
+from tokenhub_stream.testing import FakeChatUpstream, RunningUpstream, Script, run_upstream
 
 pytestmark = pytest.mark.anyio
 
 SLACK = 0.25
+KEY = "sk-th_canary_issue17_request_0123456789"
+MESSAGES = [{"role": "user", "content": "hello"}]
 ANSWER = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 2\r\n\r\nok"
 
 
@@ -230,3 +235,68 @@ def test_issue_17_a_forked_child_starts_its_own_watchdog() -> None:
         keeper.stop()
         left.close()
         right.close()
+
+
+# --- the request head ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def upstream() -> Iterator[RunningUpstream]:
+    with run_upstream(FakeChatUpstream(delay=0.0)) as running:
+        yield running
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
+def test_issue_17_headers_encoded_once_follow_every_change(
+    upstream: RunningUpstream, monkeypatch: pytest.MonkeyPatch, sync: bool
+) -> None:
+    # A client encodes its request headers for the engine once per set of headers: each
+    # request still sends its own (per-call headers, the client's edited between calls),
+    # and a header that cannot be sent fails as it always did, before anything is sent.
+    monkeypatch.delenv("TOKENHUB_STREAM_ENGINE", raising=False)
+    calls: list[dict[str, str] | None] = [None, None, {"X-Trace": "a"}, None, {"X-Trace": "b"}]
+
+    def sent() -> list[dict[str, str]]:
+        return [request.headers for request in upstream.app.requests]
+
+    bad = {"X-Bad": "a\r\nx: y"}
+    if sync:
+        with ts.Client(base_url=upstream.base_url, api_key=KEY, max_retries=0) as client:
+            for i, extra in enumerate(calls):
+                if i == 3:
+                    client.headers["X-Team"] = "blue"
+                upstream.app.enqueue(Script(deltas=["a"]))
+                with client.stream_chat(MESSAGES, extra_headers=extra) as stream:
+                    assert list(stream) == ["a"]
+            with pytest.raises(ts.TransportError) as info:
+                client.stream_chat(MESSAGES, extra_headers=bad).__enter__()
+            assert type(client._engine).__name__ == "SyncEngine"
+            assert KEY not in repr(client)
+    else:
+
+        async def main() -> pytest.ExceptionInfo[ts.TransportError]:
+            async with ts.AsyncClient(
+                base_url=upstream.base_url, api_key=KEY, max_retries=0
+            ) as client:
+                for i, extra in enumerate(calls):
+                    if i == 3:
+                        client.headers["X-Team"] = "blue"
+                    upstream.app.enqueue(Script(deltas=["a"]))
+                    async with client.stream_chat(MESSAGES, extra_headers=extra) as stream:
+                        assert [text async for text in stream] == ["a"]
+                with pytest.raises(ts.TransportError) as info:
+                    await client.stream_chat(MESSAGES, extra_headers=bad).__aenter__()
+                assert type(client._engine).__name__ == "HttpEngine"
+                assert KEY not in repr(client)
+                return info
+
+        info = anyio.run(main)
+    assert isinstance(info.value.__cause__, httpx.LocalProtocolError)
+    assert KEY not in str(info.value)
+    headers = sent()
+    assert len(headers) == len(calls)  # the bad one was never sent
+    assert headers[0] == headers[1]
+    assert headers[2]["x-trace"] == "a" and "x-trace" not in headers[3]
+    assert "x-team" not in headers[2] and headers[3]["x-team"] == headers[4]["x-team"] == "blue"
+    assert headers[4]["x-trace"] == "b"
+    assert all(h["authorization"] == f"Bearer {KEY}" for h in headers)

@@ -102,14 +102,16 @@ class HttpEngine(EngineBase["_Pool"]):
     async def send(
         self,
         url: str,
-        headers: Mapping[str, str],
+        headers: Mapping[str, str] | bytes,
         content: bytes,
         timeout: httpx.Timeout | None = None,
     ) -> HttpResponse:
         """POST `content` to `url`; return once the response's headers have arrived.
 
-        `timeout`, for this request only: its connect and pool limits, and its read limit
-        for the wait for the response head (the engine's read limit still applies).
+        `headers`: a mapping, or its lines as `_h1.header_lines()` encoded them (for a
+        caller that sends the same headers many times). `timeout`, for this request
+        only: its connect and pool limits, and its read limit for the wait for the
+        response head (the engine's read limit still applies).
 
         Raises:
             httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout: no connection.
