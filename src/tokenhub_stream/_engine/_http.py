@@ -581,6 +581,12 @@ class HttpResponse(ResponseParser):
                 if self._paused:
                     self._resume()
                 yield batch
+                continue
+            state = self.state
+            if state == COMPLETE:  # read to its end: no future to wait on for that
+                return
+            if state != BODY:
+                raise self._end()
             try:  # caught up: wait for the next read (or the end, or the failure)
                 chunk = await self.__anext__()
             except StopAsyncIteration:
