@@ -5,12 +5,14 @@ These pin the behaviour that the cheaper mechanisms must keep: the response head
 (one timer per pool instead of one per request) fails each request at its own deadline;
 the watchdog, which now heaps a stream's timer only when its thread wakes (and not at all
 when the stream ended by then), still wakes for a deadline due before that; request
-headers encoded once per client and set of headers still follow every change.
+headers encoded once per client and set of headers still follow every change; the body,
+encoded through json's C encoder made directly, is the bytes json.dumps makes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -22,7 +24,7 @@ import httpx
 import pytest
 
 import tokenhub_stream as ts
-from tokenhub_stream import _watchdog
+from tokenhub_stream import _base, _watchdog
 from tokenhub_stream._chunks import ChunkParser
 from tokenhub_stream._engine._http import HttpEngine
 from tokenhub_stream._watchdog import StreamTimer, watchdog
@@ -300,3 +302,39 @@ def test_issue_17_headers_encoded_once_follow_every_change(
     assert "x-team" not in headers[2] and headers[3]["x-team"] == headers[4]["x-team"] == "blue"
     assert headers[4]["x-trace"] == "b"
     assert all(h["authorization"] == f"Bearer {KEY}" for h in headers)
+
+
+# --- the request body ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["c_encoder", "fallback"])
+def test_issue_17_request_body_is_encoded_as_json_dumps(
+    monkeypatch: pytest.MonkeyPatch, direct: bool
+) -> None:
+    # The body is encoded through json's C encoder made directly (where there is one): the
+    # same bytes and the same errors as json.dumps with the client's options.
+    if not direct:
+        monkeypatch.setattr(_base, "_ENCODE_DIRECT", None)
+    else:
+        assert _base._ENCODE_DIRECT is not None  # CPython has one
+    body: dict[str, object] = {
+        "model": "m",
+        "messages": [{"role": "user", "content": 'héllo \u2028 "q" \\ 🙂'}],
+        "stream": True,
+        "temperature": 0.1,
+        "n": -0.0,
+        "stop": [None, True, 1e300],
+        "nested": {"a": {"b": []}},
+    }
+    expected = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    assert _base._encode_body(body) == expected
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            _base._encode_body({"x": bad})
+    with pytest.raises(TypeError):
+        _base._encode_body({"x": object()})
+    circular: dict[str, object] = {}
+    circular["self"] = circular
+    with pytest.raises(ValueError, match="Circular"):
+        _base._encode_body(circular)
+    assert _base._encode_body(body) == expected  # nothing left over from the failures

@@ -17,7 +17,7 @@ import functools
 import importlib.util
 import json
 import time
-from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias
 from urllib.request import getproxies
@@ -310,7 +310,7 @@ def build_call(
     return Call(
         url=url,
         headers=headers,
-        body=_BODY_ENCODER.encode(body).encode(),
+        body=_encode_body(body),
         timeout=client.timeout if timeout is UNSET else Timeout.coerce(timeout),
         max_retries=client.max_retries if max_retries is UNSET else max_retries,
         model=model_name,
@@ -325,6 +325,43 @@ def build_call(
 # allow_nan=False, as httpx's json=: NaN and Infinity are not JSON (ValueError). Made
 # once: `json.dumps` with any option builds an encoder per call (0.6 µs of 2.2).
 _BODY_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def _direct_encoder() -> Callable[[dict[str, object]], str] | None:
+    """What `_BODY_ENCODER.encode` does with a dict, less its set-up in Python per call
+    (0.3 of its 1.5 µs): the C encoder it makes, made here directly, with a fresh
+    `markers` dict per call as `encode` makes (a circular body stays a ValueError). None
+    where there is no C encoder, or where it does not encode as `_BODY_ENCODER` does."""
+    try:
+        from _json import make_encoder
+    except ImportError:
+        return None
+    from json.encoder import encode_basestring_ascii
+
+    def encode(body: dict[str, object]) -> str:
+        make = make_encoder(
+            {}, _BODY_ENCODER.default, encode_basestring_ascii, None, ":", ",", False, False, False
+        )
+        return "".join(make(body, 0))
+
+    sample: dict[str, object] = {"a": [1, 2.5, None, True, "é\n\u2028"], "b": {"c": -0.0}}
+    try:
+        if encode(sample) == _BODY_ENCODER.encode(sample):
+            return encode
+    except Exception:  # a C encoder that is not the one json uses
+        pass
+    return None
+
+
+_ENCODE_DIRECT = _direct_encoder()
+
+
+def _encode_body(body: dict[str, object]) -> bytes:
+    """`body` as JSON bytes, as `_BODY_ENCODER` encodes it (ValueError for NaN, infinities
+    and circular references, TypeError for what JSON cannot hold)."""
+    encode = _ENCODE_DIRECT
+    text = _BODY_ENCODER.encode(body) if encode is None else encode(body)
+    return text.encode()
 
 
 def parsed_result(call: Call, result: ChatResult) -> ChatResult:
