@@ -304,6 +304,8 @@ class _AsyncStreamCore(StreamState):
                 await response.aclose()
 
     async def _release(self) -> None:
+        if self._closed and self._response is None and self._chunks is None:
+            return  # released already (the consumer's end, then the stream's close)
         await self._release_response()
         if self._owns_client and not self._closed:
             self._closed = True

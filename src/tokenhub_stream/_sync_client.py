@@ -304,6 +304,8 @@ class _StreamCore(StreamState):
                 response.close()
 
     def _release(self) -> None:
+        if self._closed and self._response is None and self._chunks is None:
+            return  # released already (the consumer's end, then the stream's close)
         self._release_response()
         if self._owns_client and not self._closed:
             self._closed = True
