@@ -25,7 +25,6 @@ from ._base import (
     direct_request,
     direct_transport_ok,
     engine_fits,
-    engine_headers,
     engine_runs_async,
     generator_done,
     is_encoded,
@@ -305,6 +304,8 @@ class _AsyncStreamCore(StreamState):
                 await response.aclose()
 
     async def _release(self) -> None:
+        if self._closed and self._response is None and self._chunks is None:
+            return  # released already (the consumer's end, then the stream's close)
         await self._release_response()
         if self._owns_client and not self._closed:
             self._closed = True
@@ -722,7 +723,7 @@ class AsyncClient(BaseClient):
         if self._use_engine and engine_runs_async():
             engine = self._engine or self._own_engine()
             return await engine.send(
-                call.url, engine_headers(call), call.body, call.engine_timeout()
+                call.url, self._engine_headers(call), call.body, call.engine_timeout()
             )
         http = self._http or self._own_httpx()
         url = self._httpx_url(call.url)

@@ -17,7 +17,7 @@ import functools
 import importlib.util
 import json
 import time
-from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias
 from urllib.request import getproxies
@@ -208,6 +208,9 @@ class BaseClient:
         self.strict_schemas = strict_schemas
         self._redact = redactor(self._api_key)
         self._last_url: tuple[str, httpx.URL] | None = None
+        # A call's headers -> their lines for the engine (`_engine_headers`). They hold
+        # the key: kept here only, never shown (the repr shows the base URL alone).
+        self._engine_lines: dict[tuple[tuple[str, str], ...], bytes] = {}
 
     def _httpx_url(self, url: str) -> httpx.URL:
         """`url` parsed once: every request of a client goes to the same endpoint."""
@@ -215,6 +218,27 @@ class BaseClient:
         if last is None or last[0] != url:
             last = self._last_url = (url, httpx.URL(url))
         return last[1]
+
+    def _engine_headers(self, call: Call) -> Mapping[str, str] | bytes:
+        """What the engine is given as `call`'s headers (`engine_headers`): their lines,
+        encoded once per set of headers (a client sends the same ones on every request:
+        1.1 of 1.5 µs per request saved), or the mapping itself when a header cannot be
+        sent (the engine then raises as it always did)."""
+        key = tuple(call.headers.items())
+        lines = self._engine_lines.get(key)
+        if lines is not None:
+            return lines
+        from ._engine._h1 import header_lines
+
+        headers = engine_headers(call)
+        try:
+            lines = header_lines(headers)
+        except httpx.LocalProtocolError:
+            return headers
+        if len(self._engine_lines) >= 16:  # many per-call headers: keep the cache small
+            self._engine_lines.clear()
+        self._engine_lines[key] = lines
+        return lines
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} base_url={self.base_url!r}>"
@@ -286,7 +310,7 @@ def build_call(
     return Call(
         url=url,
         headers=headers,
-        body=_BODY_ENCODER.encode(body).encode(),
+        body=_encode_body(body),
         timeout=client.timeout if timeout is UNSET else Timeout.coerce(timeout),
         max_retries=client.max_retries if max_retries is UNSET else max_retries,
         model=model_name,
@@ -301,6 +325,43 @@ def build_call(
 # allow_nan=False, as httpx's json=: NaN and Infinity are not JSON (ValueError). Made
 # once: `json.dumps` with any option builds an encoder per call (0.6 µs of 2.2).
 _BODY_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def _direct_encoder() -> Callable[[dict[str, object]], str] | None:
+    """What `_BODY_ENCODER.encode` does with a dict, less its set-up in Python per call
+    (0.3 of its 1.5 µs): the C encoder it makes, made here directly, with a fresh
+    `markers` dict per call as `encode` makes (a circular body stays a ValueError). None
+    where there is no C encoder, or where it does not encode as `_BODY_ENCODER` does."""
+    try:
+        from _json import make_encoder
+    except ImportError:
+        return None
+    from json.encoder import encode_basestring_ascii
+
+    def encode(body: dict[str, object]) -> str:
+        make = make_encoder(
+            {}, _BODY_ENCODER.default, encode_basestring_ascii, None, ":", ",", False, False, False
+        )
+        return "".join(make(body, 0))
+
+    sample: dict[str, object] = {"a": [1, 2.5, None, True, "é\n\u2028"], "b": {"c": -0.0}}
+    try:
+        if encode(sample) == _BODY_ENCODER.encode(sample):
+            return encode
+    except Exception:  # a C encoder that is not the one json uses
+        pass
+    return None
+
+
+_ENCODE_DIRECT = _direct_encoder()
+
+
+def _encode_body(body: dict[str, object]) -> bytes:
+    """`body` as JSON bytes, as `_BODY_ENCODER` encodes it (ValueError for NaN, infinities
+    and circular references, TypeError for what JSON cannot hold)."""
+    encode = _ENCODE_DIRECT
+    text = _BODY_ENCODER.encode(body) if encode is None else encode(body)
+    return text.encode()
 
 
 def parsed_result(call: Call, result: ChatResult) -> ChatResult:

@@ -294,10 +294,12 @@ class StreamState:
         self._owners.append(_OwnerRef(owner, self))
 
     def _on_owner_gone(self) -> None:
-        if any(ref() is not None for ref in self._owners):
+        if self._response is None:  # not open (the usual end: closed): nothing to shut
             return
-        if self._response is not None:  # opened, and nobody closed it
-            self._abandon()
+        for ref in self._owners:
+            if ref() is not None:
+                return
+        self._abandon()  # opened, and nobody closed it
 
     def _abandon(self) -> None:
         """Every owner is gone and the response is open: close the connection now.

@@ -24,7 +24,6 @@ from ._base import (
     direct_request,
     direct_transport_ok,
     engine_fits,
-    engine_headers,
     engine_runs_sync,
     generator_done,
     is_encoded,
@@ -305,6 +304,8 @@ class _StreamCore(StreamState):
                 response.close()
 
     def _release(self) -> None:
+        if self._closed and self._response is None and self._chunks is None:
+            return  # released already (the consumer's end, then the stream's close)
         self._release_response()
         if self._owns_client and not self._closed:
             self._closed = True
@@ -721,7 +722,9 @@ class Client(BaseClient):
     def _send(self, call: Call) -> SyncAnswer:
         if self._use_engine and engine_runs_sync():
             engine = self._engine or self._own_engine()
-            return engine.send(call.url, engine_headers(call), call.body, call.engine_timeout())
+            return engine.send(
+                call.url, self._engine_headers(call), call.body, call.engine_timeout()
+            )
         http = self._http or self._own_httpx()
         url = self._httpx_url(call.url)
         if self._transport is not None:

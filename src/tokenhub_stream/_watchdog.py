@@ -21,6 +21,11 @@ While streams are open the thread sleeps at most `_TICK` at a time; a stream's n
 deadline (first token, idle, or the drain after `[DONE]`, 50 ms by default) then rarely
 needs a wake-up of its own, and none is ever missed or late: the thread waits exactly
 until the earliest deadline whenever that comes before its next tick.
+
+A stream watched meanwhile whose first check is not due before the thread wakes is only
+noted (`_new`); the thread heaps it when it wakes, unless the stream has ended by then,
+as a short one mostly has: its timer never enters the heap, where it would have stayed
+until its check came due (up to the idle timeout, a minute by default, later).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import os
 import socket
 import threading
 import time
@@ -190,10 +196,17 @@ class _Watchdog:
         self.lock = threading.RLock()
         self._wake = threading.Condition(self.lock)
         self._heap: list[tuple[float, int, StreamTimer, float | None]] = []
+        # (first check, timer, total deadline) of the timers watched since the thread last
+        # looked, none due before its current wait ends: heaped when it wakes, unless
+        # stopped by then.
+        self._new: list[tuple[float, StreamTimer, float | None]] = []
         self._counter = itertools.count()
+        # The running thread, or None: the thread clears it as it ends (and a forked
+        # child, which has no thread, starts with None).
         self._thread: threading.Thread | None = None
         # When the thread's current wait ends (only read under the lock; stale while the
-        # thread runs, which is harmless: it looks at the heap before it waits again).
+        # thread runs, which is harmless: it looks at the heap before it waits again; 0
+        # while no thread runs).
         self._sleep_until = 0.0
 
     def watch(self, timer: StreamTimer, sock: object, total_deadline: float | None) -> bool:
@@ -202,13 +215,25 @@ class _Watchdog:
             return False
         with self.lock:
             timer._sock = sock  # type: ignore[assignment]
-            self._push(timer, total_deadline)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
+            when = timer.next_check(total_deadline, time.monotonic())
+            if when is not None:
+                if when < self._sleep_until:  # due before the thread wakes: wake it
+                    heapq.heappush(self._heap, (when, next(self._counter), timer, total_deadline))
+                    self._wake.notify()
+                else:
+                    self._new.append((when, timer, total_deadline))
+            if self._thread is None:
+                thread = threading.Thread(
                     target=self._run, name="tokenhub_stream-watchdog", daemon=True
                 )
-                self._thread.start()
+                thread.start()  # it waits for the lock, held here until it is recorded
+                self._thread = thread
         return True
+
+    def _forked(self) -> None:
+        # A forked child has no watchdog thread (only the one that forked runs there).
+        self._thread = None
+        self._sleep_until = 0.0
 
     def reschedule(self, timer: StreamTimer, total_deadline: float | None) -> None:
         with self.lock:
@@ -224,45 +249,58 @@ class _Watchdog:
             self._wake.notify()
 
     def _run(self) -> None:
+        with self.lock:
+            try:
+                self._loop()
+            finally:
+                self._thread = None
+                self._sleep_until = 0.0
+
+    def _loop(self) -> None:
         heap = self._heap
         idle_since: float | None = None
-        with self.lock:
-            while True:
-                now = time.monotonic()
-                if not heap:
-                    if idle_since is None:
-                        idle_since = now
-                    elif now - idle_since >= _IDLE_EXIT:
-                        self._thread = None
-                        self._sleep_until = 0.0
-                        return
-                    self._sleep_until = now + _TICK
-                    self._wake.wait(_TICK)
-                    continue
+        while True:
+            now = time.monotonic()
+            if self._new:
                 idle_since = None
-                when, _, timer, total = heap[0]
-                if timer._stopped:
-                    heapq.heappop(heap)
-                    continue
-                if when > now:
-                    wait = min(when - now, _TICK)
-                    self._sleep_until = now + wait
-                    self._wake.wait(wait)
-                    continue
+                new, self._new = self._new, []
+                for when, timer, total in new:
+                    if not timer._stopped:  # else ended before its first check: forgotten
+                        heapq.heappush(heap, (when, next(self._counter), timer, total))
+            if not heap:
+                if idle_since is None:
+                    idle_since = now
+                elif now - idle_since >= _IDLE_EXIT:
+                    return
+                self._sleep_until = now + _TICK
+                self._wake.wait(_TICK)
+                continue
+            idle_since = None
+            when, _, timer, total = heap[0]
+            if timer._stopped:
                 heapq.heappop(heap)
-                nxt = timer.next_deadline(total)
-                if nxt is None or nxt[0] > now:  # progress moved it: look again later
-                    again = timer.next_check(total, now)
-                    if again is not None:
-                        heapq.heappush(heap, (again, next(self._counter), timer, total))
-                    continue
-                timer.fired = nxt[1]
-                sock, timer._sock = timer._sock, None
-                if sock is not None:
-                    shutdown(sock)
+                continue
+            if when > now:
+                wait = min(when - now, _TICK)
+                self._sleep_until = now + wait
+                self._wake.wait(wait)
+                continue
+            heapq.heappop(heap)
+            nxt = timer.next_deadline(total)
+            if nxt is None or nxt[0] > now:  # progress moved it: look again later
+                again = timer.next_check(total, now)
+                if again is not None:
+                    heapq.heappush(heap, (again, next(self._counter), timer, total))
+                continue
+            timer.fired = nxt[1]
+            sock, timer._sock = timer._sock, None
+            if sock is not None:
+                shutdown(sock)
 
 
 watchdog = _Watchdog()
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=watchdog._forked)
 
 
 def _socket_of(response: httpx.Response | HasSocket) -> object | None:

@@ -2,7 +2,9 @@
 the blocking socket reader (`_sync.py`) drive this one state machine.
 
 - `route(url)`: what a URL is to a pool (its origin) and the request line and Host header
-  sent to it; `request_head()` adds the headers and the Content-Length.
+  sent to it; `request_head()` adds the headers (or their lines as `header_lines()`
+  encoded them once, for a caller that sends the same ones many times) and the
+  Content-Length.
 - `ResponseParser`: one response on httptools' C parser (llhttp, what uvicorn uses):
   the head bounded by `max_head_bytes` as it arrives, interim 1xx heads skipped, repeated
   header names joined once at the end of the head, Content-Length, chunked and
@@ -41,6 +43,7 @@ __all__ = [
     "ResponseParser",
     "addresses",
     "broken",
+    "header_lines",
     "request_head",
     "route",
 ]
@@ -136,18 +139,31 @@ class EngineBase(Generic[P]):
         return pools
 
 
-def request_head(start: bytes, headers: Mapping[str, str], length: int) -> bytes:
-    """The whole request head: `start` (from `route`), `headers` and the Content-Length.
+def request_head(start: bytes, headers: Mapping[str, str] | bytes, length: int) -> bytes:
+    """The whole request head: `start` (from `route`), the headers and the Content-Length.
+
+    `headers`: a mapping, or its lines as `header_lines()` encoded them.
 
     Raises:
         httpx.LocalProtocolError: a header name or value holds a line break.
     """
-    parts = [start]
+    lines = headers if isinstance(headers, bytes) else header_lines(headers)
+    return b"%s%scontent-length: %d\r\n\r\n" % (start, lines, length)
+
+
+def header_lines(headers: Mapping[str, str]) -> bytes:
+    """`headers` as the lines of a request head, for `request_head`: a caller that sends the
+    same headers on many requests encodes them once. The lines carry whatever the headers
+    do (the upstream key): keep them as the headers are kept, never shown.
+
+    Raises:
+        httpx.LocalProtocolError: a header name or value holds a line break.
+    """
+    parts = []
     for name, value in headers.items():
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
             raise httpx.LocalProtocolError("a header contains a line break")
         parts.append(f"{name}: {value}\r\n".encode("latin-1"))
-    parts.append(b"content-length: %d\r\n\r\n" % length)
     return b"".join(parts)
 
 

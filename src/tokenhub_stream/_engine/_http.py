@@ -26,7 +26,8 @@ What it does, and nothing more (its callers POST to a few fixed URLs):
   spends waiting, so time spent writing to a slow client is not upstream silence: one
   timer per engine looks at every open response a few times per limit (`Sweep`; a timer
   per response was 0.5 KiB of each open stream); a request may bring its own connect,
-  pool and head-wait limits (`send(timeout=)`);
+  pool and head-wait limits (`send(timeout=)`), the head waits of a pool on one timer
+  armed at the earliest of them (a timer made and cancelled per request was 1 µs of it);
 - back-pressure: reading pauses once `_HIGH_WATER` bytes wait unread, so a slow reader
   holds a bounded buffer;
 - closing an unfinished response closes its socket at once (the upstream stops
@@ -45,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import functools
 import socket
 import ssl
@@ -100,14 +102,16 @@ class HttpEngine(EngineBase["_Pool"]):
     async def send(
         self,
         url: str,
-        headers: Mapping[str, str],
+        headers: Mapping[str, str] | bytes,
         content: bytes,
         timeout: httpx.Timeout | None = None,
     ) -> HttpResponse:
         """POST `content` to `url`; return once the response's headers have arrived.
 
-        `timeout`, for this request only: its connect and pool limits, and its read limit
-        for the wait for the response head (the engine's read limit still applies).
+        `headers`: a mapping, or its lines as `_h1.header_lines()` encoded them (for a
+        caller that sends the same headers many times). `timeout`, for this request
+        only: its connect and pool limits, and its read limit for the wait for the
+        response head (the engine's read limit still applies).
 
         Raises:
             httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout: no connection.
@@ -176,6 +180,14 @@ class _Pool:
         self._resolved: list[tuple[int, str]] = []  # (family, address) for the host
         self._resolved_until = 0.0
         self._resolving: asyncio.Task[list[tuple[int, str]]] | None = None
+        # Responses waiting for their head, with the loop time each may wait until, and
+        # the one timer for them all, armed at `_heads_when`: at the earliest of those
+        # deadlines, or earlier (a head that came in since does not move it). When it
+        # fires it fails the responses whose deadline came and arms itself for the next,
+        # so each fails at its own deadline, as with a timer of its own.
+        self._heads: dict[HttpResponse, float] = {}
+        self._heads_timer: asyncio.TimerHandle | None = None
+        self._heads_when = 0.0
 
     async def acquire(self, timeout: httpx.Timeout | None = None) -> _Connection:
         """An idle connection, or a new one (`timeout`: its connect and pool limits; the
@@ -292,6 +304,38 @@ class _Pool:
         self._resolved_until = loop.time() + DNS_TTL
         return found
 
+    def wait_head(self, response: HttpResponse, deadline: float) -> None:
+        """`response` waits for its head until `deadline` (loop time), then fails with
+        `ReadTimeout` (`head_arrived` ends the wait)."""
+        self._heads[response] = deadline
+        if self._heads_timer is None or deadline < self._heads_when:
+            self._arm_heads(deadline)
+
+    def head_arrived(self, response: HttpResponse) -> None:
+        self._heads.pop(response, None)
+
+    def _arm_heads(self, when: float) -> None:
+        if self._heads_timer is not None:
+            self._heads_timer.cancel()
+        self._heads_when = when
+        # An empty context: the timer outlives the request that armed it, and must not
+        # keep that request's context variables alive.
+        self._heads_timer = asyncio.get_running_loop().call_at(
+            when, self._heads_due, context=contextvars.Context()
+        )
+
+    def _heads_due(self) -> None:
+        self._heads_timer = None
+        # asyncio runs a timer up to its clock's resolution early: what is due is what
+        # was due when the timer was armed to fire.
+        now = max(asyncio.get_running_loop().time(), self._heads_when)
+        due = [response for response, deadline in self._heads.items() if deadline <= now]
+        for response in due:
+            del self._heads[response]
+            response._head_expired()
+        if self._heads and not self._closed:
+            self._arm_heads(min(self._heads.values()))
+
     def release(self, connection: _Connection) -> None:
         """Take back a connection whose response was read to its end."""
         if self._closed:
@@ -347,6 +391,9 @@ class _Pool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        if self._heads_timer is not None:
+            self._heads_timer.cancel()
+            self._heads_timer = None
         self._idle.clear()
         for connection in list(self._all):
             connection.close()
@@ -494,17 +541,18 @@ class HttpResponse(ResponseParser):
         assert connection is not None and connection.transport is not None
         connection.transport.write(head + content)
         waiter = self._waiter = self._loop.create_future()
-        self._waiting_since = self._loop.time()
+        self._waiting_since = now = self._loop.time()
         if self._watch is not None:
             self._watch.add(self, None)
-        timer = None
-        if head_timeout is not None:
-            timer = self._loop.call_later(head_timeout, self._head_expired)
-        try:
+        if head_timeout is None:
             await waiter  # set (with b"") when the headers are in, or failed
+            return
+        pool = connection._pool
+        pool.wait_head(self, now + head_timeout)
+        try:
+            await waiter
         finally:
-            if timer is not None:
-                timer.cancel()
+            pool.head_arrived(self)
 
     def _head_expired(self) -> None:
         if self.state == HEADERS:
@@ -533,6 +581,12 @@ class HttpResponse(ResponseParser):
                 if self._paused:
                     self._resume()
                 yield batch
+                continue
+            state = self.state
+            if state == COMPLETE:  # read to its end: no future to wait on for that
+                return
+            if state != BODY:
+                raise self._end()
             try:  # caught up: wait for the next read (or the end, or the failure)
                 chunk = await self.__anext__()
             except StopAsyncIteration:

@@ -60,7 +60,7 @@ class SyncEngine(EngineBase["_SyncPool"]):
     def send(
         self,
         url: str,
-        headers: Mapping[str, str],
+        headers: Mapping[str, str] | bytes,
         content: bytes,
         timeout: httpx.Timeout | None = None,
     ) -> SyncResponse:
