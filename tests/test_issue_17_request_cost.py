@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -234,6 +235,57 @@ def test_issue_17_a_forked_child_starts_its_own_watchdog() -> None:
             time.sleep(0.01)
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
+        keeper.stop()
+        left.close()
+        right.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_issue_17_a_forked_child_gets_a_fresh_watchdog() -> None:
+    # Forked while another thread holds the watchdog's lock (its own thread mid-check, a
+    # client in `watch`), the child must not inherit the held lock (its holder does not run
+    # there: the child's first stream would wait forever), nor the parent's timers, whose
+    # sockets it shares (shutting one down would end the parent's stream).
+    left, right = socket.socketpair()
+    keeper = StreamTimer(ChunkParser(), first_token=60.0, idle=60.0)
+    held, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with watchdog.lock:
+            held.set()
+            leave.wait(10)
+
+    holder = threading.Thread(target=hold)
+    try:
+        assert keeper.watch(_HasSocket(left), None)
+        holder.start()
+        assert held.wait(5)
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = 1
+            try:
+                if watchdog.lock.acquire(timeout=2):
+                    code = 0 if not watchdog._heap and not watchdog._new else 2
+                    watchdog.lock.release()
+            finally:
+                os._exit(code)
+        leave.set()
+        deadline = time.monotonic() + 10
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the child never finished")
+            time.sleep(0.01)
+        # 1: the child could not take the lock; 2: it kept the parent's timers
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        leave.set()
+        if holder.is_alive():
+            holder.join(5)
         keeper.stop()
         left.close()
         right.close()

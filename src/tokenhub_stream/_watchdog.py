@@ -231,7 +231,15 @@ class _Watchdog:
         return True
 
     def _forked(self) -> None:
-        # A forked child has no watchdog thread (only the one that forked runs there).
+        # A forked child has only the thread that forked: no watchdog thread, and the lock
+        # may be held by a thread that is not there (the watchdog's, mid-check; a client's
+        # in `watch`), so it starts with a new lock. The heap's timers are the parent's
+        # streams, on sockets the child shares with it: shutting one down when its deadline
+        # passed would end the parent's stream, so the child forgets them.
+        self.lock = threading.RLock()
+        self._wake = threading.Condition(self.lock)
+        self._heap = []
+        self._new = []
         self._thread = None
         self._sleep_until = 0.0
 
