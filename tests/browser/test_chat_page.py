@@ -124,6 +124,30 @@ def test_chat_page_keeps_the_conversation(chat: Chat) -> None:
     ]
 
 
+def test_issue_19_chat_page_shows_a_refusal(chat: Chat) -> None:
+    # OpenAI's structured-output refusal: `delta.refusal` deltas and no content. The page
+    # shows it apart from an answer (a note, not the answer's text), as a complete turn,
+    # and keeps it in the conversation as what the model said.
+    refusal = "I can't help with that."
+    chat.upstream.enqueue(Script(refusal=refusal), Script(text="Fine."))
+    chat.send("Describe Mars")
+    assert chat.wait_state("done", "error", "stopped") == "done"
+    assert chat.answer.get_by_role("note", name="Refusal").inner_text() == refusal
+    assert chat.answer_text() == ""
+    assert chat.page.get_by_role("status").inner_text() == "Answer complete."
+    chat.send("Then describe Venus")
+    chat.page.locator(".msg.assistant").nth(1).and_(
+        chat.page.locator('[data-state="done"]')
+    ).wait_for()
+    assert chat.upstream.requests[-1].json is not None
+    assert chat.upstream.requests[-1].json["messages"] == [
+        {"role": "user", "content": "Describe Mars"},
+        {"role": "assistant", "content": refusal},
+        {"role": "user", "content": "Then describe Venus"},
+    ]
+    assert chat.page.get_by_role("note", name="Refusal").count() == 1
+
+
 def test_chat_page_stop_closes_the_upstream(chat: Chat) -> None:
     chat.upstream.enqueue(Script(deltas=["Let me think"], end="stall"))
     chat.send("a long question")

@@ -217,6 +217,24 @@ def test_history_reload_reopen_and_continue(history: History) -> None:
     assert history.items().count() == 1
 
 
+def test_issue_19_history_reopens_a_refusal(history: History) -> None:
+    # A refused turn (a structured output's `refusal`, no content) is stored with its
+    # refusal and shown again as one when the conversation is reopened.
+    page = history.page
+    refusal = "I can't help with that."
+    history.upstream.enqueue(Script(refusal=refusal))
+    history.send("Describe Mars")
+    history.wait_done(1)
+    history.item("Describe Mars").wait_for()
+    page.reload()
+    page.locator("#model:enabled").wait_for()
+    history.item("Describe Mars").click()
+    page.locator(".msg.assistant").first.wait_for()
+    note = page.locator(".msg.assistant").first.get_by_role("note", name="Refusal")
+    assert note.inner_text() == refusal
+    assert page.locator('.msg.assistant[data-state="done"]').count() == 1
+
+
 def test_history_new_chat_starts_a_new_conversation(history: History) -> None:
     page = history.page
     history.upstream.enqueue(Script(text="One."))

@@ -121,6 +121,11 @@ export function applyFrame(data, turn, view) {
     turn.content += delta.content;
     view.appendText(delta.content);
   }
+  // OpenAI's structured-output refusal: the model declined, in words of its own.
+  if (typeof delta.refusal === "string" && delta.refusal) {
+    turn.refusal += delta.refusal;
+    view.appendRefusal(delta.refusal);
+  }
   if (choice.finish_reason) turn.finish = choice.finish_reason;
 }
 
@@ -290,6 +295,7 @@ function assistantView() {
   box.dataset.state = "waiting";
   box.setAttribute("aria-busy", "true");
   let reasoning = null;
+  let refusal = null;
   return {
     box,
     appendText(text) {
@@ -297,6 +303,19 @@ function assistantView() {
       if (box.dataset.state === "waiting") box.dataset.state = "streaming";
       node.appendData(text);
       if (follow) scrollDown(true);
+    },
+    appendRefusal(text) {
+      if (refusal === null) {
+        const p = document.createElement("p");
+        p.className = "refusal";
+        p.setAttribute("role", "note");
+        p.setAttribute("aria-label", "Refusal");
+        refusal = document.createTextNode("");
+        p.append(refusal);
+        box.append(p);
+      }
+      if (box.dataset.state === "waiting") box.dataset.state = "streaming";
+      refusal.appendData(text);
     },
     appendReasoning(text) {
       if (reasoning === null) {
@@ -354,6 +373,7 @@ async function ask(text) {
     lastAt: null,
     deltas: 0,
     content: "",
+    refusal: "",
     done: false,
     finish: null,
     usage: null,
@@ -404,8 +424,9 @@ async function ask(text) {
   }
   view.finish(turn.outcome === "completed" ? "done" : turn.outcome, metricsLine(turn));
   if (started === epoch) {
-    if (turn.content) {
-      conversation.push({ role: "assistant", content: turn.content });
+    if (turn.content || turn.refusal) {
+      // A refusal stays in the context as what the model said.
+      conversation.push({ role: "assistant", content: turn.content || turn.refusal });
     } else if (turn.outcome !== "completed") {
       conversation.pop(); // no answer: this question is not part of the conversation
     }
@@ -616,8 +637,10 @@ function drawStored(message) {
     return;
   }
   if (message.role !== "assistant") return; // system prompts and tool results: not shown
+  const refusal = typeof message.refusal === "string" ? message.refusal : "";
   const view = assistantView();
   if (content) view.appendText(content);
+  if (refusal) view.appendRefusal(refusal);
   if (message.error) view.showError(message.error);
   const outcome = message.outcome || "completed";
   const state = outcome === "completed" ? "done" : outcome === "client-disconnected" ? "stopped" : "error";
@@ -627,7 +650,7 @@ function drawStored(message) {
   else if (message.finish_reason && message.finish_reason !== "stop") meta.push(`finish: ${message.finish_reason}`);
   view.finish(state, meta.join(" · "));
   // As during the chat: an answer that never came takes its question out of the context.
-  if (content) conversation.push({ role: "assistant", content });
+  if (content || refusal) conversation.push({ role: "assistant", content: content || refusal });
   else if (conversation.length && conversation[conversation.length - 1].role === "user") conversation.pop();
 }
 
