@@ -202,6 +202,20 @@ def test_issue_17_a_deadline_before_the_watchdogs_wake_up_wakes_it(
         right.close()
 
 
+def exit_code(pid: int, failure: str) -> int:
+    """The forked child's exit code, once it exited (killed and failed after 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(failure)
+        time.sleep(0.01)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
 def test_issue_17_a_forked_child_starts_its_own_watchdog() -> None:
     # The watchdog no longer asks its thread whether it is alive on every stream: a forked
@@ -223,17 +237,7 @@ def test_issue_17_a_forked_child_starts_its_own_watchdog() -> None:
                 code = 0 if right.recv(1) == b"" and timer.fired == "first_token" else 1
             finally:
                 os._exit(code)
-        deadline = time.monotonic() + 10
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                pytest.fail("the child's deadline never fired")
-            time.sleep(0.01)
-        assert os.waitstatus_to_exitcode(status) == 0
+        assert exit_code(pid, "the child's deadline never fired") == 0
     finally:
         keeper.stop()
         left.close()
@@ -270,18 +274,8 @@ def test_issue_17_a_forked_child_gets_a_fresh_watchdog() -> None:
             finally:
                 os._exit(code)
         leave.set()
-        deadline = time.monotonic() + 10
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                pytest.fail("the child never finished")
-            time.sleep(0.01)
         # 1: the child could not take the lock; 2: it kept the parent's timers
-        assert os.waitstatus_to_exitcode(status) == 0
+        assert exit_code(pid, "the child never finished") == 0
     finally:
         leave.set()
         if holder.is_alive():
