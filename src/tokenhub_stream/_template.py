@@ -7,7 +7,8 @@ that is `prefix + another literal + suffix` is the same event with that content.
 chunk that takes a slice, a decode and a `scanstring` per chunk, in a Python loop
 (about 340 ns a chunk on the project's machine). `bulk_contents` checks and decodes a
 whole run of such chunks with one slice per chunk (`map`), two joins, one comparison and
-one decode (about 100 ns a chunk from 64 chunks a read; see docs/performance.md).
+one decode (about 130 ns a chunk in reads of 300 chunks, 175 in reads of 64; see
+docs/design.md).
 
 Why it is exact: each literal is its chunk without `len(prefix)` bytes in front and
 `len(suffix)` behind. If the chunks joined equal `prefix`, the literals joined by
