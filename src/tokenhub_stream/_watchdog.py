@@ -235,13 +235,9 @@ class _Watchdog:
         # may be held by a thread that is not there (the watchdog's, mid-check; a client's
         # in `watch`), so it starts with a new lock. The heap's timers are the parent's
         # streams, on sockets the child shares with it: shutting one down when its deadline
-        # passed would end the parent's stream, so the child forgets them.
-        self.lock = threading.RLock()
-        self._wake = threading.Condition(self.lock)
-        self._heap = []
-        self._new = []
-        self._thread = None
-        self._sleep_until = 0.0
+        # passed would end the parent's stream, so the child forgets them: it starts with
+        # a watchdog of its own, as a new process would.
+        self.__init__()  # type: ignore[misc]
 
     def reschedule(self, timer: StreamTimer, total_deadline: float | None) -> None:
         with self.lock:
