@@ -278,6 +278,10 @@ def test_history_stopped_answer_is_kept_and_shown_stopped(history: History) -> N
     history.upstream.enqueue(Script(deltas=[f"w{i} " for i in range(200)], delay=0.05))
     history.send("a long story")
     page.locator('.msg.assistant[data-state="streaming"]').wait_for()
+    # Stopped once two deltas are in (at the first one, only "w0 " would be kept).
+    page.wait_for_function(
+        "() => document.querySelector('.msg.assistant .text')?.textContent.includes('w1')"
+    )
     page.get_by_role("button", name="Stop").click()
     page.locator('.msg.assistant[data-state="stopped"]').wait_for()
     history.item("a long story").wait_for()
